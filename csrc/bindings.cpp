@@ -1,0 +1,16 @@
+// Python bindings of pykd._C; each op's math lives in its Python module's docstring.
+#include <torch/extension.h>
+
+namespace pykd {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
+    const at::Tensor& t_a, const at::Tensor& t_b, const at::Tensor& s_a, const at::Tensor& s_b,
+    const std::optional<at::Tensor>& mask, int64_t heads, int64_t loss_id, double scale_t, double scale_s,
+    bool need_grad);
+}  // namespace pykd
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pykd fused CPU kernels";
+  m.attr("cpu_capability") = PYKD_CPU_CAPABILITY;
+  m.def("attention_relation_forward", &pykd::attention_relation_forward,
+        "Fused attention-relation loss and student gradients (CPU)");
+}
