@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kernels  # noqa: E402
 import pykd  # noqa: E402
+
+# Uninstalled checkout: give kernels/ the name pyproject.toml installs it under.
+sys.modules.setdefault("pykd.kernels", kernels)
+pykd.kernels = sys.modules["pykd.kernels"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
