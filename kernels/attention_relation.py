@@ -125,9 +125,13 @@ def _relation_fwd_kernel(
             m_t = m_t_new
             m_s = m_s_new
 
-    lse_t = m_t + tl.log(z_t)
-    lse_s = m_s + tl.log(z_s)
     delta = tl.zeros([BLOCK_M], tl.float32)
+    if LOSS == _MSE_LOGIT:  # no softmax: the statistics are unused
+        lse_t = delta
+        lse_s = delta
+    else:
+        lse_t = m_t + tl.log(z_t)
+        lse_s = m_s + tl.log(z_s)
     if LOSS == _KL:
         row_loss = acc / z_t - tl.log(z_t) + tl.log(z_s)
     elif LOSS == _MSE_LOGIT:

@@ -86,7 +86,8 @@ def attention_relation_loss(
 
 def attention_relation_loss_reference(t_a, t_b, s_a, s_b, num_relation_heads, mask=None, loss="kl",
                                       scale_t=None, scale_s=None) -> torch.Tensor:
-    """Plain PyTorch version that materialises the (B, A, L, L) maps; float64 when any input is."""
+    """Plain PyTorch version that materialises the (B, A, L, L) maps; computes and returns float64
+    when any input is float64, else float32."""
     spec = validate_relation_args(t_a, t_b, s_a, s_b, num_relation_heads, mask, loss, scale_t, scale_s)
     return _reference(t_a, t_b, s_a, s_b, mask, spec)
 
@@ -161,16 +162,16 @@ def _reference(t_a, t_b, s_a, s_b, mask, spec: RelationSpec) -> torch.Tensor:
     valid_key = mask[:, None, None, :]
     valid = valid_key & mask[:, None, :, None]
     if spec.loss == "mse_logit":
-        return (torch.where(valid, s - t, 0.0).square().sum() / (spec.heads * valid.sum())).float()
+        return torch.where(valid, s - t, 0.0).square().sum() / (spec.heads * valid.sum())
     log_p = torch.log_softmax(t.masked_fill(~valid_key, float("-inf")), dim=-1).masked_fill(~valid_key, 0.0)
     log_q = torch.log_softmax(s.masked_fill(~valid_key, float("-inf")), dim=-1).masked_fill(~valid_key, 0.0)
     p = log_p.exp() * valid_key
     if spec.loss == "mse_prob":
         diff = torch.where(valid, p - log_q.exp() * valid_key, 0.0)
-        return (diff.square().sum() / (spec.heads * valid.sum())).float()
+        return diff.square().sum() / (spec.heads * valid.sum())
     per_entry = p * (log_p - log_q) if spec.loss == "kl" else -p * log_q
     per_example = torch.where(valid, per_entry, 0.0).sum(dim=(1, 2, 3)) / (spec.heads * mask.sum(dim=1))
-    return per_example.mean().float()
+    return per_example.mean()
 
 
 class _CppRelationLoss(torch.autograd.Function):
