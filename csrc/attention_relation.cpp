@@ -172,9 +172,11 @@ at::Tensor dense_rows(const at::Tensor& x, int64_t b, const at::Tensor& token_in
   return rows.to(at::kFloat).contiguous();
 }
 
+// grad_a, grad_b: the (B, L, D_s) outputs; without a mask each example's gradient is a view of
+// them, so the kernel writes the result in place instead of scattering a copy.
 std::vector<Example> gather_examples(const at::Tensor& t_a, const at::Tensor& t_b, const at::Tensor& s_a,
                                      const at::Tensor& s_b, const std::optional<at::Tensor>& mask,
-                                     bool need_grad) {
+                                     const at::Tensor& grad_a, const at::Tensor& grad_b) {
   const int64_t batch = t_a.size(0);
   std::vector<Example> examples(batch);
   for (int64_t b = 0; b < batch; ++b) {
@@ -187,9 +189,9 @@ std::vector<Example> gather_examples(const at::Tensor& t_a, const at::Tensor& t_
     ex.yt = t_b.is_same(t_a) ? ex.xt : dense_rows(t_b, b, ex.token_index);
     ex.xs = dense_rows(s_a, b, ex.token_index);
     ex.ys = s_b.is_same(s_a) ? ex.xs : dense_rows(s_b, b, ex.token_index);
-    if (need_grad) {
-      ex.grad_xs = at::zeros_like(ex.xs);
-      ex.grad_ys = at::zeros_like(ex.ys);
+    if (grad_a.defined()) {
+      ex.grad_xs = ex.token_index.defined() ? at::zeros_like(ex.xs) : grad_a[b];
+      ex.grad_ys = ex.token_index.defined() ? at::zeros_like(ex.ys) : grad_b[b];
     }
   }
   return examples;
@@ -264,16 +266,9 @@ std::vector<float> row_weights(const std::vector<Example>& examples, int64_t hea
   return weights;
 }
 
-at::Tensor scatter_rows(const std::vector<Example>& examples, at::Tensor Example::*grad, const at::Tensor& like) {
-  at::Tensor out = at::zeros(like.sizes(), like.options().dtype(at::kFloat));
-  for (size_t b = 0; b < examples.size(); ++b) {
-    const Example& ex = examples[b];
-    if (ex.token_index.defined())
-      out[b].index_copy_(0, ex.token_index, ex.*grad);
-    else
-      out[b].copy_(ex.*grad);
-  }
-  return out;
+void scatter_rows(const std::vector<Example>& examples, at::Tensor Example::*grad, at::Tensor& out) {
+  for (size_t b = 0; b < examples.size(); ++b)
+    if (examples[b].token_index.defined()) out[b].index_copy_(0, examples[b].token_index, examples[b].*grad);
 }
 
 }  // namespace
@@ -287,7 +282,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
   TORCH_CHECK(loss_id >= 0 && loss_id <= 3, "unknown relation loss id ", loss_id);
   const RelationLoss loss = static_cast<RelationLoss>(loss_id);
   const int64_t dt = t_a.size(2) / heads, ds = s_a.size(2) / heads;
-  std::vector<Example> examples = gather_examples(t_a, t_b, s_a, s_b, mask, need_grad);
+  at::Tensor grad_a, grad_b;
+  if (need_grad) {
+    grad_a = at::zeros(s_a.sizes(), s_a.options().dtype(at::kFloat));
+    grad_b = at::zeros(s_b.sizes(), s_b.options().dtype(at::kFloat));
+  }
+  std::vector<Example> examples = gather_examples(t_a, t_b, s_a, s_b, mask, grad_a, grad_b);
   std::vector<RowTask> tasks = plan_tasks(examples, heads, ds, need_grad);
   const std::vector<float> weights = row_weights(examples, heads, loss);
   std::vector<double> task_loss(tasks.size(), 0.0);
@@ -303,7 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
   for (const RowTask& task : tasks)
     if (task.grad_ys_partial.defined())
       examples[task.example].grad_ys.narrow(1, task.head * ds, ds).add_(task.grad_ys_partial);
-  return {loss_value, scatter_rows(examples, &Example::grad_xs, s_a), scatter_rows(examples, &Example::grad_ys, s_b)};
+  scatter_rows(examples, &Example::grad_xs, grad_a);
+  scatter_rows(examples, &Example::grad_ys, grad_b);
+  return {loss_value, grad_a, grad_b};
 }
 
 }  // namespace pykd

@@ -73,7 +73,7 @@ def test_reference_gradcheck(loss, rng):
 
 
 def directional_derivative_error(backend, loss, rng, device="cpu"):
-    """Central difference of the fused loss along a random direction vs the fused gradient."""
+    """Central difference of the fused loss along a random direction vs the fused gradient (fp32)."""
     shape = (2, 11, 12, 8, 2)
     t_a, t_b, s_a, s_b = relation_inputs(shape, "qk", torch.float32, rng, device=device)
     mask = token_mask("ragged", 2, 11, rng).to(device)
@@ -88,18 +88,20 @@ def directional_derivative_error(backend, loss, rng, device="cpu"):
     with torch.no_grad():
         numeric = (f(s_a + eps * d_a, s_b + eps * d_b) - f(s_a - eps * d_a, s_b - eps * d_b)) / (2 * eps)
     analytic = (grad_a * d_a).sum() + (grad_b * d_b).sum()
-    return abs(float(numeric) - float(analytic)) / abs(float(analytic))
+    # Normalised by |g||d|, the largest derivative along d: an unlucky near-orthogonal d cannot fail it.
+    scale = torch.cat([grad_a.flatten(), grad_b.flatten()]).norm() * torch.cat([d_a.flatten(), d_b.flatten()]).norm()
+    return abs(float(numeric) - float(analytic)) / float(scale)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_cpp_finite_differences(loss, rng):
-    assert directional_derivative_error("cpp", loss, rng) < 1e-3
+    assert directional_derivative_error("cpp", loss, rng) < 1e-4
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_triton_finite_differences(loss, rng):
     pytest.importorskip("triton")
-    assert directional_derivative_error("triton", loss, rng, device=triton_device()) < 1e-3
+    assert directional_derivative_error("triton", loss, rng, device=triton_device()) < 1e-4
 
 
 def test_mixed_teacher_and_student_dtypes(rng):

@@ -191,14 +191,20 @@ class _CppRelationLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_a, grad_b = ctx.saved_tensors
+        # loss.backward() passes 1: hand over the saved gradients without another copy of them.
+        unit = bool(grad_output == 1)
         return (
             None,
             None,
-            (grad_a * grad_output).to(ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-            (grad_b * grad_output).to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None,
+            _scaled(grad_a, grad_output, unit, ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
+            _scaled(grad_b, grad_output, unit, ctx.dtypes[1]) if ctx.needs_input_grad[3] else None,
             None,
             None,
         )
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, unit: bool, dtype) -> torch.Tensor:
+    return (grad if unit else grad * grad_output).to(dtype)
 
 
 class _TritonRelationLoss(torch.autograd.Function):

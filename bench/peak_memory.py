@@ -1,0 +1,43 @@
+"""Extra peak memory of one fwd+bwd call, measured in a fresh process.
+
+    python bench/peak_memory.py VARIANT BATCH HEADS HEAD_DIM LENGTH  ->  prints MiB
+
+Inputs are built and the step is run once (compiling, warming caches); then the kernel's
+high-water mark is reset (/proc/self/clear_refs) and the step runs again: the growth of
+VmHWM over the resident size before that call is the step's extra peak memory. Run with
+MALLOC_MMAP_THRESHOLD_ fixed so freed blocks return to the system between the two calls.
+"""
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cases import relation_inputs, relation_step  # noqa: E402
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
+def extra_peak_mib(step) -> float:
+    step()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = _status_mib("VmRSS")
+    step()
+    return _status_mib("VmHWM") - before
+
+
+def main() -> None:
+    variant, batch, heads, head_dim, length = sys.argv[1], *map(int, sys.argv[2:6])
+    inputs = relation_inputs(batch, heads, head_dim, length)
+    print(f"{extra_peak_mib(relation_step(variant, inputs, heads, head_dim)):.2f}")
+
+
+if __name__ == "__main__":
+    main()
