@@ -1,0 +1,227 @@
+r"""Variational lower bounds on mutual information over all pairs of a batch (Poole et al., 2019).
+
+A batch of n pairs gives critic embeddings a (n, e) and b (n, e) of a separable critic; the scores
+S_ij = scale <a_i, b_j> hold the positives on the diagonal, and the off-diagonal entries act as
+samples of the product of marginals. Row i may carry a learned log-baseline q_i (log_q). With
+N = n (n - 1) and sums over j != i written sum':
+
+    infonce  log n + (1/n) sum_i (S_ii - LSE_j S_ij)
+    tuba     1 + (1/n) sum_i (S_ii - q_i) - (1/N) sum_i sum'_j e^{S_ij - q_i}          (q = 0 without log_q)
+    nwj      tuba with q_i = 1
+    js       value of nwj, gradient of (1/n) sum_i -softplus(-S_ii) - (1/N) sum_i sum'_j softplus(S_ij)
+    alpha    1 + (1/N) sum_i sum'_j (S_ii - u_ij) - (1/N) sum_i sum'_j e^{S_ij - u_ii}
+             u_ij = log(alpha e^{m_ij} + (1 - alpha) e^{q_i}),  m_ij = log((1/(n-1)) sum_{k != j} e^{S_ik})
+
+m_ij is the leave-one-out InfoNCE baseline, computed as in the vbmi notebook:
+m_ij = S_ij + log(expm1(d_ij)) - log(n - 1) with d_ij = LSE_i - S_ij, and d_ij = 0 replaced by 1.
+alpha = 1 is the leave-one-out InfoNCE-family bound, alpha = 0 is TUBA; both are exact here.
+
+Every gradient with respect to S is row-local (the marginal terms are means), so the fused paths
+need only per-row reductions. For alpha, with p_ik = e^{S_ik - LSE_i}, r_ij = 1/(1 - p_ij)
+(0 where d_ij = 0), w_ij = alpha e^{m_ij - u_ij}, Q_i = sum'_j w_ij r_ij, c_i = e^{LSE_i - u_ii},
+M_i = sum'_j e^{S_ij - u_ii} and K_i = M_i w_ii:
+
+    N dI/dS_ik = -w_ik (1 - r_ik) - p_ik (Q_i + c_i - K_i r_ii)            (k != i)
+    N dI/dS_ii = (n - 1) - p_ii Q_i + K_i (1 - r_ii + r_ii p_ii)
+    N dI/dq_i  = -sum'_j (1 - w_ij) + M_i (1 - w_ii)
+
+and da = scale G b, db = scale G^T a. The fused paths never hold the n x n matrix: they walk row
+blocks (C++) or tiles (Triton) of S and keep a few statistics per row.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .._extension import cpu_extension
+from ._checks import check_same_device, check_tensor
+
+BOUNDS = ("infonce", "nwj", "tuba", "js", "alpha")
+_BASELINE_BOUNDS = ("tuba", "alpha")
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+
+@dataclass(frozen=True)
+class BoundSpec:
+    bound: str
+    alpha: float
+    scale: float
+
+    @property
+    def bound_id(self) -> int:
+        return BOUNDS.index(self.bound)
+
+
+def mi_lower_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None = None, bound: str = "alpha",
+                   alpha: float = 0.9, scale: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """Lower bound on I(X; Y) from critic embeddings a, b (n, e); an fp32 scalar to maximise.
+
+    log_q: optional (n,) log-baseline per row, used by "tuba" and "alpha". Gradients reach a, b
+    and log_q, any of which may be constants. backend as in attention_relation_loss.
+    """
+    spec = validate_bound_args(a, b, log_q, bound, alpha, scale)
+    path = _resolve_backend(backend, a)
+    if path == "reference":
+        return _reference(a, b, log_q, spec)
+    function = _CppMIBound if path == "cpp" else _TritonMIBound
+    return function.apply(a, b, log_q, spec)
+
+
+def mi_lower_bound_reference(a, b, log_q=None, bound="alpha", alpha=0.9, scale=1.0) -> torch.Tensor:
+    """Materialises S (n x n); float64 when any input is, else float32."""
+    spec = validate_bound_args(a, b, log_q, bound, alpha, scale)
+    return _reference(a, b, log_q, spec)
+
+
+def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
+    check_tensor("a", a, ndim=2)
+    check_tensor("b", b, ndim=2)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape (n, e), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 2:
+        raise ValueError(f"the bounds need n >= 2 pairs (one positive and one negative), got a of shape "
+                         f"{tuple(a.shape)}")
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
+    if log_q is not None:
+        check_tensor("log_q", log_q, ndim=1)
+        if log_q.shape[0] != a.shape[0]:
+            raise ValueError(f"log_q must have shape ({a.shape[0]},), got {tuple(log_q.shape)}")
+        if bound not in _BASELINE_BOUNDS:
+            raise ValueError(f"log_q is used by the bounds {_BASELINE_BOUNDS}, not by {bound!r}")
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check_same_device(a=a, b=b, log_q=log_q)
+    return BoundSpec(bound=bound, alpha=float(alpha), scale=float(scale))
+
+
+def _resolve_backend(backend: str, a: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if a.is_cuda else "cpp"
+    if backend == "cpp" and a.device.type != "cpu":
+        raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {a.device}")
+    if backend == "triton" and not a.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {a.device}")
+    return backend
+
+
+# ---- reference: the vbmi notebook's estimators on the materialised score matrix ----
+
+def _logmeanexp_offdiag(x: torch.Tensor, dim=None) -> torch.Tensor:
+    n = x.shape[0]
+    off = x.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("-inf"))
+    if dim is None:
+        return torch.logsumexp(off.flatten(), 0) - math.log(n * (n - 1))
+    return torch.logsumexp(off, dim) - math.log(n - 1)
+
+
+def _tuba(scores: torch.Tensor, log_q) -> torch.Tensor:
+    if log_q is not None:
+        scores = scores - log_q[:, None]
+    return 1.0 + scores.diagonal().mean() - _logmeanexp_offdiag(scores).exp()
+
+
+def _infonce(scores: torch.Tensor) -> torch.Tensor:
+    return math.log(scores.shape[0]) + (scores.diagonal() - torch.logsumexp(scores, 1)).mean()
+
+
+def _js(scores: torch.Tensor) -> torch.Tensor:
+    n = scores.shape[0]
+    diag = scores.diagonal()
+    fgan = -torch.nn.functional.softplus(-diag).mean() - (
+        torch.nn.functional.softplus(scores).sum() - torch.nn.functional.softplus(diag).sum()) / (n * (n - 1))
+    return fgan + (_tuba(scores - 1.0, None) - fgan).detach()
+
+
+def _log_loo_mean(scores: torch.Tensor) -> torch.Tensor:
+    """m_ij = log of the mean of e^{S_ik} over k != j (the notebook's stable form and guard)."""
+    max_scores = scores.max(dim=1, keepdim=True).values
+    lse_minus_max = torch.logsumexp(scores - max_scores, dim=1, keepdim=True)
+    d = lse_minus_max + (max_scores - scores)
+    safe_d = torch.where(d != 0, d, torch.ones_like(d))
+    softplus_inverse = safe_d + torch.log(-torch.expm1(-safe_d))  # log(e^d - 1) without overflow
+    return scores + softplus_inverse - math.log(scores.shape[1] - 1)
+
+
+def _log_interpolate(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(alpha e^{log_a} + (1 - alpha) e^{log_b}); alpha in {0, 1} gives log_b / log_a exactly."""
+    if alpha == 0.0:
+        return log_b
+    if alpha == 1.0:
+        return log_a
+    return torch.logaddexp(math.log(alpha) + log_a, math.log1p(-alpha) + log_b)
+
+
+def _interpolated(scores: torch.Tensor, log_q, alpha: float) -> torch.Tensor:
+    n = scores.shape[0]
+    baseline = log_q if log_q is not None else torch.zeros(n, dtype=scores.dtype, device=scores.device)
+    interp = _log_interpolate(_log_loo_mean(scores), baseline[:, None].expand(n, n), alpha)
+    marginal = _logmeanexp_offdiag(scores - interp.diagonal()[:, None]).exp()
+    joint = scores.diagonal()[:, None] - interp
+    joint_term = (joint.sum() - joint.diagonal().sum()) / (n * (n - 1))
+    return 1.0 + joint_term - marginal
+
+
+def _reference(a, b, log_q, spec: BoundSpec) -> torch.Tensor:
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    scores = spec.scale * (a.to(dtype) @ b.to(dtype).T)
+    log_q = log_q.to(dtype) if log_q is not None else None
+    if spec.bound == "infonce":
+        return _infonce(scores)
+    if spec.bound == "nwj":
+        return _tuba(scores - 1.0, None)
+    if spec.bound == "tuba":
+        return _tuba(scores, log_q)
+    if spec.bound == "js":
+        return _js(scores)
+    return _interpolated(scores, log_q, spec.alpha)
+
+
+class _CppMIBound(torch.autograd.Function):
+    """CPU path: one sweep over row blocks gives the bound and all gradients."""
+
+    @staticmethod
+    def forward(ctx, a, b, log_q, spec: BoundSpec):
+        need_grad = any(ctx.needs_input_grad[:3])
+        value, grad_a, grad_b, grad_q = cpu_extension().mi_bound_forward(
+            a, b, log_q, spec.bound_id, spec.alpha, spec.scale, need_grad)
+        if need_grad:
+            ctx.save_for_backward(grad_a, grad_b, grad_q)
+            ctx.dtypes = (a.dtype, b.dtype, log_q.dtype if log_q is not None else None)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = []
+        for k, (grad, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
+            grads.append((grad * grad_output).to(dtype) if ctx.needs_input_grad[k] else None)
+        return (*grads, None)
+
+
+class _TritonMIBound(torch.autograd.Function):
+    """GPU path: row statistics in the forward, tiles recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, a, b, log_q, spec: BoundSpec):
+        from ..kernels import mi_bound as kernel
+
+        value, stats = kernel.bound_forward(a, b, log_q, spec.bound_id, spec.alpha, spec.scale)
+        ctx.save_for_backward(a, b, log_q, stats)
+        ctx.spec = spec
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from ..kernels import mi_bound as kernel
+
+        a, b, log_q, stats = ctx.saved_tensors
+        spec = ctx.spec
+        grad_a, grad_b, grad_q = kernel.bound_backward(a, b, log_q, stats, grad_output, spec.bound_id,
+                                                       spec.alpha, spec.scale)
+        return (grad_a if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None,
+                grad_q if ctx.needs_input_grad[2] else None, None)
