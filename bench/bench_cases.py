@@ -6,7 +6,7 @@ import torch
 import pykd
 from pykd.ops.attention_relation import RelationSpec, _reference
 
-RELATION_VARIANTS = ("fused", "eager", "compiled", "gemm_floor")
+VARIANTS = ("fused", "eager", "compiled", "gemm_floor")
 
 
 def relation_inputs(batch, heads, head_dim, length, seed=0):
@@ -52,3 +52,53 @@ def _gemm_floor(inputs, heads):
 
 def relation_flops(batch, heads, head_dim, length):
     return 4 * 2 * batch * heads * length * length * head_dim
+
+
+def mi_inputs(n, embed, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(n, embed, generator=gen) / embed**0.5 for _ in range(2))
+    log_q = torch.randn(n, generator=gen)
+    return a.requires_grad_(), b.requires_grad_(), log_q.requires_grad_()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_mi_reference(bound, alpha):
+    from pykd.ops.mi_bound import BoundSpec
+    from pykd.ops.mi_bound import _reference as mi_reference
+
+    spec = BoundSpec(bound=bound, alpha=alpha, scale=1.0)
+    return torch.compile(lambda a, b, log_q: mi_reference(a, b, log_q, spec))
+
+
+def mi_step(variant, inputs, bound="alpha", alpha=0.9):
+    """fwd+bwd of the MI bound (all of a, b, log_q trainable) for one variant."""
+    a, b, log_q = inputs
+    if variant == "gemm_floor":
+        return _mi_gemm_floor(a.detach(), b.detach())
+    if variant == "compiled":
+        compiled = _compiled_mi_reference(bound, alpha)
+        return lambda: torch.autograd.grad(compiled(a, b, log_q), inputs)
+    backend = {"fused": "cpp", "eager": "reference"}[variant]
+    return lambda: torch.autograd.grad(
+        pykd.mi_lower_bound(a, b, log_q, bound=bound, alpha=alpha, backend=backend), inputs)
+
+
+def _mi_gemm_floor(a, b):
+    """The n x n x e products every path needs: S = a b^T, dA = G b, dB = G^T a."""
+    def step():
+        grad = a @ b.T
+        grad @ b
+        grad.T @ a
+
+    return step
+
+
+def mi_flops(n, embed):
+    return 3 * 2 * n * n * embed
+
+
+def step_for(op: str, variant: str, case: tuple):
+    """The fwd+bwd callable of `op` ("relation" or "mi") at `case`, for timing or memory."""
+    if op == "relation":
+        return relation_step(variant, relation_inputs(*case), case[1], case[2])
+    return mi_step(variant, mi_inputs(*case))

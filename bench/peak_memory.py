@@ -1,6 +1,7 @@
 """Extra peak memory of one fwd+bwd call, measured in a fresh process.
 
-    python bench/peak_memory.py VARIANT BATCH HEADS HEAD_DIM LENGTH  ->  prints MiB
+    python bench/peak_memory.py OP VARIANT SIZE...  ->  prints MiB
+    (OP "relation": B A_r d_r L;  OP "mi": n e)
 
 Inputs are built and the step is run once (compiling, warming caches); then the kernel's
 high-water mark is reset (/proc/self/clear_refs) and the step runs again: the growth of
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import relation_inputs, relation_step  # noqa: E402
+from bench_cases import step_for  # noqa: E402
 
 
 def _status_mib(key: str) -> float:
@@ -34,9 +35,8 @@ def extra_peak_mib(step) -> float:
 
 
 def main() -> None:
-    variant, batch, heads, head_dim, length = sys.argv[1], *map(int, sys.argv[2:6])
-    inputs = relation_inputs(batch, heads, head_dim, length)
-    print(f"{extra_peak_mib(relation_step(variant, inputs, heads, head_dim)):.2f}")
+    op, variant, case = sys.argv[1], sys.argv[2], tuple(map(int, sys.argv[3:]))
+    print(f"{extra_peak_mib(step_for(op, variant, case)):.2f}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels import attention_relation  # noqa: E402
+from kernels import attention_relation, mi_bound  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
@@ -39,6 +39,24 @@ def relation_cases():
         block_m, block_n = attention_relation.block_sizes()
         meta = dict(LOSS=attention_relation.MSE_PROB, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DT=64, BLOCK_DS=64)
         yield f"{fn.__name__}[mse_prob,d=64]", fn, RELATION_POINTERS, RELATION_SCALARS, meta
+
+
+MI_POINTERS = {"A": "in", "B": "in", "LOG_Q": "in", "DA": "in", "DB": "in"}
+MI_SCALARS = {"scale": "fp32", "log_n1": "fp32", "log_alpha": "fp32", "log_one_minus_alpha": "fp32"}
+
+
+def mi_cases():
+    block_m, block_n = attention_relation.block_sizes()
+    for fn in (mi_bound._mi_fwd_kernel, mi_bound._mi_bwd_da_kernel, mi_bound._mi_bwd_db_kernel):
+        # alpha with a baseline is the heaviest bound; e=128 is the benchmark's critic width.
+        meta = dict(BOUND=mi_bound.ALPHA, ALPHA_MODE=mi_bound.ALPHA_INTERIOR, HAS_Q=True,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=128)
+        yield f"{fn.__name__}[alpha,e=128]", fn, MI_POINTERS, MI_SCALARS, meta
+
+
+def all_cases():
+    yield from relation_cases()
+    yield from mi_cases()
 
 
 def signature(fn, pointers, scalars, meta, pointer_dtype):
@@ -104,7 +122,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile ahead of time", file=sys.stderr)
         return 2
-    rows = [compile_case(*case, arch, dtype) for case in relation_cases() for arch in TARGETS for dtype in DTYPES]
+    rows = [compile_case(*case, arch, dtype) for case in all_cases() for arch in TARGETS for dtype in DTYPES]
     write_report(rows, args.out)
     for r in rows:
         print(f"{r['kernel']:48s} {r['arch']} {r['dtype']} shared={r['shared_bytes']} regs={r['registers']} "
