@@ -6,9 +6,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
     const at::Tensor& t_a, const at::Tensor& t_b, const at::Tensor& s_a, const at::Tensor& s_b,
     const std::optional<at::Tensor>& mask, int64_t heads, int64_t loss_id, double scale_t, double scale_s,
     bool need_grad);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
     const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& log_q, int64_t bound_id,
-    double alpha, double scale, bool need_grad);
+    double alpha, double scale, bool need_grad, int64_t diag_offset);
 }  // namespace pykd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -4,7 +4,8 @@
 //   S = scale * A[rows] B^T               one GEMM into a BR x n buffer (never n x n)
 //   per row: reductions, then G = dI/dS   written over S, all gradients row-local
 //   dA[rows] = scale G B, dB += scale G^T A[rows]   (dB into the thread's own buffer)
-// The bound's value needs one global reduction, done over the saved per-row terms.
+// The bound's value needs one global reduction (across ranks too when b is gathered): the
+// kernel returns the per-row terms and pykd/ops/mi_bound.py combines them.
 // Off-diagonal reductions run over the two ranges beside the diagonal instead of subtracting
 // the diagonal afterwards, which would cancel catastrophically when the positive dominates.
 #include <torch/extension.h>
@@ -172,7 +173,8 @@ struct BoundInputs {
   const float* log_q;  // null when absent (baseline 0)
 };
 
-RowResult bound_row(const BoundInputs& in, float* s, float* scratch, int64_t n, int64_t i) {
+RowResult bound_row(const BoundInputs& in, float* s, float* scratch, int64_t n, int64_t row, int64_t diag_offset) {
+  const int64_t i = row + diag_offset;
   switch (in.bound) {
     case Bound::kInfoNCE:
       return infonce_row(s, n, i);
@@ -181,50 +183,42 @@ RowResult bound_row(const BoundInputs& in, float* s, float* scratch, int64_t n, 
     case Bound::kJS:
       return tuba_row(s, n, i, 1.f, /*js=*/true);
     case Bound::kTUBA:
-      return tuba_row(s, n, i, in.log_q ? in.log_q[i] : 0.f, /*js=*/false);
+      return tuba_row(s, n, i, in.log_q ? in.log_q[row] : 0.f, /*js=*/false);
     case Bound::kAlpha:
-      return alpha_row(s, scratch, n, i, in.log_q ? in.log_q[i] : 0.f, in.alpha);
+      return alpha_row(s, scratch, n, i, in.log_q ? in.log_q[row] : 0.f, in.alpha);
   }
   TORCH_CHECK(false, "unknown bound id ", static_cast<int64_t>(in.bound));
 }
 
-// Combines the per-row terms into the bound's value.
-double bound_value(Bound bound, int64_t n, double joint_sum, const std::vector<float>& log_marg) {
-  if (bound == Bound::kInfoNCE) return std::log(static_cast<double>(n)) + joint_sum / n;
-  const double pairs = static_cast<double>(n) * (n - 1);
-  const double max_log = *std::max_element(log_marg.begin(), log_marg.end());
-  double marg = 0.0;
-  for (float l : log_marg) marg += std::exp(static_cast<double>(l) - max_log);
-  const double marginal_term = std::exp(max_log + std::log(marg) - std::log(pairs));
-  const double joint_term = bound == Bound::kAlpha ? joint_sum / pairs : joint_sum / n;
-  return 1.0 + joint_term - marginal_term;
-}
-
 }  // namespace
 
-// Returns (bound, dI/da, dI/db, dI/dlog_q); gradients undefined when need_grad is false, and
-// dI/dlog_q undefined without log_q.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
+// Rows are this process's pairs, columns every pair (b may hold other ranks' rows): row r's
+// positive sits in column diag_offset + r. Returns (joint, log_marg, dI/da, dI/db, dI/dlog_q):
+// joint (float64 scalar) and log_marg (per row) are this block's parts of the value; gradients
+// are undefined when need_grad is false, and dI/dlog_q without log_q.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
     const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& log_q_in, int64_t bound_id,
-    double alpha, double scale, bool need_grad) {
+    double alpha, double scale, bool need_grad, int64_t diag_offset) {
   TORCH_CHECK(bound_id >= 0 && bound_id <= 4, "unknown bound id ", bound_id);
   const at::Tensor a = a_in.detach().to(at::kFloat).contiguous();
   const at::Tensor b = b_in.detach().to(at::kFloat).contiguous();
   const at::Tensor log_q = log_q_in.has_value() ? log_q_in->detach().to(at::kFloat).contiguous() : at::Tensor();
-  const int64_t n = a.size(0), e = a.size(1);
+  const int64_t rows_total = a.size(0), n = b.size(0), e = a.size(1);
+  TORCH_CHECK(diag_offset >= 0 && diag_offset + rows_total <= n, "diag_offset out of range");
   const float a_f = static_cast<float>(alpha);
   const BoundInputs in{static_cast<Bound>(bound_id),
                        {a_f, std::log(a_f), std::log1p(-a_f), std::log(static_cast<float>(n - 1))},
                        log_q.defined() ? log_q.data_ptr<float>() : nullptr};
   const int64_t rows_per_block = std::clamp<int64_t>(kBlockScores / n, 16, 256);
-  const int64_t blocks = (n + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = (rows_total + rows_per_block - 1) / rows_per_block;
 
-  at::Tensor grad_a = need_grad ? at::empty({n, e}, at::kFloat) : at::Tensor();
-  at::Tensor grad_q = at::empty({n}, at::kFloat);
+  at::Tensor grad_a = need_grad ? at::empty({rows_total, e}, at::kFloat) : at::Tensor();
+  at::Tensor grad_q = at::empty({rows_total}, at::kFloat);
+  at::Tensor log_marg = at::zeros({rows_total}, at::kFloat);
   std::vector<at::Tensor> grad_b_parts(at::get_num_threads());
   std::vector<double> joint_parts(blocks, 0.0);
-  std::vector<float> log_marg(n, 0.f);
   float* grad_q_ptr = grad_q.data_ptr<float>();
+  float* log_marg_ptr = log_marg.data_ptr<float>();
 
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor s_buf = at::empty({rows_per_block, n}, at::kFloat);
@@ -232,15 +226,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
     at::Tensor& grad_b_part = grad_b_parts[at::get_thread_num()];
     if (need_grad && !grad_b_part.defined()) grad_b_part = at::zeros({n, e}, at::kFloat);
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * rows_per_block, rows = std::min(rows_per_block, n - r0);
+      const int64_t r0 = blk * rows_per_block, rows = std::min(rows_per_block, rows_total - r0);
       at::Tensor s_blk = s_buf.narrow(0, 0, rows);
       at::mm_out(s_blk, a.narrow(0, r0, rows), b.t());
       s_blk.mul_(scale);
       float* s_ptr = s_blk.data_ptr<float>();
       for (int64_t r = 0; r < rows; ++r) {
-        const RowResult row = bound_row(in, s_ptr + r * n, scratch.data_ptr<float>(), n, r0 + r);
+        const RowResult row = bound_row(in, s_ptr + r * n, scratch.data_ptr<float>(), n, r0 + r, diag_offset);
         joint_parts[blk] += row.joint;
-        log_marg[r0 + r] = row.log_marg;
+        log_marg_ptr[r0 + r] = row.log_marg;
         grad_q_ptr[r0 + r] = row.grad_q;
       }
       if (need_grad) {
@@ -252,12 +246,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
 
   double joint_sum = 0.0;
   for (double part : joint_parts) joint_sum += part;
-  at::Tensor value = at::scalar_tensor(bound_value(in.bound, n, joint_sum, log_marg), at::kFloat);
-  if (!need_grad) return {value, at::Tensor(), at::Tensor(), at::Tensor()};
+  at::Tensor joint = at::scalar_tensor(joint_sum, at::kDouble);
+  if (!need_grad) return {joint, log_marg, at::Tensor(), at::Tensor(), at::Tensor()};
   at::Tensor grad_b = at::zeros({n, e}, at::kFloat);
   for (const at::Tensor& part : grad_b_parts)
     if (part.defined()) grad_b.add_(part);
-  return {value, grad_a, grad_b, log_q.defined() ? grad_q : at::Tensor()};
+  return {joint, log_marg, grad_a, grad_b, log_q.defined() ? grad_q : at::Tensor()};
 }
 
 }  // namespace pykd

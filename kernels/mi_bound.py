@@ -89,14 +89,15 @@ def _grad_tile(s, is_diag, valid, lse, coef, g_diag, c, q, n, log_n1, log_alpha,
 @triton.jit
 def _mi_fwd_kernel(
     A, B, LOG_Q, JOINT, LOG_MARG, GRAD_Q, LSE, COEF, G_DIAG, BASE,
-    n, e, scale, log_n1, log_alpha, log_one_minus_alpha,
+    n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < n
-    a = _load_rows(A, rows, n, e, BLOCK_E)
-    s_diag = tl.sum(a * _load_rows(B, rows, n, e, BLOCK_E), axis=1) * scale
+    row_in = rows < n_rows
+    diag_cols = rows + diag_offset
+    a = _load_rows(A, rows, n_rows, e, BLOCK_E)
+    s_diag = tl.sum(a * _load_rows(B, diag_cols, n, e, BLOCK_E), axis=1) * scale
     if HAS_Q:
         q = tl.load(LOG_Q + rows, mask=row_in, other=0.0).to(tl.float32)
     else:
@@ -110,7 +111,7 @@ def _mi_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
         s_all = tl.where((cols < n)[None, :], s, float("-inf"))
-        s_off = tl.where(cols[None, :] == rows[:, None], float("-inf"), s_all)
+        s_off = tl.where(cols[None, :] == diag_cols[:, None], float("-inf"), s_all)
         m_all_new = tl.maximum(m_all, tl.max(s_all, axis=1))
         m_off_new = tl.maximum(m_off, tl.max(s_off, axis=1))
         z_all = z_all * tl.exp(m_all - m_all_new) + tl.sum(tl.exp(s_all - m_all_new[:, None]), axis=1)
@@ -137,7 +138,7 @@ def _mi_fwd_kernel(
         for start in range(0, n, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
-            off = (cols < n)[None, :] & (cols[None, :] != rows[:, None])
+            off = (cols < n)[None, :] & (cols[None, :] != diag_cols[:, None])
             u, w, r = _loo_terms(s, lse[:, None], q[:, None], log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE)
             sum_u += tl.sum(tl.where(off, u, 0.0), axis=1)
             sum_wr += tl.sum(tl.where(off, w * r, 0.0), axis=1)
@@ -174,8 +175,8 @@ def _mi_fwd_kernel(
 
 
 @triton.jit
-def _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n, HAS_Q: tl.constexpr):
-    inside = rows < n
+def _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n_rows, HAS_Q: tl.constexpr):
+    inside = rows < n_rows
     lse = tl.load(LSE + rows, mask=inside, other=0.0)
     coef = tl.load(COEF + rows, mask=inside, other=0.0)
     g_diag = tl.load(G_DIAG + rows, mask=inside, other=0.0)
@@ -190,45 +191,45 @@ def _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n, HAS_Q: tl.constexpr
 @triton.jit
 def _mi_bwd_da_kernel(
     A, B, LOG_Q, LSE, COEF, G_DIAG, BASE, GRAD_OUT, DA,
-    n, e, scale, log_n1, log_alpha, log_one_minus_alpha,
+    n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    a = _load_rows(A, rows, n, e, BLOCK_E)
-    lse, coef, g_diag, c, q = _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n, HAS_Q)
+    a = _load_rows(A, rows, n_rows, e, BLOCK_E)
+    lse, coef, g_diag, c, q = _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n_rows, HAS_Q)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         b = _load_rows(B, cols, n, e, BLOCK_E)
         s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
-        valid = (rows[:, None] < n) & (cols[None, :] < n)
-        g = _grad_tile(s, cols[None, :] == rows[:, None], valid, lse, coef, g_diag, c, q, n * 1.0, log_n1,
+        valid = (rows[:, None] < n_rows) & (cols[None, :] < n)
+        g = _grad_tile(s, cols[None, :] == (rows + diag_offset)[:, None], valid, lse, coef, g_diag, c, q, n * 1.0, log_n1,
                        log_alpha, log_one_minus_alpha, BOUND, ALPHA_MODE)
         acc += tl.dot(g, b, input_precision=PRECISION)
     acc = acc * (scale * tl.load(GRAD_OUT).to(tl.float32))
     cols_e = tl.arange(0, BLOCK_E)
     tl.store(DA + rows[:, None] * e + cols_e[None, :], acc.to(DA.dtype.element_ty),
-             mask=(rows[:, None] < n) & (cols_e[None, :] < e))
+             mask=(rows[:, None] < n_rows) & (cols_e[None, :] < e))
 
 
 @triton.jit
 def _mi_bwd_db_kernel(
     A, B, LOG_Q, LSE, COEF, G_DIAG, BASE, GRAD_OUT, DB,
-    n, e, scale, log_n1, log_alpha, log_one_minus_alpha,
+    n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = _load_rows(B, cols, n, e, BLOCK_E)
     acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    for start in range(0, n, BLOCK_M):
+    for start in range(0, n_rows, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        a = _load_rows(A, rows, n, e, BLOCK_E)
-        lse, coef, g_diag, c, q = _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n, HAS_Q)
+        a = _load_rows(A, rows, n_rows, e, BLOCK_E)
+        lse, coef, g_diag, c, q = _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n_rows, HAS_Q)
         s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
-        valid = (rows[:, None] < n) & (cols[None, :] < n)
-        g = _grad_tile(s, cols[None, :] == rows[:, None], valid, lse, coef, g_diag, c, q, n * 1.0, log_n1,
+        valid = (rows[:, None] < n_rows) & (cols[None, :] < n)
+        g = _grad_tile(s, cols[None, :] == (rows + diag_offset)[:, None], valid, lse, coef, g_diag, c, q, n * 1.0, log_n1,
                        log_alpha, log_one_minus_alpha, BOUND, ALPHA_MODE)
         acc += tl.dot(tl.trans(g), a, input_precision=PRECISION)
     acc = acc * (scale * tl.load(GRAD_OUT).to(tl.float32))
@@ -241,9 +242,9 @@ def _alpha_mode(alpha: float) -> int:
     return ALPHA_ZERO if alpha == 0.0 else ALPHA_ONE if alpha == 1.0 else ALPHA_INTERIOR
 
 
-def _scalars(n, scale, alpha):
+def _scalars(n_rows, n, diag_offset, scale, alpha):
     return dict(
-        n=n, scale=scale, log_n1=math.log(n - 1),
+        n_rows=n_rows, n=n, diag_offset=diag_offset, scale=scale, log_n1=math.log(n - 1),
         log_alpha=math.log(alpha) if alpha > 0 else 0.0,
         log_one_minus_alpha=math.log1p(-alpha) if alpha < 1 else 0.0,
     )
@@ -260,40 +261,35 @@ def _meta(a, b, log_q, bound_id, alpha):
                 PRECISION=dot_precision(a, b), num_warps=NUM_WARPS)
 
 
-def bound_forward(a, b, log_q, bound_id, alpha, scale):
-    """Returns the fp32 bound and a (5, n) tensor: dI/dq and the row statistics of the backward."""
+def bound_forward(a, b, log_q, bound_id, alpha, scale, diag_offset=0):
+    """Rows a (n_rows, e) against columns b (n, e), row r's positive in column diag_offset + r.
+
+    Returns the block's parts of the value (float64 joint sum, per-row log marginal terms) and a
+    (5, n_rows) tensor: dI/dq and the row statistics of the backward.
+    """
     a, b = a.contiguous(), b.contiguous()
-    n, embed = a.shape
-    joint, log_marg, grad_q, lse, coef, g_diag, base = torch.empty(7, n, device=a.device, dtype=torch.float32)
+    n_rows, embed = a.shape
+    joint, log_marg, grad_q, lse, coef, g_diag, base = torch.empty(7, n_rows, device=a.device, dtype=torch.float32)
     meta = _meta(a, b, log_q, bound_id, alpha)
     q = log_q.contiguous() if log_q is not None else lse  # any pointer: unread without HAS_Q
-    _mi_fwd_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](
-        a, b, q, joint, log_marg, grad_q, lse, coef, g_diag, base, e=embed, **_scalars(n, scale, alpha), **meta)
-    value = _combine(bound_id, n, joint.double().sum(), log_marg.double())
-    return value.float(), torch.stack([grad_q, lse, coef, g_diag, base])
+    _mi_fwd_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+        a, b, q, joint, log_marg, grad_q, lse, coef, g_diag, base, e=embed,
+        **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
+    return joint.double().sum(), log_marg, torch.stack([grad_q, lse, coef, g_diag, base])
 
 
-def _combine(bound_id, n, joint_sum, log_marg):
-    if bound_id == INFONCE:
-        return math.log(n) + joint_sum / n
-    pairs = n * (n - 1)
-    marginal = torch.exp(torch.logsumexp(log_marg, 0) - math.log(pairs))
-    joint_term = joint_sum / pairs if bound_id == ALPHA else joint_sum / n
-    return 1.0 + joint_term - marginal
-
-
-def bound_backward(a, b, log_q, stats, grad_output, bound_id, alpha, scale):
+def bound_backward(a, b, log_q, stats, grad_output, bound_id, alpha, scale, diag_offset=0):
     """(dI/da, dI/db, dI/dlog_q) in the inputs' dtypes; dI/dlog_q is None without log_q."""
     a, b = a.contiguous(), b.contiguous()
-    n, embed = a.shape
+    n_rows, embed = a.shape
     grad_q, lse, coef, g_diag, base = stats
     grad_output = grad_output.to(torch.float32).reshape(1).contiguous()
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     meta = _meta(a, b, log_q, bound_id, alpha)
     q = log_q.contiguous() if log_q is not None else lse
     common = (a, b, q, lse.contiguous(), coef.contiguous(), g_diag.contiguous(), base.contiguous(), grad_output)
-    args = dict(e=embed, **_scalars(n, scale, alpha), **meta)
-    _mi_bwd_da_kernel[(triton.cdiv(n, meta["BLOCK_M"]),)](*common, grad_a, **args)
-    _mi_bwd_db_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](*common, grad_b, **args)
+    args = dict(e=embed, **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
+    _mi_bwd_da_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](*common, grad_a, **args)
+    _mi_bwd_db_kernel[(triton.cdiv(b.shape[0], meta["BLOCK_N"]),)](*common, grad_b, **args)
     grad_log_q = (grad_q * grad_output).to(log_q.dtype) if log_q is not None else None
     return grad_a, grad_b, grad_log_q

@@ -27,12 +27,18 @@ M_i = sum'_j e^{S_ij - u_ii} and K_i = M_i w_ii:
 
 and da = scale G b, db = scale G^T a. The fused paths never hold the n x n matrix: they walk row
 blocks (C++) or tiles (Triton) of S and keep a few statistics per row.
+
+gather=True runs the bound over the global batch of a torch.distributed group: every rank's b
+joins the columns (an all-gather whose backward sums the gradients back to their owners), each
+rank keeps its own rows, and the value (the same on every rank) is reduced across the group.
+Gradients with respect to a rank's inputs are those of the global bound.
 """
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .._extension import cpu_extension
 from ._checks import check_same_device, check_tensor
@@ -54,18 +60,23 @@ class BoundSpec:
 
 
 def mi_lower_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None = None, bound: str = "alpha",
-                   alpha: float = 0.9, scale: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+                   alpha: float = 0.9, scale: float = 1.0, *, gather: bool = False, group=None,
+                   backend: str = "auto") -> torch.Tensor:
     """Lower bound on I(X; Y) from critic embeddings a, b (n, e); an fp32 scalar to maximise.
 
     log_q: optional (n,) log-baseline per row, used by "tuba" and "alpha". Gradients reach a, b
-    and log_q, any of which may be constants. backend as in attention_relation_loss.
+    and log_q, any of which may be constants. gather: use the b of every rank of `group` (default:
+    the world) as negatives, so the bound runs over the global batch. backend as in
+    attention_relation_loss.
     """
     spec = validate_bound_args(a, b, log_q, bound, alpha, scale)
     path = _resolve_backend(backend, a)
+    group = _gather_group(gather, group, a)
     if path == "reference":
-        return _reference(a, b, log_q, spec)
+        return _gathered_reference(a, b, log_q, spec, group) if group is not None else _reference(a, b, log_q, spec)
+    columns, offset = (_all_gather(b, group), dist.get_rank(group) * a.shape[0]) if group is not None else (b, 0)
     function = _CppMIBound if path == "cpp" else _TritonMIBound
-    return function.apply(a, b, log_q, spec)
+    return function.apply(a, columns, log_q, spec, offset, group)
 
 
 def mi_lower_bound_reference(a, b, log_q=None, bound="alpha", alpha=0.9, scale=1.0) -> torch.Tensor:
@@ -108,6 +119,54 @@ def _resolve_backend(backend: str, a: torch.Tensor) -> str:
     if backend == "triton" and not a.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {a.device}")
     return backend
+
+
+def _gather_group(gather: bool, group, a: torch.Tensor):
+    if not gather:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("gather=True needs an initialised torch.distributed process group")
+    sizes = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, a.shape[0], group=group)
+    if len(set(sizes)) > 1:
+        raise ValueError(f"gather=True needs the same batch size on every rank, got {sizes}")
+    return group if group is not None else dist.group.WORLD
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenates x over the group's ranks; the backward sums gradients back to their owners."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x, group=group))
+
+
+def _gathered_reference(a, b, log_q, spec: BoundSpec, group) -> torch.Tensor:
+    """Every rank evaluates the whole gathered batch; scaling the graph by 1/world keeps the
+    gradient exact once the all-gathers sum it over the ranks."""
+    whole = [_all_gather(x, group) if x is not None else None for x in (a, b, log_q)]
+    value = _reference(*whole, spec)
+    world = dist.get_world_size(group)
+    return value / world + (value - value / world).detach()
+
+
+def bound_value(spec: BoundSpec, n: int, joint: torch.Tensor, log_marg: torch.Tensor, group=None) -> torch.Tensor:
+    """Combines the per-row terms of the fused kernels (over the group's ranks if given)."""
+    joint = joint.double()
+    if group is not None:
+        dist.all_reduce(joint, group=group)
+    if spec.bound == "infonce":
+        return math.log(n) + joint / n
+    log_marg = log_marg.double()
+    peak = log_marg.max()
+    if group is not None:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    total = torch.exp(log_marg - peak).sum()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    pairs = n * (n - 1)
+    marginal = torch.exp(peak + torch.log(total) - math.log(pairs))
+    joint_term = joint / pairs if spec.bound == "alpha" else joint / n
+    return 1.0 + joint_term - marginal
 
 
 # ---- reference: the vbmi notebook's estimators on the materialised score matrix ----
@@ -183,37 +242,37 @@ def _reference(a, b, log_q, spec: BoundSpec) -> torch.Tensor:
 
 
 class _CppMIBound(torch.autograd.Function):
-    """CPU path: one sweep over row blocks gives the bound and all gradients."""
+    """CPU path: one sweep over row blocks gives the row terms and all gradients."""
 
     @staticmethod
-    def forward(ctx, a, b, log_q, spec: BoundSpec):
+    def forward(ctx, a, b, log_q, spec: BoundSpec, offset: int, group):
         need_grad = any(ctx.needs_input_grad[:3])
-        value, grad_a, grad_b, grad_q = cpu_extension().mi_bound_forward(
-            a, b, log_q, spec.bound_id, spec.alpha, spec.scale, need_grad)
+        joint, log_marg, grad_a, grad_b, grad_q = cpu_extension().mi_bound_forward(
+            a, b, log_q, spec.bound_id, spec.alpha, spec.scale, need_grad, offset)
         if need_grad:
             ctx.save_for_backward(grad_a, grad_b, grad_q)
             ctx.dtypes = (a.dtype, b.dtype, log_q.dtype if log_q is not None else None)
-        return value
+        return bound_value(spec, b.shape[0], joint, log_marg, group).float()
 
     @staticmethod
     def backward(ctx, grad_output):
         grads = []
         for k, (grad, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
             grads.append((grad * grad_output).to(dtype) if ctx.needs_input_grad[k] else None)
-        return (*grads, None)
+        return (*grads, None, None, None)
 
 
 class _TritonMIBound(torch.autograd.Function):
     """GPU path: row statistics in the forward, tiles recomputed in the backward."""
 
     @staticmethod
-    def forward(ctx, a, b, log_q, spec: BoundSpec):
+    def forward(ctx, a, b, log_q, spec: BoundSpec, offset: int, group):
         from ..kernels import mi_bound as kernel
 
-        value, stats = kernel.bound_forward(a, b, log_q, spec.bound_id, spec.alpha, spec.scale)
+        joint, log_marg, stats = kernel.bound_forward(a, b, log_q, spec.bound_id, spec.alpha, spec.scale, offset)
         ctx.save_for_backward(a, b, log_q, stats)
-        ctx.spec = spec
-        return value
+        ctx.spec, ctx.offset = spec, offset
+        return bound_value(spec, b.shape[0], joint, log_marg, group).float()
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -222,6 +281,6 @@ class _TritonMIBound(torch.autograd.Function):
         a, b, log_q, stats = ctx.saved_tensors
         spec = ctx.spec
         grad_a, grad_b, grad_q = kernel.bound_backward(a, b, log_q, stats, grad_output, spec.bound_id,
-                                                       spec.alpha, spec.scale)
+                                                       spec.alpha, spec.scale, ctx.offset)
         return (grad_a if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None,
-                grad_q if ctx.needs_input_grad[2] else None, None)
+                grad_q if ctx.needs_input_grad[2] else None, None, None, None)
