@@ -80,6 +80,44 @@ def time_relation(length, dtype, batch=8, heads=12, head_dim=64):
     return row
 
 
+MI_CASES = [("infonce", 0.9, False), ("nwj", 0.9, False), ("js", 0.9, False), ("tuba", 0.9, True),
+            ("alpha", 0.0, True), ("alpha", 0.5, True), ("alpha", 0.9, True), ("alpha", 1.0, False)]
+
+
+def check_mi(bound, alpha, with_q, dtype, n, embed=128):
+    a = (torch.randn(n, embed, device="cuda") / embed**0.25).to(dtype).requires_grad_()
+    b = (torch.randn(n, embed, device="cuda") / embed**0.25).to(dtype).requires_grad_()
+    log_q = torch.randn(n, device="cuda").to(dtype).requires_grad_() if with_q else None
+    leaves = [x for x in (a, b, log_q) if x is not None]
+    fused = pykd.mi_lower_bound(a, b, log_q, bound=bound, alpha=alpha)
+    grads = torch.autograd.grad(fused, leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref = pykd.mi_lower_bound_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_q else None,
+                                        bound=bound, alpha=alpha)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, allow_unused=True)
+    errs = [rel_err(g, r) for g, r in zip(grads, ref_grads) if r is not None]
+    return {"op": "mi_bound", "bound": bound, "alpha": alpha, "log_q": with_q, "dtype": str(dtype), "n": n,
+            "value": float(fused), "value_abs_err": abs(float(fused) - float(ref)), "grad_rel_err": max(errs)}
+
+
+def time_mi(n, dtype, embed=128):
+    a = torch.randn(n, embed, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(n, embed, device="cuda", dtype=dtype, requires_grad=True)
+    log_q = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
+
+    def run(backend):
+        value = pykd.mi_lower_bound(a, b, log_q, bound="alpha", alpha=0.9, backend=backend)
+        torch.autograd.grad(value, [a, b, log_q])
+
+    row = {"op": "mi_bound_timing", "n": n, "e": embed, "dtype": str(dtype)}
+    for backend in ("triton", "reference"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        row[f"{backend}_ms"] = time_cuda(lambda: run(backend))
+        row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -94,6 +132,15 @@ def main() -> int:
     for length in (128, 512, 1024):
         for dtype in (torch.float32, torch.bfloat16):
             rows.append(time_relation(length, dtype))
+            print(rows[-1], flush=True)
+    for bound, alpha, with_q in MI_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for n in (3, 300, 4097):
+                rows.append(check_mi(bound, alpha, with_q, dtype, n))
+                print(rows[-1], flush=True)
+    for n in (1024, 4096, 16384):
+        for dtype in (torch.float32, torch.bfloat16):
+            rows.append(time_mi(n, dtype))
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
