@@ -9,6 +9,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
     const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& log_q, int64_t bound_id,
     double alpha, double scale, bool need_grad, int64_t diag_offset);
+at::Tensor routed_linear_forward(const at::Tensor& x, const at::Tensor& experts_w, const at::Tensor& alpha,
+                                 const std::optional<at::Tensor>& experts_b, int64_t f);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_linear_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& experts_w, const at::Tensor& alpha,
+    const std::optional<at::Tensor>& experts_b, int64_t f, bool need_x, bool need_w, bool need_alpha,
+    bool need_b);
 }  // namespace pykd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,4 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_relation_forward", &pykd::attention_relation_forward,
         "Fused attention-relation loss and student gradients (CPU)");
   m.def("mi_bound_forward", &pykd::mi_bound_forward, "Fused MI lower bound and its gradients (CPU)");
+  m.def("routed_linear_forward", &pykd::routed_linear_forward, "Routed MoE linear, forward (CPU)");
+  m.def("routed_linear_backward", &pykd::routed_linear_backward, "Routed MoE linear, backward (CPU)");
 }
