@@ -97,8 +97,35 @@ def mi_flops(n, embed):
     return 3 * 2 * n * n * embed
 
 
+ROUTED_VARIANTS = ("fused", "reference", "dense")
+
+
+def routed_inputs(tokens, d, f, experts, neuron_wise, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=gen).requires_grad_()
+    experts_w = (torch.randn(experts, f, d, generator=gen) * d**-0.5).requires_grad_()
+    experts_b = torch.zeros(experts, f).requires_grad_()
+    logits = torch.randn(f, experts, generator=gen) if neuron_wise else torch.randn(experts, generator=gen)
+    return x, experts_w, torch.softmax(logits, -1).requires_grad_(), experts_b
+
+
+def routed_step(variant, inputs):
+    """fwd+bwd of the routed linear (every input trainable), or of a dense nn.Linear of the active shape."""
+    x, experts_w, alpha, experts_b = inputs
+    f = experts_w.shape[1]
+    if variant == "dense":
+        weight = experts_w[0].detach().clone().requires_grad_()
+        bias = experts_b[0].detach().clone().requires_grad_()
+        return lambda: torch.autograd.grad(torch.nn.functional.linear(x, weight, bias).sum(), (x, weight, bias))
+    backend = {"fused": "cpp", "reference": "reference"}[variant]
+    return lambda: torch.autograd.grad(pykd.routed_linear(x, experts_w, alpha, experts_b, f, backend=backend).sum(),
+                                       inputs)
+
+
 def step_for(op: str, variant: str, case: tuple):
-    """The fwd+bwd callable of `op` ("relation" or "mi") at `case`, for timing or memory."""
+    """The fwd+bwd callable of `op` ("relation", "mi" or "routed") at `case`, for timing or memory."""
     if op == "relation":
         return relation_step(variant, relation_inputs(*case), case[1], case[2])
+    if op == "routed":
+        return routed_step(variant, routed_inputs(*case))
     return mi_step(variant, mi_inputs(*case))
