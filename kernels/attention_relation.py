@@ -32,7 +32,7 @@ _MSE_LOGIT = tl.constexpr(MSE_LOGIT)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: e^{m_old - m_new} stays defined
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -45,7 +45,7 @@ def block_sizes() -> tuple[int, int]:
     On the GPU, 32 x 64 tiles with 8 warps keep bf16 spill-free and fp32 (tf32x3) within a few
     hundred bytes of spills on sm_80/sm_90; 64 x 64 with 4 warps spilled kilobytes.
     """
-    return (16, 16) if _interpreting() else (32, 64)
+    return (16, 16) if interpreting() else (32, 64)
 
 
 @triton.jit

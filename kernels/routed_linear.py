@@ -3,21 +3,23 @@ r"""Triton kernels of the routed (mixture-of-experts) linear layer (math: pykd/o
 Forward: a blocked GEMM y = x W^T whose K-loop loads the E expert tiles W_e[n-block, k-block],
 mixes them with alpha (one coefficient per expert, or per expert and output neuron) and feeds
 the mixture to tl.dot, so W never exists in memory. dx = dy W mixes the same way. The weight
-gradient kernel owns a block of output features: for each k-block it forms dW = dy^T x over all
-tokens once, writes every expert's gradient as alpha-scaled copies and accumulates
-d alpha = <dW, W_e> for its rows (layer-wise: one partial per block, summed on the host).
+gradient kernel owns one (feature block, input block) tile: it forms dW = dy^T x over all tokens
+once, writes every expert's gradient as alpha-scaled copies and the tile's part of
+d alpha = <dW, W_e>; those partials are summed on the host, so no atomics are needed.
 Loads are upcast to fp32; accumulation is fp32.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .attention_relation import NUM_WARPS, dot_precision, _interpreting
+from .attention_relation import dot_precision, interpreting
+
+NUM_WARPS = 4
 
 
 def block_sizes() -> tuple[int, int, int]:
     """(tokens, features, inputs) per tile."""
-    return (16, 16, 16) if _interpreting() else (64, 64, 32)
+    return (16, 16, 16) if interpreting() else (64, 64, 32)
 
 
 @triton.jit
@@ -90,40 +92,36 @@ def _routed_bwd_dw_kernel(
     E: tl.constexpr, NEURON: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    feats = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    feats = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     feat_in = feats < f
-    for k0 in range(0, d, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        grad = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for m0 in range(0, n_tokens, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            dy = tl.load(DY + rows[:, None] * f + feats[None, :], mask=(rows[:, None] < n_tokens) & feat_in[None, :],
-                         other=0.0).to(tl.float32)
-            x = tl.load(X + rows[:, None] * d + ks[None, :], mask=(rows[:, None] < n_tokens) & (ks[None, :] < d),
-                        other=0.0).to(tl.float32)
-            grad += tl.dot(tl.trans(dy), x, input_precision=PRECISION)
-        inside = feat_in[:, None] & (ks[None, :] < d)
-        for e in tl.static_range(E):
-            coef = _coefficients(ALPHA, feats, f, e, E, NEURON)
-            offsets = e * stride_we + feats[:, None] * stride_wf + ks[None, :]
-            tl.store(GRAD_W + offsets, (coef[:, None] * grad).to(GRAD_W.dtype.element_ty), mask=inside)
-            w_e = tl.load(W + offsets, mask=inside, other=0.0).to(tl.float32)
-            row_dots = tl.sum(grad * w_e, axis=1)
-            # Each program owns its rows (neuron-wise) or its partial row (layer-wise): plain
-            # read-modify-write across the k-loop, no atomics.
-            if NEURON:
-                out = GRAD_ALPHA + feats * E + e
-                tl.store(out, tl.load(out, mask=feat_in, other=0.0) + row_dots, mask=feat_in)
-            else:
-                out = GRAD_ALPHA + pid * E + e
-                tl.store(out, tl.load(out) + tl.sum(row_dots, axis=0))
+    grad = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for m0 in range(0, n_tokens, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        dy = tl.load(DY + rows[:, None] * f + feats[None, :], mask=(rows[:, None] < n_tokens) & feat_in[None, :],
+                     other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * d + ks[None, :], mask=(rows[:, None] < n_tokens) & (ks[None, :] < d),
+                    other=0.0).to(tl.float32)
+        grad += tl.dot(tl.trans(dy), x, input_precision=PRECISION)
+    inside = feat_in[:, None] & (ks[None, :] < d)
+    for e in tl.static_range(E):
+        coef = _coefficients(ALPHA, feats, f, e, E, NEURON)
+        offsets = e * stride_we + feats[:, None] * stride_wf + ks[None, :]
+        tl.store(GRAD_W + offsets, (coef[:, None] * grad).to(GRAD_W.dtype.element_ty), mask=inside)
+        row_dots = tl.sum(grad * tl.load(W + offsets, mask=inside, other=0.0).to(tl.float32), axis=1)
+        # d alpha partials per k-block (and, layer-wise, per feature block): summed on the host.
+        if NEURON:
+            tl.store(GRAD_ALPHA + (pid_k * f + feats) * E + e, row_dots, mask=feat_in)
+        else:
+            tl.store(GRAD_ALPHA + (pid_k * tl.num_programs(0) + pid_n) * E + e, tl.sum(row_dots, axis=0))
 
 
 def _meta(x, experts_w, alpha, with_bias):
     block_m, block_n, block_k = block_sizes()
     return dict(E=experts_w.shape[0], NEURON=alpha.dim() == 2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                PRECISION=dot_precision(x, experts_w), num_warps=NUM_WARPS // 2)
+                PRECISION=dot_precision(x, experts_w), num_warps=NUM_WARPS)
 
 
 def routed_forward(x, experts_w, alpha, experts_b, f):
@@ -151,14 +149,14 @@ def routed_backward(grad_y, x, experts_w, alpha, experts_b, f, need_x):
         grid = (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_K"]))
         _routed_bwd_dx_kernel[grid](grad_y, experts_w, alpha, grad_x, n_tokens, f, d, experts_w.stride(0),
                                     experts_w.stride(1), **meta)
-    feature_blocks = triton.cdiv(f, meta["BLOCK_N"])
+    feature_blocks, input_blocks = triton.cdiv(f, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_K"])
     grad_w = torch.zeros(experts_w.shape, device=x.device, dtype=torch.float32)
     num_experts = experts_w.shape[0]
-    grad_alpha = torch.zeros((f if neuron_wise else feature_blocks), num_experts, device=x.device, dtype=torch.float32)
-    _routed_bwd_dw_kernel[(feature_blocks,)](grad_y, x, experts_w, alpha, grad_w, grad_alpha, n_tokens, f, d,
-                                             experts_w.stride(0), experts_w.stride(1), **meta)
-    if not neuron_wise:
-        grad_alpha = grad_alpha.sum(0)
+    partial_rows = f if neuron_wise else feature_blocks
+    grad_alpha = torch.empty(input_blocks, partial_rows, num_experts, device=x.device, dtype=torch.float32)
+    _routed_bwd_dw_kernel[(feature_blocks, input_blocks)](grad_y, x, experts_w, alpha, grad_w, grad_alpha, n_tokens,
+                                                          f, d, experts_w.stride(0), experts_w.stride(1), **meta)
+    grad_alpha = grad_alpha.sum(0) if neuron_wise else grad_alpha.sum((0, 1))
     grad_b = None
     if experts_b is not None:
         db = grad_y.float().sum(0)  # (f): tiny next to the GEMMs

@@ -26,7 +26,8 @@ def test_every_kernel_compiles_for_both_architectures_and_dtypes(report):
     compiled = {(r["kernel"].split("[")[0], r["arch"], r["dtype"]) for r in report}
     kernels = {r["kernel"].split("[")[0] for r in report}
     assert {"_relation_fwd_kernel", "_relation_bwd_dx_kernel", "_relation_bwd_dy_kernel",
-            "_mi_fwd_kernel", "_mi_bwd_da_kernel", "_mi_bwd_db_kernel"} <= kernels
+            "_mi_fwd_kernel", "_mi_bwd_da_kernel", "_mi_bwd_db_kernel",
+            "_routed_fwd_kernel", "_routed_bwd_dx_kernel", "_routed_bwd_dw_kernel"} <= kernels
     assert compiled == {(k, a, d) for k in kernels for a in SHARED_LIMIT for d in ("fp32", "bf16")}
 
 

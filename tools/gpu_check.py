@@ -118,32 +118,73 @@ def time_mi(n, dtype, embed=128):
     return row
 
 
+def check_routed(neuron_wise, with_bias, dtype, tokens=300, d=200, f=333, f_max=400, d_max=256, experts=2):
+    x = torch.randn(tokens, d, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(experts, f_max, d_max, device="cuda") * d**-0.5).to(dtype).requires_grad_()
+    logits = torch.randn(f, experts, device="cuda") if neuron_wise else torch.randn(experts, device="cuda")
+    alpha = torch.softmax(logits, -1).to(dtype).requires_grad_()
+    b = torch.randn(experts, f_max, device="cuda").to(dtype).requires_grad_() if with_bias else None
+    leaves = [t for t in (x, w, alpha, b) if t is not None]
+    y = pykd.routed_linear(x, w, alpha, b, out_features=f)
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = pykd.routed_linear_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2],
+                                       ref_leaves[3] if with_bias else None, f)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_y.double())
+    return {"op": "routed_linear", "neuron_wise": neuron_wise, "bias": with_bias, "dtype": str(dtype),
+            "out_rel_err": rel_err(y, ref), "grad_rel_err": max(rel_err(g, r) for g, r in zip(grads, ref_grads))}
+
+
+def time_routed(tokens, neuron_wise, dtype, d=768, f=3072, experts=2):
+    x = torch.randn(tokens, d, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(experts, f, d, device="cuda") * d**-0.5).to(dtype).requires_grad_()
+    logits = torch.randn(f, experts, device="cuda") if neuron_wise else torch.randn(experts, device="cuda")
+    alpha = torch.softmax(logits, -1).to(dtype).requires_grad_()
+    b = torch.zeros(experts, f, device="cuda", dtype=dtype, requires_grad=True)
+    dense_w, dense_b = w[0].detach().clone().requires_grad_(), b[0].detach().clone().requires_grad_()
+    steps = {
+        "triton": lambda: torch.autograd.grad(pykd.routed_linear(x, w, alpha, b, f).sum(), [x, w, alpha, b]),
+        "reference": lambda: torch.autograd.grad(
+            pykd.routed_linear(x, w, alpha, b, f, backend="reference").sum(), [x, w, alpha, b]),
+        "dense": lambda: torch.autograd.grad(torch.nn.functional.linear(x, dense_w, dense_b).sum(),
+                                             [x, dense_w, dense_b]),
+    }
+    row = {"op": "routed_linear_timing", "tokens": tokens, "neuron_wise": neuron_wise, "dtype": str(dtype)}
+    for name, step in steps.items():
+        row[f"{name}_ms"] = time_cuda(step)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--only", choices=("relation", "mi", "routed"), nargs="*",
+                        default=["relation", "mi", "routed"], help="which ops to check")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for loss in ("kl", "ce", "mse_prob", "mse_logit"):
-        for dtype in (torch.float32, torch.bfloat16):
-            for self_relation, ragged in ((False, False), (True, True), (False, True)):
-                rows.append(check_relation(loss, dtype, self_relation, ragged))
-                print(rows[-1], flush=True)
-    for length in (128, 512, 1024):
-        for dtype in (torch.float32, torch.bfloat16):
-            rows.append(time_relation(length, dtype))
-            print(rows[-1], flush=True)
-    for bound, alpha, with_q in MI_CASES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for n in (3, 300, 4097):
-                rows.append(check_mi(bound, alpha, with_q, dtype, n))
-                print(rows[-1], flush=True)
-    for n in (1024, 4096, 16384):
-        for dtype in (torch.float32, torch.bfloat16):
-            rows.append(time_mi(n, dtype))
-            print(rows[-1], flush=True)
+    dtypes = (torch.float32, torch.bfloat16)
+    cases = []
+    if "relation" in args.only:
+        cases += [(check_relation, (loss, dtype, self_relation, ragged))
+                  for loss in ("kl", "ce", "mse_prob", "mse_logit") for dtype in dtypes
+                  for self_relation, ragged in ((False, False), (True, True), (False, True))]
+        cases += [(time_relation, (length, dtype)) for length in (128, 512, 1024) for dtype in dtypes]
+    if "mi" in args.only:
+        cases += [(check_mi, (bound, alpha, with_q, dtype, n))
+                  for bound, alpha, with_q in MI_CASES for dtype in dtypes for n in (3, 300, 4097)]
+        cases += [(time_mi, (n, dtype)) for n in (1024, 4096, 16384) for dtype in dtypes]
+    if "routed" in args.only:
+        cases += [(check_routed, (neuron_wise, with_bias, dtype))
+                  for neuron_wise in (False, True) for with_bias in (False, True) for dtype in dtypes]
+        cases += [(time_routed, (tokens, neuron_wise, dtype))
+                  for tokens in (128, 4096) for neuron_wise in (False, True) for dtype in dtypes]
+    for check, case_args in cases:
+        rows.append(check(*case_args))
+        print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"gpu_check_{'_'.join(args.only)}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -22,14 +22,19 @@ from triton.compiler import ASTSource
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels import attention_relation, mi_bound  # noqa: E402
+from kernels import attention_relation, mi_bound, routed_linear  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
+# Warps each kernel family launches with (kernels/*.py).
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16"}
 
 # Pointer arguments that carry the op's inputs or outputs take the tested dtype; the rest are fixed.
 RELATION_POINTERS = {"XT": "in", "YT": "in", "XS": "in", "YS": "in", "KEY_VALID": "*i8", "DXS": "in", "DYS": "in"}
 RELATION_SCALARS = {"scale_t": "fp32", "scale_s": "fp32"}
+
+
+NUM_WARPS = {"relation": attention_relation.NUM_WARPS, "mi": attention_relation.NUM_WARPS,
+             "routed": routed_linear.NUM_WARPS}
 
 
 def relation_cases():
@@ -54,9 +59,25 @@ def mi_cases():
         yield f"{fn.__name__}[alpha,e=128]", fn, MI_POINTERS, MI_SCALARS, meta
 
 
+ROUTED_POINTERS = {"X": "in", "W": "in", "ALPHA": "in", "BIAS": "in", "Y": "in", "DY": "in", "DX": "in",
+                   "GRAD_W": "*fp32", "GRAD_ALPHA": "*fp32"}
+
+
+def routed_cases():
+    block_m, block_n, block_k = routed_linear.block_sizes()
+    for fn in (routed_linear._routed_fwd_kernel, routed_linear._routed_bwd_dx_kernel,
+               routed_linear._routed_bwd_dw_kernel):
+        # MoS BERT: two experts, neuron-wise mixing (one coefficient per output row and expert).
+        meta = dict(E=2, NEURON=True, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        if "HAS_BIAS" in fn.arg_names:
+            meta["HAS_BIAS"] = True
+        yield f"{fn.__name__}[E=2,neuron]", fn, ROUTED_POINTERS, {}, meta
+
+
 def all_cases():
     yield from relation_cases()
     yield from mi_cases()
+    yield from routed_cases()
 
 
 def signature(fn, pointers, scalars, meta, pointer_dtype):
@@ -100,7 +121,7 @@ def compile_case(name, fn, pointers, scalars, meta, arch, dtype_name):
     sig = signature(fn, pointers, scalars, constexprs, DTYPES[dtype_name])
     compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
                               target=GPUTarget("cuda", TARGETS[arch], 32),
-                              options={"num_warps": attention_relation.NUM_WARPS})
+                              options={"num_warps": NUM_WARPS[fn.__name__.split("_")[1]]})
     return {"kernel": name, "arch": arch, "dtype": dtype_name, "shared_bytes": compiled.metadata.shared,
             "num_warps": compiled.metadata.num_warps, **ptxas_resources(compiled.asm["ptx"])}
 
