@@ -162,6 +162,18 @@ def _relation_fwd_kernel(
 
 
 @triton.jit
+def _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length):
+    """A row block's weight and the statistics the forward saved for it (zero past the end)."""
+    inside = rows < length
+    weight = tl.load(ROW_WEIGHT + batch * length + rows, mask=inside, other=0.0)
+    stat = pid_bh * length + rows
+    lse_t = tl.load(LSE_T + stat, mask=inside, other=0.0)
+    lse_s = tl.load(LSE_S + stat, mask=inside, other=0.0)
+    delta = tl.load(DELTA + stat, mask=inside, other=0.0)
+    return weight, lse_t, lse_s, delta
+
+
+@triton.jit
 def _relation_bwd_dx_kernel(
     XT, YT, XS, YS, KEY_VALID, ROW_WEIGHT, LSE_T, LSE_S, DELTA, GRAD_OUT, DXS,
     stride_tb, stride_tl, stride_sb, stride_sl,
@@ -177,11 +189,7 @@ def _relation_bwd_dx_kernel(
     inside = rows < length
     xt = _load_head_rows(XT, batch, rows, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
     xs = _load_head_rows(XS, batch, rows, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
-    weight = tl.load(ROW_WEIGHT + batch * length + rows, mask=inside, other=0.0)
-    stat = pid_bh * length + rows
-    lse_t = tl.load(LSE_T + stat, mask=inside, other=0.0)
-    lse_s = tl.load(LSE_S + stat, mask=inside, other=0.0)
-    delta = tl.load(DELTA + stat, mask=inside, other=0.0)
+    weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start in range(0, length, BLOCK_N):
@@ -219,14 +227,9 @@ def _relation_bwd_dy_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for start in range(0, length, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        inside = rows < length
         xt = _load_head_rows(XT, batch, rows, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
         xs = _load_head_rows(XS, batch, rows, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
-        weight = tl.load(ROW_WEIGHT + batch * length + rows, mask=inside, other=0.0)
-        stat = pid_bh * length + rows
-        lse_t = tl.load(LSE_T + stat, mask=inside, other=0.0)
-        lse_s = tl.load(LSE_S + stat, mask=inside, other=0.0)
-        delta = tl.load(DELTA + stat, mask=inside, other=0.0)
+        weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
         grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
                            valid, lse_t, lse_s, delta, weight, LOSS)
         acc += tl.dot(tl.trans(grad), xs, input_precision=PRECISION)

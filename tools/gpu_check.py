@@ -64,6 +64,16 @@ def time_cuda(fn, repeat=20):
     return (time.perf_counter() - start) / repeat * 1e3
 
 
+def time_steps(row: dict, steps: dict) -> dict:
+    """Adds each step's time (ms) and extra peak CUDA memory (MiB) to row."""
+    for name, step in steps.items():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        row[f"{name}_ms"] = time_cuda(step)
+        row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
 def time_relation(length, dtype, batch=8, heads=12, head_dim=64):
     t_a, t_b, s_a, s_b, _ = relation_inputs(batch, length, heads * head_dim, heads * head_dim, dtype, False, False)
 
@@ -71,13 +81,8 @@ def time_relation(length, dtype, batch=8, heads=12, head_dim=64):
         loss = pykd.attention_relation_loss(t_a, t_b, s_a, s_b, heads, loss="kl", backend=backend)
         torch.autograd.grad(loss, [s_a, s_b])
 
-    row = {"op": "attention_relation_timing", "L": length, "dtype": str(dtype)}
-    for backend in ("triton", "reference"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        row[f"{backend}_ms"] = time_cuda(lambda: run(backend))
-        row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return row
+    return time_steps({"op": "attention_relation_timing", "L": length, "dtype": str(dtype)},
+                      {backend: lambda backend=backend: run(backend) for backend in ("triton", "reference")})
 
 
 MI_CASES = [("infonce", 0.9, False), ("nwj", 0.9, False), ("js", 0.9, False), ("tuba", 0.9, True),
@@ -109,13 +114,8 @@ def time_mi(n, dtype, embed=128):
         value = pykd.mi_lower_bound(a, b, log_q, bound="alpha", alpha=0.9, backend=backend)
         torch.autograd.grad(value, [a, b, log_q])
 
-    row = {"op": "mi_bound_timing", "n": n, "e": embed, "dtype": str(dtype)}
-    for backend in ("triton", "reference"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        row[f"{backend}_ms"] = time_cuda(lambda: run(backend))
-        row[f"{backend}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return row
+    return time_steps({"op": "mi_bound_timing", "n": n, "e": embed, "dtype": str(dtype)},
+                      {backend: lambda backend=backend: run(backend) for backend in ("triton", "reference")})
 
 
 def check_routed(neuron_wise, with_bias, dtype, tokens=300, d=200, f=333, f_max=400, d_max=256, experts=2):
@@ -150,10 +150,8 @@ def time_routed(tokens, neuron_wise, dtype, d=768, f=3072, experts=2):
         "dense": lambda: torch.autograd.grad(torch.nn.functional.linear(x, dense_w, dense_b).sum(),
                                              [x, dense_w, dense_b]),
     }
-    row = {"op": "routed_linear_timing", "tokens": tokens, "neuron_wise": neuron_wise, "dtype": str(dtype)}
-    for name, step in steps.items():
-        row[f"{name}_ms"] = time_cuda(step)
-    return row
+    return time_steps({"op": "routed_linear_timing", "tokens": tokens, "neuron_wise": neuron_wise,
+                       "dtype": str(dtype)}, steps)
 
 
 def main() -> int:

@@ -1,5 +1,9 @@
 """Argument checks shared by the ops: every error names the argument and what it got."""
+import os
+
 import torch
+
+BACKENDS = ("auto", "reference", "cpp", "triton")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -39,3 +43,16 @@ def check_token_mask(mask, batch: int, length: int):
     if empty:
         raise ValueError(f"mask has no valid token in example(s) {empty}; every example needs at least one")
     return counts
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto" sends CUDA tensors to Triton and CPU tensors to C++; a forced path must fit the device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "cpp"
+    if backend == "cpp" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {x.device}")
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    return backend

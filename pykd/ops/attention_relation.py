@@ -30,16 +30,14 @@ log-sum-exp (Triton) or walk row blocks of the exact scores (C++), and keep per-
 The teacher is a constant: no gradient reaches t_a or t_b even when they require grad.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .._extension import cpu_extension
-from ._checks import check_finite, check_same_device, check_tensor, check_token_mask
+from ._checks import check_finite, check_same_device, check_tensor, check_token_mask, resolve_backend
 
 LOSSES = ("kl", "ce", "mse_prob", "mse_logit")
-BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def attention_relation_loss(
     spec = validate_relation_args(t_a, t_b, s_a, s_b, num_relation_heads, mask, loss, scale_t, scale_s)
     if check_inputs_finite:
         check_finite(t_a=t_a, t_b=t_b, s_a=s_a, s_b=s_b)
-    path = _resolve_backend(backend, s_a)
+    path = resolve_backend(backend, s_a)
     if path == "reference":
         return _reference(t_a, t_b, s_a, s_b, mask, spec)
     function = _CppRelationLoss if path == "cpp" else _TritonRelationLoss
@@ -131,18 +129,6 @@ def _scale(name: str, value, head_dim: int) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
-
-
-def _resolve_backend(backend: str, s_a: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if s_a.is_cuda else "cpp"
-    if backend == "cpp" and s_a.device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {s_a.device}")
-    if backend == "triton" and not s_a.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {s_a.device}")
-    return backend
 
 
 def _relation_scores(x: torch.Tensor, y: torch.Tensor, heads: int, scale: float, dtype) -> torch.Tensor:

@@ -34,18 +34,16 @@ rank keeps its own rows, and the value (the same on every rank) is reduced acros
 Gradients with respect to a rank's inputs are those of the global bound.
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .._extension import cpu_extension
-from ._checks import check_same_device, check_tensor
+from ._checks import check_same_device, check_tensor, resolve_backend
 
 BOUNDS = ("infonce", "nwj", "tuba", "js", "alpha")
 _BASELINE_BOUNDS = ("tuba", "alpha")
-BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def mi_lower_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None 
     attention_relation_loss.
     """
     spec = validate_bound_args(a, b, log_q, bound, alpha, scale)
-    path = _resolve_backend(backend, a)
+    path = resolve_backend(backend, a)
     group = _gather_group(gather, group, a)
     if path == "reference":
         return _gathered_reference(a, b, log_q, spec, group) if group is not None else _reference(a, b, log_q, spec)
@@ -107,18 +105,6 @@ def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     check_same_device(a=a, b=b, log_q=log_q)
     return BoundSpec(bound=bound, alpha=float(alpha), scale=float(scale))
-
-
-def _resolve_backend(backend: str, a: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if a.is_cuda else "cpp"
-    if backend == "cpp" and a.device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {a.device}")
-    if backend == "triton" and not a.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {a.device}")
-    return backend
 
 
 def _gather_group(gather: bool, group, a: torch.Tensor):

@@ -17,14 +17,12 @@ and zero gradient outside the active slice. The fused paths never materialise W:
 expert tiles on the fly inside a blocked GEMM (C++: a tile of output features at a time; Triton:
 the experts are combined in the K-loop before each tl.dot).
 """
-import os
 
 import torch
 
 from .._extension import cpu_extension
-from ._checks import check_same_device, check_tensor
+from ._checks import check_same_device, check_tensor, resolve_backend
 
-BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 def routed_linear(x: torch.Tensor, experts_w: torch.Tensor, alpha: torch.Tensor,
@@ -37,7 +35,7 @@ def routed_linear(x: torch.Tensor, experts_w: torch.Tensor, alpha: torch.Tensor,
     neuron-wise). Returns (..., f) in x's dtype.
     """
     f = validate_routed_args(x, experts_w, alpha, experts_b, out_features)
-    path = _resolve_backend(backend, x)
+    path = resolve_backend(backend, x)
     if path == "reference":
         return routed_linear_reference(x, experts_w, alpha, experts_b, f)
     function = _CppRoutedLinear if path == "cpp" else _TritonRoutedLinear
@@ -100,18 +98,6 @@ def validate_routed_args(x, experts_w, alpha, experts_b, out_features) -> int:
             raise ValueError(f"experts_b must have shape ({num_experts}, {f_max}), got {tuple(experts_b.shape)}")
     check_same_device(x=x, experts_w=experts_w, alpha=alpha, experts_b=experts_b)
     return f
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda else "cpp"
-    if backend == "cpp" and x.device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got tensors on {x.device}")
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    return backend
 
 
 def _flatten_tokens(x: torch.Tensor) -> torch.Tensor:
