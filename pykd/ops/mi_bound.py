@@ -112,25 +112,48 @@ def _gather_group(gather: bool, group, a: torch.Tensor):
         return None
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("gather=True needs an initialised torch.distributed process group")
-    sizes = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, a.shape[0], group=group)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"gather=True needs the same batch size on every rank, got {sizes}")
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.long)
+    dist.all_gather_into_tensor(sizes, torch.tensor([a.shape[0]]), group=group)
+    if len(set(sizes.tolist())) > 1:
+        raise ValueError(f"gather=True needs the same batch size on every rank, got {sizes.tolist()}")
     return group if group is not None else dist.group.WORLD
 
 
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenates x over the group's ranks; the backward sums gradients back to their owners."""
-    from torch.distributed.nn.functional import all_gather
+class _GatherRows(torch.autograd.Function):
+    """Concatenates x over the group's ranks along dim 0; the backward sums the gradient over
+    the ranks (one all-reduce) and hands each rank the rows it owns."""
 
-    return torch.cat(all_gather(x, group=group))
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        whole = x.new_empty((dist.get_world_size(group) * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(whole, x.contiguous(), group=group)
+        return whole
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        rows = grad.shape[0] // dist.get_world_size(ctx.group)
+        start = dist.get_rank(ctx.group) * rows
+        return grad[start:start + rows], None
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherRows.apply(x, group)
 
 
 def _gathered_reference(a, b, log_q, spec: BoundSpec, group) -> torch.Tensor:
     """Every rank evaluates the whole gathered batch; scaling the graph by 1/world keeps the
-    gradient exact once the all-gathers sum it over the ranks."""
-    whole = [_all_gather(x, group) if x is not None else None for x in (a, b, log_q)]
-    value = _reference(*whole, spec)
+    gradient exact once the all-gather sums it over the ranks."""
+    # One packed all-gather: separate ones would run their backward collectives in whatever
+    # order autograd picks on each rank, and mismatched gloo collectives abort.
+    parts = [a, b] + ([log_q[:, None]] if log_q is not None else [])
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), parts[-1].dtype)
+    whole = _all_gather(torch.cat([p.to(dtype) for p in parts], dim=1), group)
+    embed = a.shape[1]
+    value = _reference(whole[:, :embed], whole[:, embed:2 * embed],
+                       whole[:, 2 * embed] if log_q is not None else None, spec)
     world = dist.get_world_size(group)
     return value / world + (value - value / world).detach()
 
