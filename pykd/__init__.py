@@ -1,4 +1,5 @@
 """pykd: fused kernels for knowledge distillation and architecture search of transformer encoders."""
+from .capture import capture
 from .moe import ArchRouter, RoutedLinear
 from .ops import (
     attention_relation_loss,
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchRouter",
     "RoutedLinear",
+    "capture",
     "attention_relation_loss",
     "attention_relation_loss_reference",
     "mi_lower_bound",

