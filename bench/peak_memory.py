@@ -1,7 +1,8 @@
 """Extra peak memory of one fwd+bwd call, measured in a fresh process.
 
     python bench/peak_memory.py OP VARIANT SIZE...  ->  prints MiB
-    (OP "relation": B A_r d_r L;  OP "mi": n e;  OP "routed": tokens d f E neuron_wise)
+    (OP "relation": B A_r d_r L;  OP "mi": n e;  OP "routed": tokens d f E neuron_wise;
+     OP "kd" with VARIANT pykd|peers: batch length)
 
 Inputs are built and the step is run once (compiling, warming caches); then the kernel's
 high-water mark is reset (/proc/self/clear_refs) and the step runs again: the growth of

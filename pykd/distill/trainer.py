@@ -280,9 +280,13 @@ class Trainer:
     def _progress(self, last: int):
         if not self.config.train.progress or self.rank != 0:
             return None
+        import sys
+
         from tqdm.auto import tqdm
 
-        return tqdm(total=last, initial=self.step, desc=self.mode, dynamic_ncols=True)
+        # Logs written to a file get a line every 10 s rather than a redraw per step.
+        interval = 0.1 if sys.stderr.isatty() else 10.0
+        return tqdm(total=last, initial=self.step, desc=self.mode, dynamic_ncols=True, mininterval=interval)
 
     def _finish(self) -> None:
         self._log({"step": self.step, "eval": self.evaluate(), "final": True})
