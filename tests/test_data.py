@@ -30,3 +30,20 @@ def test_local_files(tmp_path):
         data.load_corpus(str(tmp_path / "missing.csv"))
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\]"):
         data.check_columns(data.load_corpus(str(tmp_path / "b.txt")), "classification", "b.txt")
+
+
+def test_unreachable_hub_names_are_clear_errors(tmp_path):
+    """Offline, hub names fail with a message that says what pykd tried (run in a clean process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from pykd.distill import data, models\n"
+              "for load in (lambda: data.load_corpus('someone/no-such-dataset'),\n"
+              "             lambda: models.load_pretrained('someone/no-such-model', 'classification', 2)):\n"
+              "    try:\n        load()\n    except ValueError as error:\n        print(str(error).split(':')[0])\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("data.dataset 'someone/no-such-dataset' is neither a built-in corpus"), done.stderr
+    assert lines[1].startswith("cannot load model 'someone/no-such-model'"), done.stderr
