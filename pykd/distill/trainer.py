@@ -146,6 +146,8 @@ class Trainer:
         self.scheduler = self._scheduler()
         self.step = 0
         self.history: list[dict] = []
+        self._window: dict[str, float] = {}  # loss terms summed since the last log line
+        self._window_steps = 0
 
     # ---- construction ----
 
@@ -266,12 +268,18 @@ class Trainer:
         return totals
 
     def _after_step(self, terms: dict, progress) -> None:
+        """Progress bar, logs (terms averaged over the steps since the last log), eval, checkpoint."""
         train = self.config.train
         if progress is not None:
             progress.update(1)
             progress.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
+        for name, value in terms.items():
+            self._window[name] = self._window.get(name, 0.0) + value
+        self._window_steps += 1
         if self.step % train.log_every == 0 or self.step == train.steps:
-            self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **terms})
+            means = {name: total / self._window_steps for name, total in self._window.items()}
+            self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **means})
+            self._window, self._window_steps = {}, 0
         if self.step % train.eval_every == 0 and self.step < train.steps:
             self._log({"step": self.step, "eval": self.evaluate()})
         if self.step % train.checkpoint_every == 0 and self.step < train.steps:
