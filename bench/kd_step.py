@@ -52,14 +52,19 @@ def _hidden_mse(teacher_states, student_states, mask):
     return torch.stack(terms).mean()
 
 
+def _models_with(attention: str):
+    teacher, student = _models()
+    for model in (teacher, student):
+        model.set_attn_implementation(attention)
+    return teacher, student
+
+
 def _flat(x):
     return x.transpose(1, 2).flatten(2)
 
 
 def pykd_step(batch: dict):
-    teacher, student = _models()
-    teacher.set_attn_implementation("sdpa")
-    student.set_attn_implementation("sdpa")
+    teacher, student = _models_with("sdpa")
     mask = batch["attention_mask"].bool()
 
     def step():
@@ -94,9 +99,7 @@ def _masked_kl(p_teacher, p_student, mask):
 
 
 def peers_step(batch: dict):
-    teacher, student = _models()
-    teacher.set_attn_implementation("eager")
-    student.set_attn_implementation("eager")
+    teacher, student = _models_with("eager")
     mask = batch["attention_mask"].bool()
 
     def step():
