@@ -82,15 +82,12 @@ def _key_padding_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tens
     return allowed.expand(batch, -1, -1, length).any(dim=(1, 2))
 
 
-_active: list[Capture] = []
-
-
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    for recorder in _active:
-        if getattr(module, "_pykd_recorder", None) is recorder:
-            recorder._record(query, key, value, attention_mask)
+    recorder = getattr(module, "_pykd_recorder", None)
+    if recorder is not None:
+        recorder._record(query, key, value, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -142,11 +139,9 @@ def capture(model: nn.Module):
              model.register_forward_hook(lambda *_: recorder._close())]
     for config in configs:
         config._attn_implementation = IMPLEMENTATION
-    _active.append(recorder)
     try:
         yield recorder
     finally:
-        _active.remove(recorder)
         for config, implementation in zip(configs, previous):
             config._attn_implementation = implementation
         for hook in hooks:
