@@ -112,8 +112,9 @@ def _gather_group(gather: bool, group, a: torch.Tensor):
         return None
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("gather=True needs an initialised torch.distributed process group")
-    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.long)
-    dist.all_gather_into_tensor(sizes, torch.tensor([a.shape[0]]), group=group)
+    # On a's device: NCCL gathers CUDA tensors only.
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.long, device=a.device)
+    dist.all_gather_into_tensor(sizes, torch.tensor([a.shape[0]], device=a.device), group=group)
     if len(set(sizes.tolist())) > 1:
         raise ValueError(f"gather=True needs the same batch size on every rank, got {sizes.tolist()}")
     return group if group is not None else dist.group.WORLD
