@@ -148,6 +148,7 @@ class Trainer:
         self.history: list[dict] = []
         self._window: dict[str, float] = {}  # loss terms summed since the last log line
         self._window_steps = 0
+        self._order: tuple[int, list[int]] = (-1, [])
 
     # ---- construction ----
 
@@ -204,13 +205,20 @@ class Trainer:
 
     # ---- data ----
 
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The permutation epoch `epoch` visits; drawn once per epoch, not per micro-batch."""
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.train.seed + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_set), generator=generator).tolist())
+        return self._order[1]
+
     def _micro_batch(self, step: int, micro: int) -> dict:
         train = self.config.train
         per_step = train.batch_size * train.grad_accum * self.world
         start = step * per_step + (micro * self.world + self.rank) * train.batch_size
         epoch, offset = divmod(start, len(self.train_set))
-        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(train.seed + epoch))
-        indices = [int(order[(offset + i) % len(order)]) for i in range(train.batch_size)]
+        order = self._epoch_order(epoch)
+        indices = [order[(offset + i) % len(order)] for i in range(train.batch_size)]
         batch = self.collate([self.train_set[i] for i in indices])
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -247,7 +255,6 @@ class Trainer:
     def _train_step(self) -> dict:
         train = self.config.train
         self.model.train()
-        self.step_module.trained_model().train()
         totals: dict[str, float] = {}
         for micro in range(train.grad_accum):
             batch = self._micro_batch(self.step, micro)
