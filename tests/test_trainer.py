@@ -50,6 +50,14 @@ def test_finetune_then_distil_logs_every_term(tmp_path):
     assert student.config.num_hidden_layers == 2 and (saved / "pykd_objective.pt").exists()
     assert any(k.startswith("mi.teacher_critics") for k in torch.load(saved / "pykd_objective.pt"))
 
+    from pykd.distill.report import write_report
+
+    report = open(write_report(tmp_path, run_config.from_dict(values), tmp_path / "teacher",
+                               tmp_path / "student")).read()
+    assert "| model | accuracy | f1 | mcc | parameters | CPU ms / batch |" in report
+    assert f"| student | {final['accuracy']:.4f} |" in report
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+
 
 def test_task_specific_kd_needs_a_finetuned_teacher(tmp_path):
     with pytest.raises(ValueError, match="needs a teacher fine-tuned on the task"):
@@ -105,6 +113,13 @@ def test_cli_rejects_unknown_keys(tmp_path):
     done = _cli("distill", str(path))
     assert done.returncode == 2 and "unknown config key(s) ['train.stepz']" in done.stderr
     assert _cli("config").stdout.startswith("teacher:")
+
+
+def test_cli_without_the_kd_extra_says_what_to_install():
+    script = "import sys; sys.modules['yaml'] = None; from pykd.cli import main; sys.exit(main(['config']))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "needs `pip install 'pykd-distill[kd]'` (module 'yaml' is missing)" in done.stderr
 
 
 def test_ddp_on_two_gloo_ranks_equals_one_process_on_the_global_batch(tmp_path):

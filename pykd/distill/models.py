@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import re
 
-import torch
 from torch import nn
 
 from .config import StudentConfig
@@ -96,22 +95,3 @@ def sliced_state(teacher: nn.Module, student: nn.Module) -> dict:
                              f"{tuple(origin.shape)}: the student may not be larger than the teacher")
         state[key] = origin[tuple(slice(0, size) for size in target.shape)].clone()
     return state
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def cpu_latency_ms(model: nn.Module, batch: dict, repeats: int = 5) -> float:
-    """Median wall time of one forward of `batch` in eval mode."""
-    import time
-
-    model.eval()
-    model(**batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * sorted(times)[len(times) // 2]

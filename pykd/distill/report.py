@@ -2,13 +2,32 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import data as data_module
 from .config import RunConfig
-from .models import count_parameters, cpu_latency_ms, load_pretrained, load_tokenizer
+from .models import load_pretrained, load_tokenizer
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, batch: dict, repeats: int = 5) -> float:
+    """Median wall time of one forward of `batch` in eval mode."""
+    model.eval()
+    model(**batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * sorted(times)[len(times) // 2]
 
 
 def read_log(run_dir) -> list[dict]:
@@ -45,8 +64,7 @@ def plot_curves(runs: dict, path: Path) -> None:
 def _latency_batch(config: RunConfig, tokenizer) -> dict:
     corpus = data_module.load_corpus(config.data.dataset)
     rows = [corpus[i] for i in range(config.train.batch_size)]
-    batch = data_module.Collator(tokenizer, config.data.max_length, "unlabeled")(rows)
-    return {k: v for k, v in batch.items()}
+    return data_module.Collator(tokenizer, config.data.max_length, "unlabeled")(rows)
 
 
 def write_report(output, config: RunConfig, teacher_dir, student_dir) -> str:
@@ -57,9 +75,7 @@ def write_report(output, config: RunConfig, teacher_dir, student_dir) -> str:
     rows = []
     for name, run_dir, records in (("teacher", teacher_dir, teacher_log), ("student", student_dir, student_log)):
         model = load_pretrained(f"{run_dir}/model", config.data.kind)
-        with torch.inference_mode():
-            latency = cpu_latency_ms(model.cpu(), batch)
-        rows.append((name, final_eval(records), count_parameters(model), latency))
+        rows.append((name, final_eval(records), count_parameters(model), cpu_latency_ms(model.cpu(), batch)))
     plot_curves({"teacher fine-tuning": teacher_log, "distillation": student_log}, output / "learning_curves.png")
     metrics = list(rows[0][1])
     lines = ["# pykd demo report", "",
