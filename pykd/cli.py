@@ -12,14 +12,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
+DEMO_COMMON = ["train.batch_size=32", "data.max_length=64"]
+DEMO_FINETUNE = ["train.steps=150", "train.lr=5e-5", "train.eval_every=1000", *DEMO_COMMON]
+DEMO_DISTILL = ["train.steps=300", "train.lr=2e-4", "train.eval_every=100", *DEMO_COMMON]
 
-from .distill import config as run_config
 
-DEMO_FINETUNE = ["train.steps=150", "train.lr=5e-5", "train.eval_every=1000", "train.batch_size=32",
-                 "data.max_length=64"]
-DEMO_DISTILL = ["train.steps=300", "train.lr=2e-4", "train.eval_every=100", "train.batch_size=32",
-                "data.max_length=64"]
+class MissingExtraError(RuntimeError):
+    pass
+
+
+def _run_config():
+    """The KD engine's config module; its dependencies come with the `kd` extra, not with the kernels."""
+    try:
+        from .distill import config
+    except ModuleNotFoundError as error:
+        raise MissingExtraError(f"the KD engine needs `pip install 'pykd-distill[kd]'` (module {error.name!r} "
+                                "is missing)") from error
+    return config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +54,7 @@ def _train(mode: str, config) -> None:
 
 def demo(output: str, overrides: list[str]) -> str:
     """The main job end to end; returns the report's path."""
+    run_config = _run_config()
     from .distill.report import write_report
 
     teacher_dir, student_dir = f"{output}/teacher", f"{output}/student"
@@ -64,13 +74,16 @@ def demo(output: str, overrides: list[str]) -> str:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        run_config = _run_config()
         if args.command == "config":
+            import yaml
+
             yaml.safe_dump(run_config.to_dict(run_config.DEFAULT), sys.stdout, sort_keys=False)
         elif args.command == "demo":
             demo(args.output, args.overrides)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtraError) as error:
         print(f"pykd {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
