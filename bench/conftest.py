@@ -31,6 +31,15 @@ def fmt(value, spec=".1f"):
     return "-" if value is None else format(value, spec)
 
 
+def variant_columns(measured: dict, case, variants) -> dict:
+    """{variant}_ms and {variant}_peak_mib of each variant measured at `case` (None if it did not run)."""
+    columns = {}
+    for variant in variants:
+        got = measured.get((case, variant), {})
+        columns[f"{variant}_ms"], columns[f"{variant}_peak_mib"] = got.get("ms"), got.get("peak_mib")
+    return columns
+
+
 def compare_variants(row: dict, variants=("fused", "eager", "compiled", "gemm_floor")) -> dict:
     """Adds the ratios every table reports: fused against the floor, eager and torch.compile."""
     row["fused_vs_floor"] = ratio(row["fused_ms"], row["gemm_floor_ms"])

@@ -47,7 +47,8 @@ def kd_batch(batch: int, length: int, seed: int = 0) -> dict:
 def _hidden_mse(teacher_states, student_states, mask):
     weights = mask.to(torch.float32)[..., None]
     pairs = [(1, 2), (2, 4), (3, 6)]
-    terms = [((student_states[s] - teacher_states[t]).pow(2) * weights).sum() / (weights.sum() * 384)
+    width = student_states[0].shape[-1]
+    terms = [((student_states[s] - teacher_states[t]).pow(2) * weights).sum() / (weights.sum() * width)
              for s, t in pairs]
     return torch.stack(terms).mean()
 

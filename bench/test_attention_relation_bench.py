@@ -8,7 +8,8 @@ attention_relation.{json,csv,md,png} and asserts the targets at L=512.
 import pytest
 import torch
 from bench_cases import VARIANTS, relation_flops, step_for
-from conftest import RESULTS_DIR, compare_variants, markdown_table, measure_peak_mib, median_ms, plot_variants, write_table
+from conftest import (RESULTS_DIR, compare_variants, markdown_table, measure_peak_mib, median_ms, plot_variants,
+                      variant_columns, write_table)
 
 CASES = {"L128": (8, 12, 64, 128), "L512": (8, 12, 64, 512), "L1024": (8, 12, 64, 1024)}
 LONG_CASE = (2, 12, 32, 8192)
@@ -43,10 +44,7 @@ def _rows():
         if (case, "fused") not in MEASURED:
             continue
         row = {"B": case[0], "A_r": case[1], "d_r": case[2], "L": case[3], "GFLOP": relation_flops(*case) / 1e9}
-        for variant in VARIANTS:
-            got = MEASURED.get((case, variant), {})
-            row[f"{variant}_ms"] = got.get("ms")
-            row[f"{variant}_peak_mib"] = got.get("peak_mib")
+        row.update(variant_columns(MEASURED, case, VARIANTS))
         row["fused_GFLOPs"] = row["GFLOP"] / (row["fused_ms"] / 1e3)
         row["note"] = ("" if row["eager_ms"] is not None else
                        f"L={case[3]}: reference not run, it needs >= {_reference_gib(*case):.0f} GiB of maps")

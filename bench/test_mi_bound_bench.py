@@ -9,7 +9,8 @@ targets at n=4096 and the memory bound at n=16384.
 import pytest
 import torch
 from bench_cases import VARIANTS, mi_flops, step_for
-from conftest import RESULTS_DIR, compare_variants, markdown_table, measure_peak_mib, median_ms, plot_variants, write_table
+from conftest import (RESULTS_DIR, compare_variants, markdown_table, measure_peak_mib, median_ms, plot_variants,
+                      variant_columns, write_table)
 
 EMBED = 128
 SIZES = (1024, 4096)
@@ -42,10 +43,7 @@ def _rows():
         if (n, "fused") not in MEASURED:
             continue
         row = {"n": n, "e": EMBED, "GFLOP": mi_flops(n, EMBED) / 1e9}
-        for variant in VARIANTS:
-            got = MEASURED.get((n, variant), {})
-            row[f"{variant}_ms"] = got.get("ms")
-            row[f"{variant}_peak_mib"] = got.get("peak_mib")
+        row.update(variant_columns(MEASURED, n, VARIANTS))
         row["note"] = ("" if row["eager_ms"] is not None else
                        f"n={n}: eager and compiled not run; each n x n fp32 matrix is {n * n * 4 / 2**30:.0f} GiB "
                        "and the reference keeps over ten of them for its backward")

@@ -9,7 +9,7 @@ the targets.
 import pytest
 import torch
 from bench_cases import ROUTED_VARIANTS, step_for
-from conftest import fmt, measure_peak_mib, median_ms, ratio, write_table
+from conftest import fmt, measure_peak_mib, median_ms, ratio, variant_columns, write_table
 
 D, F, EXPERTS = 768, 3072, 2
 TOKENS = (128, 4096)
@@ -43,9 +43,7 @@ def _rows():
             if (case, "fused") not in MEASURED:
                 continue
             row = {"tokens": tokens, "mixing": "neuron" if neuron_wise else "layer"}
-            for variant in ROUTED_VARIANTS:
-                got = MEASURED.get((case, variant), {})
-                row[f"{variant}_ms"], row[f"{variant}_peak_mib"] = got.get("ms"), got.get("peak_mib")
+            row.update(variant_columns(MEASURED, case, ROUTED_VARIANTS))
             row["fused_vs_dense"] = ratio(row["fused_ms"], row["dense_ms"])
             row["reference_speedup"] = ratio(row["reference_ms"], row["fused_ms"])
             row["floor_MB_fused"], row["floor_MB_dense"] = _floor_mb(tokens, EXPERTS)
