@@ -111,12 +111,83 @@ class TrainConfig:
 
 
 @dataclass
+class NasBudget:
+    """Search constraints. A value in (0, 1] is a fraction of the teacher's cost, a larger one absolute
+    (parameters, FLOPs at nas.seq_len, milliseconds); null means unconstrained."""
+    params: float | None = None
+    flops: float | None = None
+    latency: float | None = None
+    min_params: float | None = None  # lower end of a parameter window (Mixture-of-Supernets)
+
+
+@dataclass
+class NasLatency:
+    batch_size: int = 8
+    seq_len: int = 128
+    repeats: int = 5  # the median of this many timed forwards (after one warm-up)
+
+
+@dataclass
+class NasEvolution:
+    """HAT / Mixture-of-Supernets defaults."""
+    population: int = 125
+    parents: int = 25
+    mutations: int = 50
+    crossovers: int = 50
+    mutation_prob: float = 0.3
+    generations: int = 10
+
+
+@dataclass
+class NasNsga2:
+    trials: int = 200
+    population: int = 50
+    objective: str = "flops"  # the cost traded against the loss: flops | params | latency
+
+
+@dataclass
+class NasProxy:
+    """Task-proxy search: fine-tune the top_k candidates briefly and pick by accuracy vs FLOPs."""
+    top_k: int = 0  # 0: off
+    dataset: str = "rotten_tomatoes"
+    steps: int = 100
+    lr: float = 1e-4
+
+
+@dataclass
+class NasConfig:
+    space: str = "autodistil"  # autodistil (K sub-spaces scaled to the teacher) | custom (nas.custom_space)
+    k: int = 3  # sub-spaces of the autodistil space; 1 = one-shot, one SuperLM over the union
+    custom_space: dict | None = None  # SearchSpace.from_dict form, used when space is custom
+    sandwich_random: int = 2  # M: random sub-networks per step beside the largest and the smallest
+    relations: list = field(default_factory=lambda: ["qq", "kk", "vv"])
+    relation_heads: int | None = None  # null: the teacher's head count (AutoDistil, Eq. 4)
+    relation_loss: str = "mse_prob"  # AutoDistil Eq. 4: MSE of the relation probabilities
+    objective: str = "relation"  # relation (teacher's self-attention relations) | inplace (from the largest)
+    inplace_target: str = "hidden"  # inplace objective: hidden (last hidden state, MSE) | logits (soft CE)
+    experts: int = 1  # Mixture-of-Supernets FFN experts; 1 = plain weight sharing
+    routing: str = "layer"  # layer | neuron
+    noise: float = 1e-3  # relative noise added to the expert copies (experts > 1)
+    route_attention: bool = False
+    seq_len: int = 128  # FLOPs are counted at this sequence length
+    latency: NasLatency = field(default_factory=NasLatency)
+    budget: NasBudget = field(default_factory=NasBudget)
+    search: str = "enumerate"  # enumerate | evolution | nsga2
+    evolution: NasEvolution = field(default_factory=NasEvolution)
+    nsga2: NasNsga2 = field(default_factory=NasNsga2)
+    proxy: NasProxy = field(default_factory=NasProxy)
+    eval_batches: int | None = None  # held-out batches scored per candidate (null: the whole eval split)
+    output: str = "runs/nas"  # supernet-<sub-space>/ training runs and search/ results go here
+
+
+@dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    nas: NasConfig = field(default_factory=NasConfig)
 
 
 CHOICES = {
@@ -128,6 +199,13 @@ CHOICES = {
     "losses.mi.bound": ("alpha", "infonce", "nwj", "tuba", "js", "none"),
     "losses.mi.samples": ("examples", "tokens"),
     "train.autocast": ("auto", "bf16", "fp16", "none"),
+    "nas.space": ("autodistil", "custom"),
+    "nas.relation_loss": ("kl", "ce", "mse_prob", "mse_logit"),
+    "nas.objective": ("relation", "inplace"),
+    "nas.inplace_target": ("hidden", "logits"),
+    "nas.routing": ("layer", "neuron"),
+    "nas.search": ("enumerate", "evolution", "nsga2"),
+    "nas.nsga2.objective": ("flops", "params", "latency"),
 }
 RELATIONS = ("qk", "qq", "kk", "vv")
 
@@ -157,6 +235,10 @@ def _convert(value, hint, key: str):
     if (typing.get_origin(target) or target) is list:
         if not isinstance(value, list):
             raise ValueError(f"config key {key} must be a list, got {value!r}")
+        return value
+    if (typing.get_origin(target) or target) is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key} must be a mapping, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
 
@@ -205,7 +287,41 @@ def _validate(config: RunConfig) -> RunConfig:
     for key in ("train.steps", "train.batch_size", "train.grad_accum", "data.max_length"):
         if _lookup(as_dict, key) < 1:
             raise ValueError(f"config key {key} must be >= 1, got {_lookup(as_dict, key)}")
+    _validate_nas(config.nas, as_dict)
     return config
+
+
+NAS_AT_LEAST = {"nas.k": 1, "nas.sandwich_random": 0, "nas.experts": 1, "nas.seq_len": 1,
+                "nas.latency.batch_size": 1, "nas.latency.seq_len": 1, "nas.latency.repeats": 1,
+                "nas.evolution.population": 2, "nas.evolution.parents": 1, "nas.evolution.mutations": 0,
+                "nas.evolution.crossovers": 0, "nas.evolution.generations": 1, "nas.nsga2.trials": 1,
+                "nas.nsga2.population": 2, "nas.proxy.top_k": 0, "nas.proxy.steps": 1}
+
+
+def _validate_nas(nas: NasConfig, as_dict: dict) -> None:
+    for key, least in NAS_AT_LEAST.items():
+        if _lookup(as_dict, key) < least:
+            raise ValueError(f"config key {key} must be >= {least}, got {_lookup(as_dict, key)}")
+    bad = [r for r in nas.relations if r not in RELATIONS]
+    if bad or not nas.relations:
+        raise ValueError(f"config key nas.relations takes a non-empty list of {RELATIONS}, got {nas.relations}")
+    if nas.relation_heads is not None and nas.relation_heads < 1:
+        raise ValueError(f"config key nas.relation_heads must be >= 1 or null, got {nas.relation_heads}")
+    if nas.space == "custom" and not nas.custom_space:
+        raise ValueError("config key nas.space is 'custom' but nas.custom_space is not set")
+    if nas.space != "custom" and nas.custom_space:
+        raise ValueError("config key nas.custom_space is set but nas.space is not 'custom'")
+    for name in ("params", "flops", "latency", "min_params"):
+        value = getattr(nas.budget, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"config key nas.budget.{name} must be > 0 or null, got {value}")
+    if not 0.0 <= nas.evolution.mutation_prob <= 1.0:
+        raise ValueError(f"config key nas.evolution.mutation_prob must be in [0, 1], got {nas.evolution.mutation_prob}")
+    if nas.evolution.parents > nas.evolution.population:
+        raise ValueError(f"config key nas.evolution.parents ({nas.evolution.parents}) may not exceed "
+                         f"nas.evolution.population ({nas.evolution.population})")
+    if nas.noise < 0:
+        raise ValueError(f"config key nas.noise must be >= 0, got {nas.noise}")
 
 
 def _lookup(tree: dict, dotted: str):
