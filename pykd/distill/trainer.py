@@ -125,12 +125,34 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _average_gradients(module: nn.Module) -> None:
+    """What DDP does for a module it does not wrap: every gradient becomes the mean over the ranks.
+    Parameters without a gradient stay without one (every rank runs the same sub-networks)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
 class Trainer:
-    """mode "finetune": train teacher.path on the task; mode "distill": distil into a student."""
+    """mode "finetune": train teacher.path on the task; mode "distill": distil into a student.
+
+    A step module with `owns_backward = True` (pykd.nas's SandwichStep) runs its own backward
+    passes inside forward, scaled by 1 / grad_accum; under DDP it is not wrapped (DDP allows one
+    backward per forward) and the Trainer averages its gradients over the ranks once per step.
+    """
+
+    MODES = ("distill", "finetune")
 
     def __init__(self, config: RunConfig, mode: str = "distill"):
-        if mode not in ("distill", "finetune"):
-            raise ValueError(f"mode must be 'distill' or 'finetune', got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if mode == "finetune" and config.data.kind == "unlabeled":
             raise ValueError("fine-tuning needs a labeled task: data.kind is 'unlabeled'")
         self.config, self.mode = config, mode
@@ -176,7 +198,7 @@ class Trainer:
         return DistillStep(teacher, student, objective)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
-        if self.world == 1:
+        if self.world == 1 or getattr(module, "owns_backward", False):
             return module
         from torch.nn.parallel import DistributedDataParallel
 
@@ -259,14 +281,18 @@ class Trainer:
         for micro in range(train.grad_accum):
             batch = self._micro_batch(self.step, micro)
             last_micro = micro == train.grad_accum - 1
-            sync = contextlib.nullcontext() if last_micro or self.world == 1 else self.model.no_sync()
+            wrapped = self.model is not self.step_module
+            sync = self.model.no_sync() if wrapped and not last_micro else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     terms, loss = self.model(batch)
-                (loss / train.grad_accum).backward()
+                if not getattr(self.step_module, "owns_backward", False):
+                    (loss / train.grad_accum).backward()
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + float(value) / train.grad_accum
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / train.grad_accum
+        if self.world > 1 and self.model is self.step_module:
+            _average_gradients(self.step_module)
         if train.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), train.clip_norm)
         self.optimizer.step()
