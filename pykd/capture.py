@@ -16,9 +16,15 @@ Recording is per forward call: entering the model's forward clears the record, l
 the record, so the recomputation of gradient checkpointing (which runs the layers again during
 backward) adds nothing. Layers are numbered in call order, which also handles ALBERT's single
 shared layer.
+
+A capture belongs to the thread that opened it: forwards of the same model on other threads are
+not recorded (and may be captured there independently). Captures nest: every capture open on a
+model records each of its forwards, whatever model is captured inside or around it, and the
+model's attention implementation comes back when the last capture of it closes, in any order.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,12 +43,15 @@ class LayerCapture:
 
 
 class Capture:
-    """The layers recorded during one forward call of a model."""
+    """The layers recorded during one forward call of a model, on the thread that opened the capture."""
 
-    def __init__(self):
+    def __init__(self, model: nn.Module):
         self.layers: list[LayerCapture] = []
         self._mask: torch.Tensor | None = None
-        self._recording = False
+        self._thread = threading.get_ident()
+        # Ids of the model's modules: the attention function is handed its module and records
+        # into the open captures whose model holds it (the caller keeps the model alive).
+        self._module_ids = frozenset(id(module) for module in model.modules())
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -60,18 +69,42 @@ class Capture:
             return torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
         return self._mask
 
+    def _owns_this_thread(self) -> bool:
+        return threading.get_ident() == self._thread
+
     def _open(self):
-        self.layers, self._mask, self._recording = [], None, True
+        """Forward pre-hook of the model: a new forward call starts a new record."""
+        if not self._owns_this_thread():
+            return
+        self.layers, self._mask = [], None
+        recording = _recording_on_this_thread()
+        if self not in recording:
+            recording.append(self)
 
     def _close(self):
-        self._recording = False
+        """Forward hook of the model (also when the forward raised), and the end of the block."""
+        if not self._owns_this_thread():
+            return
+        recording = _recording_on_this_thread()
+        if self in recording:
+            recording.remove(self)
 
-    def _record(self, query, key, value, mask):
-        if not self._recording:
+    def _record(self, module, query, key, value, mask):
+        if id(module) not in self._module_ids:
             return
         self.layers.append(LayerCapture(query, key, value))
         if self._mask is None and mask is not None:
             self._mask = _key_padding_mask(mask, query.shape[0], key.shape[2])
+
+
+_thread_state = threading.local()
+
+
+def _recording_on_this_thread() -> list[Capture]:
+    """The captures whose model's forward is running on this thread."""
+    if not hasattr(_thread_state, "recording"):
+        _thread_state.recording = []
+    return _thread_state.recording
 
 
 def _key_padding_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -85,9 +118,8 @@ def _key_padding_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tens
 def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    recorder = getattr(module, "_pykd_recorder", None)
-    if recorder is not None:
-        recorder._record(query, key, value, attention_mask)
+    for recorder in _recording_on_this_thread():
+        recorder._record(module, query, key, value, attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -124,27 +156,59 @@ def _configs(model: nn.Module):
     return list(seen.values())
 
 
+# The attention implementation each captured config had before its first open capture, and how
+# many captures hold it; the last one to close restores it, whatever the order of closing.
+_held_configs: dict[int, list] = {}
+_held_configs_lock = threading.Lock()
+
+
+def _hold_configs(configs) -> None:
+    with _held_configs_lock:
+        for config in configs:
+            held = _held_configs.get(id(config))
+            if held is None:
+                # the entry keeps the config alive, so its id cannot be reused while held
+                _held_configs[id(config)] = [config, config._attn_implementation, 1]
+                config._attn_implementation = IMPLEMENTATION
+            else:
+                held[2] += 1
+
+
+def _release_configs(configs) -> None:
+    with _held_configs_lock:
+        for config in configs:
+            held = _held_configs[id(config)]
+            held[2] -= 1
+            if held[2] == 0:
+                config._attn_implementation = held[1]
+                del _held_configs[id(config)]
+
+
 @contextmanager
 def capture(model: nn.Module):
-    """Within the block every forward call of `model` records its attention inputs (see module docs)."""
+    """Records the attention inputs of every forward call of `model` within the block.
+
+    Args:
+        model: a Hugging Face encoder of a family in SUPPORTED_FAMILIES (or a task model around one).
+
+    Returns:
+        a context manager yielding a `Capture`: after each forward inside the block, `cap[i].query`,
+        `.key`, `.value` are layer i's (B, H, L, d) inputs and `cap.attention_mask` is (B, L) bool.
+        Only forwards on the thread that entered the block are recorded; captures may nest (each
+        records the forwards of its own model) and restore the model's attention implementation
+        when the last one exits.
+    """
     check_supported(model)
     _register()
-    recorder = Capture()
+    recorder = Capture(model)
     configs = _configs(model)
-    previous = [config._attn_implementation for config in configs]
-    tagged = [m for m in model.modules() if hasattr(m, "config")]
-    for module in tagged:
-        module._pykd_recorder = recorder
     hooks = [model.register_forward_pre_hook(lambda *_: recorder._open()),
-             model.register_forward_hook(lambda *_: recorder._close())]
-    for config in configs:
-        config._attn_implementation = IMPLEMENTATION
+             model.register_forward_hook(lambda *_: recorder._close(), always_call=True)]
+    _hold_configs(configs)
     try:
         yield recorder
     finally:
-        for config, implementation in zip(configs, previous):
-            config._attn_implementation = implementation
+        _release_configs(configs)
         for hook in hooks:
             hook.remove()
-        for module in tagged:
-            del module._pykd_recorder
+        recorder._close()
