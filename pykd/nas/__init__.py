@@ -5,5 +5,6 @@ costs; `SuperLM` (pykd.nas.superlm) holds one copy of the teacher's weights and 
 sub-network of it, then exports the chosen one as a stock transformers model.
 """
 from .space import Architecture, SearchSpace, SubSpace, TeacherShape
+from .superlm import SuperLM, save_student
 
-__all__ = ["Architecture", "SearchSpace", "SubSpace", "TeacherShape"]
+__all__ = ["Architecture", "SearchSpace", "SubSpace", "SuperLM", "TeacherShape", "save_student"]

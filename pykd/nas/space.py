@@ -173,9 +173,11 @@ class TeacherShape:
     type_vocab_size: int
     pooler: bool = True
     num_labels: int | None = None
+    head_dense: bool = False  # the classification head has a hidden x hidden layer first (RoBERTa, ELECTRA)
 
     @classmethod
-    def from_config(cls, config, pooler: bool = True, num_labels: int | None = None) -> "TeacherShape":
+    def from_config(cls, config, pooler: bool = True, num_labels: int | None = None,
+                    head_dense: bool = False) -> "TeacherShape":
         """From a transformers config of a BERT-layout encoder (as `AutoModel` builds it: with a pooler)."""
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -187,7 +189,7 @@ class TeacherShape:
                              f"embedding_size={embedding_size}, hidden_size={config.hidden_size}")
         return cls(model_type, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
                    config.intermediate_size, config.vocab_size, config.max_position_embeddings,
-                   config.type_vocab_size, pooler, num_labels)
+                   config.type_vocab_size, pooler, num_labels, head_dense)
 
     @classmethod
     def from_model(cls, model) -> "TeacherShape":
@@ -198,7 +200,9 @@ class TeacherShape:
         encoder = getattr(model, "base_model", model)
         pooler = getattr(encoder, "pooler", None) is not None
         head = getattr(model, "classifier", None)
-        return cls.from_config(config, pooler, config.num_labels if head is not None else None)
+        if head is None:
+            return cls.from_config(config, pooler)
+        return cls.from_config(config, pooler, config.num_labels, head_dense=hasattr(head, "dense"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -428,7 +432,7 @@ class SearchSpace:
         attention = 4 * (d * d + d) + 2 * d
         ffn = d * f + f + f * d + d + 2 * d
         pooler = d * d + d if t.pooler else 0
-        head = d * t.num_labels + t.num_labels if t.num_labels else 0
+        head = (d * t.num_labels + t.num_labels + (d * d + d if t.head_dense else 0)) if t.num_labels else 0
         return embeddings + arch.layers * (attention + ffn) + pooler + head
 
     def flops(self, arch: Architecture, seq_len: int) -> int:
@@ -440,7 +444,7 @@ class SearchSpace:
         linears = 2 * n * (4 * d * d + 2 * d * f)
         attention = 2 * (2 * n * n * d)  # Q K^T and A V over all heads
         pooler = 2 * d * d if t.pooler else 0
-        head = 2 * d * t.num_labels if t.num_labels else 0
+        head = (2 * d * t.num_labels + (2 * d * d if t.head_dense else 0)) if t.num_labels else 0
         return arch.layers * (linears + attention) + pooler + head
 
     def teacher_architecture(self) -> Architecture:
