@@ -90,8 +90,8 @@ class SuperLM(nn.Module):
         """
         if not isinstance(space, SearchSpace):
             raise TypeError(f"space must be a pykd.nas.SearchSpace, got {type(space).__name__}")
+        shape = TeacherShape.from_model(teacher)  # the family first: its error names the model_type
         _check_teacher(teacher)
-        shape = TeacherShape.from_model(teacher)
         if shape != space.teacher:
             raise ValueError(f"the search space was built for teacher {space.teacher}, but this teacher is {shape}; "
                              f"build it with SearchSpace.autodistil(teacher) or from this teacher")
