@@ -40,7 +40,7 @@ import torch
 
 from ..distill import data as data_module
 from ..distill.config import RunConfig
-from .train import SUPERNET_FILE, RelationSpec, _plain, build_space, last_layer_qkv, relation_loss, \
+from .train import SUPERNET_FILE, RelationSpec, build_space, last_layer_qkv, relation_loss, \
     supernet_options
 
 UNIFORM_GENES = ("layers", "hidden", "ffn_ratio", "heads")
@@ -372,9 +372,9 @@ def raise_no_candidate(evaluator: Evaluator) -> None:
         costs["latency"] = evaluator.latency(cheapest)
     largest = max((s.largest() for s in evaluator.space.subspaces), key=evaluator.space.params)
     raise ValueError(f"no candidate meets the budget ({evaluator.budget.describe()}): the cheapest candidate "
-                     f"{cheapest} has {_fmt(costs['params'])} params, {_fmt(costs['flops'])} FLOPs"
+                     f"{cheapest} has {costs['params']:,} params, {_fmt(costs['flops'])} FLOPs"
                      + (f", {costs['latency']:.3g} ms" if costs["latency"] is not None else "")
-                     + f"; the largest has {_fmt(evaluator.space.params(largest))} params")
+                     + f"; the largest has {evaluator.space.params(largest):,} params")
 
 
 # ---- loading trained SuperLMs ----
@@ -388,11 +388,10 @@ def load_supernet(run_dir, teacher, space, nas):
         raise FileNotFoundError(f"no trained SuperLM at {path}: run `pykd nas train` with the same config first")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     supernet = SuperLM.from_teacher(teacher, space, **supernet_options(nas))
-    expected = _plain(supernet.config_dict())
-    if saved["config"] != expected:
-        raise ValueError(f"{path} holds a SuperLM of another configuration: saved "
-                         f"{json.dumps(saved['config'], sort_keys=True)} vs this run "
-                         f"{json.dumps(expected, sort_keys=True)}")
+    try:
+        supernet.check_config_dict(saved["config"])
+    except ValueError as error:
+        raise ValueError(f"{path} holds a SuperLM of another configuration than this run's: {error}") from None
     supernet.load_state_dict(saved["state"])
     return supernet.eval()
 
@@ -435,6 +434,8 @@ def run_search(config: RunConfig, evaluator: Evaluator | None = None) -> dict:
     evaluator = evaluator or build_evaluator(config)
     rng = random.Random(config.train.seed)
     started = time.perf_counter()
+    if nas.search == "enumerate" and not any(evaluator.feasible(a) for a in evaluator.space.candidates()):
+        raise_no_candidate(evaluator)  # before scoring anything
     if nas.search == "enumerate":
         rows = enumerate_search(evaluator)
     elif nas.search == "evolution":
@@ -526,9 +527,11 @@ def export_candidate(config: RunConfig, arch_text: str, output) -> str:
     from .space import Architecture
     from .train import subspace_run_config
 
+    from .superlm import save_student
+
     output = Path(output)
     if output.exists():
-        raise FileExistsError(f"export path {output} exists: choose a new directory")
+        raise ValueError(f"export path {str(output)!r} already exists; choose a new directory")
     arch = Architecture.parse(arch_text)
     teacher, space, tokenizer = load_teacher_and_space(config)
     space.validate(arch)
@@ -537,22 +540,3 @@ def export_candidate(config: RunConfig, arch_text: str, output) -> str:
     save_student(supernet.export(arch), tokenizer, output)
     return str(output)
 
-
-def save_student(model, tokenizer, output) -> None:
-    """save_pretrained into a temporary sibling, then one rename: `output` is whole or absent."""
-    import os
-    import shutil
-    import tempfile
-
-    output = Path(output)
-    if output.exists():
-        raise FileExistsError(f"export path {output} exists: choose a new directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.rename(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise

@@ -156,10 +156,10 @@ class SandwichStep(nn.Module):
         return {"supernet": _plain(self.supernet.config_dict()), "subspace": self.subspace.name}
 
     def set_extra_state(self, state: dict) -> None:
-        mine = self.get_extra_state()
-        if state != mine:
-            raise ValueError(f"the checkpoint holds a SuperLM of another configuration: checkpoint "
-                             f"{json.dumps(state, sort_keys=True)} vs this run {json.dumps(mine, sort_keys=True)}")
+        self.supernet.check_config_dict(state["supernet"])
+        if state["subspace"] != self.subspace.name:
+            raise ValueError(f"the checkpoint holds the SuperLM of sub-space {state['subspace']!r}, not of "
+                             f"{self.subspace.name!r}")
 
     def teacher_view(self, batch: dict) -> dict:
         """The teacher's last-layer Q/K/V (and last hidden state), computed without gradients."""
@@ -256,7 +256,9 @@ class SuperLMTrainer(Trainer):
 
 
 def supernet_options(nas) -> dict:
-    """SuperLM.from_teacher's keyword arguments from the nas config section."""
+    """SuperLM.from_teacher's keyword arguments from the nas config section (none for plain sharing)."""
+    if nas.experts == 1 and not nas.route_attention:
+        return {}
     return {"experts": nas.experts, "routing": nas.routing, "noise": nas.noise,
             "route_attention": nas.route_attention}
 
