@@ -2,7 +2,9 @@
 
 Input widths follow the input tensor (x.shape[-1]); output widths are set per architecture. The
 parameters keep nn.Linear / nn.Embedding / nn.LayerNorm's names (weight, bias), so a SuperLM's
-state dict reads like its teacher's.
+state dict reads like its teacher's. At full size the parameters are used unsliced: a slice's
+backward allocates and zero-fills a full-size gradient, which the teacher-shaped sub-network
+should not pay.
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ class ElasticLinear(nn.Module):
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.out_features
-        bias = self.bias[:out] if self.bias is not None else None
-        return F.linear(x, self.weight[:out, :x.shape[-1]], bias)
+        return F.linear(x, *self.dense(self.out_features, x.shape[-1]))
 
     def dense(self, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of the (out_features x in_features) sub-layer, as plain tensors."""
+        if (out_features, in_features) == (self.max_out_features, self.max_in_features):
+            return self.weight, self.bias
         bias = self.bias[:out_features] if self.bias is not None else None
         return self.weight[:out_features, :in_features], bias
 
@@ -58,7 +60,11 @@ class ElasticEmbedding(nn.Module):
         self.width = width
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight[:, :self.width], self.padding_idx)
+        # Gather full rows, then slice the (few) looked-up vectors: the table's gradient is then
+        # one full-size dense tensor (as the teacher's), not a sliced one copied into a zero-filled
+        # full-size one.
+        rows = F.embedding(ids, self.weight, self.padding_idx)
+        return rows if self.width == self.weight.shape[1] else rows[..., :self.width]
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, active_width={self.width}"
@@ -77,6 +83,8 @@ class ElasticLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
+        if d == self.weight.shape[0]:
+            return F.layer_norm(x, (d,), self.weight, self.bias, self.eps)
         bias = self.bias[:d] if self.bias is not None else None
         return F.layer_norm(x, (d,), self.weight[:d], bias, self.eps)
 
