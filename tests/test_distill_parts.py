@@ -56,7 +56,7 @@ def test_mappings():
     with pytest.raises(ValueError, match="out of range"):
         attention_pairs("pairs", 3, 6, [[3, 5]])
     with pytest.raises(ValueError, match="mapping must be one of"):
-        hidden_pairs("emd", 3, 6)
+        hidden_pairs("bogus", 3, 6)
 
 
 # ---- loss terms ----

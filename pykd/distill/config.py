@@ -53,9 +53,10 @@ class PredictionLoss:
 class HiddenLoss:
     type: str = "mse"  # mse | cosine | pkd | none
     weight: float = 1.0
-    mapping: str = "skip"
+    mapping: str = "skip"  # skip | uniform | last | pairs | emd (BERT-EMD many-to-many)
     pairs: list | None = None
     include_embeddings: bool = False
+    emd_temperature: float = 1.0  # tau of the EMD layer-weight update (mapping emd)
 
 
 @dataclass
@@ -63,9 +64,10 @@ class RelationLoss:
     relations: list = field(default_factory=lambda: ["qk", "vv"])
     loss: str = "kl"
     relation_heads: int = 6
-    mapping: str = "last"
+    mapping: str = "last"  # skip | uniform | last | pairs | emd
     pairs: list | None = None
     weight: float = 1.0
+    emd_temperature: float = 1.0
 
 
 @dataclass

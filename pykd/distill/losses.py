@@ -17,8 +17,12 @@ tokens and T the temperature:
               log-baseline log_q = w . h_T + c; samples are the examples (masked-mean pooled) or
               the valid tokens; averaged over the mapped hidden layers
 
-Hidden-type terms average over their mapped layer pairs. Projections, critics and baselines are
-parameters of the objective: they train with the student and are saved with it.
+Hidden-type terms average over their mapped layer pairs. With mapping emd (pykd.distill.mapping,
+BERT-EMD) the hidden and relation terms are instead the earth mover's distance over the matrix of
+pair losses D_ij between every student layer i and every teacher layer j (hidden: the student's
+projection of layer i is shared by all its pairs; include_embeddings adds the embedding pair's
+loss to the EMD, as BERT-EMD does). Projections, critics, baselines and the EMD layer weights
+belong to the objective: they train (or update) with the student and are saved with it.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from torch import nn
 
 from ..ops import attention_relation_loss, mi_lower_bound
 from .config import LossConfig
-from .mapping import attention_pairs, hidden_pairs
+from .mapping import EarthMoverMapping, attention_pairs, hidden_pairs
 
 
 @dataclass
@@ -98,12 +102,29 @@ class HiddenTerm(nn.Module):
         self.config = config
         self.pairs = hidden_pairs(config.mapping, student.layers, teacher.layers, config.pairs,
                                   config.include_embeddings)
-        self.projections = nn.ModuleList(_projection(student.hidden, teacher.hidden) for _ in self.pairs)
+        self.emd = None
+        if config.mapping == "emd":
+            self.emd = EarthMoverMapping(student.layers, teacher.layers, config.emd_temperature)
+            # One projection per student hidden state (index 0 = embeddings), shared by all its pairs.
+            self.projections = nn.ModuleList(_projection(student.hidden, teacher.hidden)
+                                             for _ in range(student.layers + 1))
+        else:
+            self.projections = nn.ModuleList(_projection(student.hidden, teacher.hidden) for _ in self.pairs)
 
     def forward(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
+        if self.emd is not None:
+            return self._earth_mover(teacher, student)
         terms = [self._pair(teacher.hidden_states[t].float(), project(student.hidden_states[s].float()), student.mask)
                  for (s, t), project in zip(self.pairs, self.projections)]
         return torch.stack(terms).mean()
+
+    def _earth_mover(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
+        projected = [project(state.float()) for project, state in zip(self.projections, student.hidden_states)]
+        costs = {(s, t): self._pair(teacher.hidden_states[t].float(), projected[s], student.mask) for s, t in self.pairs}
+        layers = self.emd.student_weights.numel(), self.emd.teacher_weights.numel()
+        grid = torch.stack([torch.stack([costs[(s, t)] for t in range(1, layers[1] + 1)])
+                            for s in range(1, layers[0] + 1)])
+        return self.emd(grid) + costs.get((0, 0), 0.0)
 
     def _pair(self, target: torch.Tensor, guess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         kind = self.config.type
@@ -119,6 +140,8 @@ class RelationTerm(nn.Module):
         super().__init__()
         self.config = config
         self.pairs = attention_pairs(config.mapping, student.layers, teacher.layers, config.pairs)
+        self.emd = EarthMoverMapping(student.layers, teacher.layers, config.emd_temperature) \
+            if config.mapping == "emd" else None
         for width, who in ((teacher.hidden, "teacher"), (student.hidden, "student")):
             if width % config.relation_heads:
                 raise ValueError(f"losses.relation.relation_heads ({config.relation_heads}) must divide the "
@@ -129,6 +152,8 @@ class RelationTerm(nn.Module):
         for s, t in self.pairs:
             per_layer.append(sum(self._relation(name, teacher.layers[t], student.layers[s], student.mask)
                                  for name in self.config.relations))
+        if self.emd is not None:  # the pairs are the student-major grid of every layer pair
+            return self.emd(torch.stack(per_layer).view(len(student.layers), len(teacher.layers)))
         return torch.stack(per_layer).mean()
 
     def _relation(self, name: str, teacher, student, mask) -> torch.Tensor:
@@ -148,6 +173,10 @@ class MutualInformationTerm(nn.Module):
     def __init__(self, config, teacher: ModelShape, student: ModelShape):
         super().__init__()
         self.config = config
+        if config.mapping == "emd":
+            raise ValueError("losses.mi.mapping emd is not supported: the EMD mapping needs a loss for every layer "
+                             "pair, and the MI bound trains critics per pair; use emd for losses.hidden or "
+                             "losses.relation")
         self.pairs = hidden_pairs(config.mapping, student.layers, teacher.layers, config.pairs)
         self.teacher_critics = nn.ModuleList(
             _critic(teacher.hidden, config.critic_hidden, config.critic_dim) for _ in self.pairs)
