@@ -40,9 +40,10 @@ import torch
 import torch.distributed as dist
 
 from .._extension import cpu_extension
+from ..kernels.ids import MI_BOUND_IDS
 from ._checks import check_same_device, check_tensor, resolve_backend
 
-BOUNDS = ("infonce", "nwj", "tuba", "js", "alpha")
+BOUNDS = tuple(MI_BOUND_IDS)
 _BASELINE_BOUNDS = ("tuba", "alpha")
 
 
@@ -54,7 +55,7 @@ class BoundSpec:
 
     @property
     def bound_id(self) -> int:
-        return BOUNDS.index(self.bound)
+        return MI_BOUND_IDS[self.bound]
 
 
 def mi_lower_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None = None, bound: str = "alpha",
@@ -179,14 +180,23 @@ def bound_value(spec: BoundSpec, n: int, joint: torch.Tensor, log_marg: torch.Te
     return 1.0 + joint_term - marginal
 
 
-# ---- reference: the vbmi notebook's estimators on the materialised score matrix ----
+# ---- reference: the estimators on the materialised score matrix, in forms that stay exact when
+# the positive (or one negative) dominates its row by tens of nats: no term is ever subtracted
+# from a sum that holds it, and no gradient is formed as 1 minus a probability ----
 
-def _logmeanexp_offdiag(x: torch.Tensor, dim=None) -> torch.Tensor:
+def _off_diagonal(scores: torch.Tensor) -> torch.Tensor:
+    n = scores.shape[0]
+    return scores.masked_fill(torch.eye(n, dtype=torch.bool, device=scores.device), float("-inf"))
+
+
+def _logmeanexp_offdiag(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    off = x.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("-inf"))
-    if dim is None:
-        return torch.logsumexp(off.flatten(), 0) - math.log(n * (n - 1))
-    return torch.logsumexp(off, dim) - math.log(n - 1)
+    return torch.logsumexp(_off_diagonal(x).flatten(), 0) - math.log(n * (n - 1))
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) without torch's linear cut-off above x = 20 (off by e^-20 there)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
 
 
 def _tuba(scores: torch.Tensor, log_q) -> torch.Tensor:
@@ -196,25 +206,37 @@ def _tuba(scores: torch.Tensor, log_q) -> torch.Tensor:
 
 
 def _infonce(scores: torch.Tensor) -> torch.Tensor:
-    return math.log(scores.shape[0]) + (scores.diagonal() - torch.logsumexp(scores, 1)).mean()
+    # S_ii - LSE_i = -softplus(LSE'_i - S_ii): its gradient in S_ii is sigmoid(LSE'_i - S_ii), not 1 - p_ii.
+    lse_off = torch.logsumexp(_off_diagonal(scores), 1)
+    return math.log(scores.shape[0]) - _softplus(lse_off - scores.diagonal()).mean()
 
 
 def _js(scores: torch.Tensor) -> torch.Tensor:
     n = scores.shape[0]
     diag = scores.diagonal()
-    fgan = -torch.nn.functional.softplus(-diag).mean() - (
-        torch.nn.functional.softplus(scores).sum() - torch.nn.functional.softplus(diag).sum()) / (n * (n - 1))
+    fgan = -_softplus(-diag).mean() - _softplus(_off_diagonal(scores)).sum() / (n * (n - 1))
     return fgan + (_tuba(scores - 1.0, None) - fgan).detach()
 
 
-def _log_loo_mean(scores: torch.Tensor) -> torch.Tensor:
-    """m_ij = log of the mean of e^{S_ik} over k != j (the notebook's stable form and guard)."""
-    max_scores = scores.max(dim=1, keepdim=True).values
-    lse_minus_max = torch.logsumexp(scores - max_scores, dim=1, keepdim=True)
-    d = lse_minus_max + (max_scores - scores)
-    safe_d = torch.where(d != 0, d, torch.ones_like(d))
-    softplus_inverse = safe_d + torch.log(-torch.expm1(-safe_d))  # log(e^d - 1) without overflow
-    return scores + softplus_inverse - math.log(scores.shape[1] - 1)
+def _log_sums_without(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, LSE'): R_ij = log sum_{k != i, j} e^{S_ik} for j != i and LSE'_i = log sum_{k != i} e^{S_ik}.
+
+    The row's largest negative (column x_i) is split off: LSE'_i = logaddexp(S_ix, R_ix) with
+    R_ix = LSE'' (the others' sum) computed directly; every other negative holds at most half of
+    LSE'_i, so R_ij = LSE'_i + log1p(-e^{S_ij - LSE'_i}) is well conditioned.
+    """
+    n = scores.shape[0]
+    off = _off_diagonal(scores)
+    top, top_column = off.max(dim=1)
+    is_top = torch.zeros_like(off, dtype=torch.bool).scatter_(1, top_column[:, None], True)
+    if n > 2:
+        rest = torch.logsumexp(off.masked_fill(is_top, float("-inf")), 1)
+    else:  # no other negative (a constant: logsumexp over nothing has a NaN gradient)
+        rest = torch.full_like(top, float("-inf"))
+    lse_off = torch.logaddexp(top, rest)
+    fraction = (off - lse_off[:, None]).masked_fill(is_top, float("-inf"))
+    without = torch.where(is_top, rest[:, None], lse_off[:, None] + torch.log1p(-torch.exp(fraction)))
+    return without, lse_off
 
 
 def _log_interpolate(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -227,13 +249,19 @@ def _log_interpolate(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> 
 
 
 def _interpolated(scores: torch.Tensor, log_q, alpha: float) -> torch.Tensor:
+    """I_alpha through S_ii - u_ij = -psi(softplus(R_ij - S_ii), q_i - S_ii) and
+    LSE'_i - u_ii = -psi(0, q_i - LSE'_i), psi(x, y) = log(alpha/(n-1) e^x + (1-alpha) e^y):
+    S_ii and LSE'_i enter each term once, so autograd never cancels (n - 1) against sum' w_ij."""
     n = scores.shape[0]
+    log_n1 = math.log(n - 1)
     baseline = log_q if log_q is not None else torch.zeros(n, dtype=scores.dtype, device=scores.device)
-    interp = _log_interpolate(_log_loo_mean(scores), baseline[:, None].expand(n, n), alpha)
-    marginal = _logmeanexp_offdiag(scores - interp.diagonal()[:, None]).exp()
-    joint = scores.diagonal()[:, None] - interp
-    joint_term = (joint.sum() - joint.diagonal().sum()) / (n * (n - 1))
-    return 1.0 + joint_term - marginal
+    diag = scores.diagonal()
+    without, lse_off = _log_sums_without(scores)
+    joint = -_log_interpolate(_softplus(without - diag[:, None]) - log_n1, (baseline - diag)[:, None], alpha)
+    joint_term = joint.masked_fill(torch.eye(n, dtype=torch.bool, device=scores.device), 0.0).sum()
+    log_marginal = -_log_interpolate(torch.full_like(lse_off, -log_n1), baseline - lse_off, alpha)  # LSE' - u_ii
+    marginal = torch.exp(torch.logsumexp(log_marginal, 0) - math.log(n * (n - 1)))
+    return 1.0 + joint_term / (n * (n - 1)) - marginal
 
 
 def _reference(a, b, log_q, spec: BoundSpec) -> torch.Tensor:
