@@ -230,3 +230,74 @@ def test_flops_rejects_bad_seq_len():
     space = SearchSpace.autodistil(minilm_config())
     with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):
         space.flops(Architecture(2, 64, 2.0, 8), 0)
+
+
+# ---- per-layer architectures and sub-spaces (HAT / Mixture-of-Supernets) ----
+
+from pykd.nas.space import (LayerwiseArchitecture, LayerwiseSubSpace, architecture_from_dict,  # noqa: E402
+                            parse_architecture)
+
+
+def test_layerwise_architecture_round_trips_and_errors():
+    arch = LayerwiseArchitecture(96, (8, 12, 6), (2.0, 3.5, 1.0))
+    assert arch.layers == 3 and arch.layer_ffn == (192, 336, 96)
+    assert str(arch) == "layers=3,hidden=96,heads=8/12/6,ffn_ratio=2/3.5/1"
+    assert parse_architecture(str(arch)) == arch and architecture_from_dict(arch.to_dict()) == arch
+    assert parse_architecture("layers=2,hidden=96,ffn_ratio=2,heads=8") == Architecture(2, 96, 2.0, 8)
+    assert LayerwiseArchitecture(96, (8, 8), (2, 2)).uniform() == Architecture(2, 96, 2.0, 8)
+    with pytest.raises(ValueError, match="has layers that differ"):
+        arch.uniform()
+    with pytest.raises(ValueError, match="heads=7 of layer 1"):
+        LayerwiseArchitecture(96, (8, 7), (2.0, 2.0))
+    with pytest.raises(ValueError, match="one heads and one ffn_ratio value per layer"):
+        LayerwiseArchitecture(96, (8, 8), (2.0,))
+    with pytest.raises(ValueError, match="says layers=3 but lists 2 layers"):
+        LayerwiseArchitecture.parse("layers=3,hidden=96,heads=8/8,ffn_ratio=2/2")
+    with pytest.raises(ValueError, match=r"unknown \['width'\]"):
+        LayerwiseArchitecture.from_dict({"hidden": 96, "heads": [8], "ffn_ratio": [2], "width": 1})
+
+
+def test_layerwise_costs_sum_over_layers():
+    space = SearchSpace.autodistil(tiny_config(), layerwise=True)
+    mixed = LayerwiseArchitecture(24, (3, 2, 4), (1.0, 2.0, 0.5))
+
+    def per_layer_and_shared(cost, ratio):
+        one, two = cost(Architecture(1, 24, ratio, 4)), cost(Architecture(2, 24, ratio, 4))
+        return two - one, 2 * one - two
+
+    for cost in (space.params, lambda a: space.flops(a, 9)):
+        parts = [per_layer_and_shared(cost, r) for r in mixed.ffn_ratio]
+        assert len({shared for _, shared in parts}) == 1
+        assert cost(mixed) == parts[0][1] + sum(layer for layer, _ in parts)
+    with pytest.raises(ValueError, match="heads 8 > the teacher's 4"):
+        space.params(LayerwiseArchitecture(24, (8, 2), (1.0, 1.0)))
+
+
+def test_layerwise_subspace_genes_sampling_and_enumeration():
+    subspace = LayerwiseSubSpace("x", (1, 2), (32, 48), (1.0, 2.0), (4, 8, 6))
+    # hidden 32: heads 4, 8; hidden 48: heads 4, 8, 6 -> (2*2)^1 + (2*2)^2 + (3*2)^1 + (3*2)^2 = 62
+    assert subspace.count() == 62 and len(set(subspace.candidates())) == 62
+    assert all(subspace.contains(a) for a in subspace.candidates())
+    assert not subspace.contains(Architecture(1, 32, 1.0, 4))
+    assert subspace.largest() == LayerwiseArchitecture(48, (8, 8), (2.0, 2.0))
+    assert subspace.smallest() == LayerwiseArchitecture(32, (4,), (1.0,))
+    generator = random.Random(5)
+    for _ in range(50):
+        arch = subspace.sample(generator)
+        assert subspace.contains(arch)
+        assert subspace.from_genes(subspace.genes_of(arch)) == arch
+        assert set(subspace.genes_of(arch)) == set(subspace.genes())
+    assert subspace.from_genes({"layers": 1, "hidden": 32, "heads.0": 6, "ffn_ratio.0": 1.0}) is None
+    assert SubSpace("u", (1,), (32,), (1.0,), (4, 6)).from_genes({"layers": 1, "hidden": 32, "ffn_ratio": 1.0,
+                                                                   "heads": 6}) is None
+    big = SearchSpace.autodistil(minilm_config(), layerwise=True, k=1).subspaces[0]
+    with pytest.raises(ValueError, match="too many to enumerate"):
+        big.candidates()
+
+
+def test_layerwise_space_dict_round_trip():
+    space = SearchSpace.autodistil(minilm_config(), layerwise=True)
+    assert all(isinstance(s, LayerwiseSubSpace) for s in space.subspaces)
+    assert SearchSpace.from_dict(space.to_dict(), minilm_config()) == space
+    arch = space.subspace("small").sample(random.Random(1))
+    assert space.subspace_of(arch).name == "small"

@@ -117,6 +117,16 @@ class Architecture:
     def head_size(self) -> int:
         return self.hidden // self.heads
 
+    @property
+    def layer_heads(self) -> tuple:
+        """Heads of each layer (all alike)."""
+        return (self.heads,) * self.layers
+
+    @property
+    def layer_ffn(self) -> tuple:
+        """FFN width of each layer (all alike)."""
+        return (self.intermediate,) * self.layers
+
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in FACTORS}
 
@@ -157,6 +167,124 @@ def _parse_number(key: str, value: str, text: str):
         return float(value) if key == "ffn_ratio" else int(value)
     except ValueError:
         raise ValueError(f"architecture {text!r}: {key}={value!r} is not a number") from None
+
+
+def _check_ratio(ratio, where: str) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"{where} ffn_ratio must be a positive number, got {ratio!r}")
+    return float(ratio)
+
+
+@dataclass(frozen=True, order=True)
+class LayerwiseArchitecture:
+    """A student whose layers may differ in heads and FFN ratio (HAT / Mixture-of-Supernets spaces).
+
+    Args:
+        hidden: hidden size shared by all layers (the residual stream).
+        heads: heads of each layer; each must divide hidden.
+        ffn_ratio: FFN ratio of each layer; layer i's FFN width is round(hidden * ffn_ratio[i]).
+    The layer count is len(heads). str() gives "layers=3,hidden=256,heads=8/8/4,ffn_ratio=3/2/4".
+    """
+
+    hidden: int
+    heads: tuple
+    ffn_ratio: tuple
+
+    def __post_init__(self):
+        if not _is_int(self.hidden) or self.hidden < 1:
+            raise ValueError(f"architecture hidden must be a positive int, got {self.hidden!r}")
+        heads, ratios = tuple(self.heads), tuple(self.ffn_ratio)
+        if not heads or len(heads) != len(ratios):
+            raise ValueError(f"a per-layer architecture needs one heads and one ffn_ratio value per layer (at least "
+                             f"one layer), got heads={heads} and ffn_ratio={ratios}")
+        for index, value in enumerate(heads):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"architecture heads of layer {index} must be a positive int, got {value!r}")
+            if self.hidden % value:
+                raise ValueError(f"architecture hidden={self.hidden} is not divisible by heads={value} of layer "
+                                 f"{index} (see pykd.nas.space: a stock model's head size is hidden / heads)")
+        ratios = tuple(_check_ratio(r, f"architecture layer {i}") for i, r in enumerate(ratios))
+        object.__setattr__(self, "heads", heads)
+        object.__setattr__(self, "ffn_ratio", ratios)
+        if min(self.layer_ffn) < 1:
+            raise ValueError(f"architecture FFN widths {self.layer_ffn} must be >= 1")
+
+    @property
+    def layers(self) -> int:
+        return len(self.heads)
+
+    @property
+    def layer_heads(self) -> tuple:
+        return self.heads
+
+    @property
+    def layer_ffn(self) -> tuple:
+        return tuple(math.floor(self.hidden * r + 0.5) for r in self.ffn_ratio)
+
+    def is_uniform(self) -> bool:
+        return len(set(self.heads)) == 1 and len(set(self.ffn_ratio)) == 1
+
+    def uniform(self) -> Architecture:
+        """The equal Architecture when all layers are alike; ValueError naming what differs otherwise."""
+        if not self.is_uniform():
+            raise ValueError(f"architecture {self} has layers that differ (heads {self.heads}, ffn_ratio "
+                             f"{self.ffn_ratio}); it has no uniform equivalent")
+        return Architecture(self.layers, self.hidden, self.ffn_ratio[0], self.heads[0])
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "hidden": self.hidden, "heads": list(self.heads),
+                "ffn_ratio": list(self.ffn_ratio)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LayerwiseArchitecture":
+        """From {"hidden", "heads": [...], "ffn_ratio": [...]} (an optional "layers" must equal len(heads))."""
+        if not isinstance(values, dict):
+            raise TypeError(f"a per-layer architecture must be a dict, got {type(values).__name__}")
+        keys = {"hidden", "heads", "ffn_ratio"}
+        unknown, missing = sorted(set(values) - keys - {"layers"}), sorted(keys - set(values))
+        if unknown or missing:
+            raise ValueError(f"per-layer architecture keys must be hidden, heads, ffn_ratio (and optionally layers): "
+                             + "; ".join(filter(None, [f"unknown {unknown}" if unknown else "",
+                                                       f"missing {missing}" if missing else ""])))
+        heads, ratios = values["heads"], values["ffn_ratio"]
+        if not isinstance(heads, (list, tuple)) or not isinstance(ratios, (list, tuple)):
+            raise ValueError(f"per-layer heads and ffn_ratio must be lists, got {heads!r} and {ratios!r}")
+        arch = cls(values["hidden"], tuple(heads), tuple(ratios))
+        if "layers" in values and values["layers"] != arch.layers:
+            raise ValueError(f"per-layer architecture says layers={values['layers']!r} but lists {arch.layers} layers")
+        return arch
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerwiseArchitecture":
+        """From "layers=3,hidden=256,heads=8/8/4,ffn_ratio=3/2/4" (layers optional)."""
+        values = {}
+        for item in filter(None, (part.strip() for part in str(text).split(","))):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"cannot parse architecture {text!r}: expected key=value pairs such as "
+                                 f"'hidden=256,heads=8/8/4,ffn_ratio=3/2/4', got {item!r}")
+            if key in values:
+                raise ValueError(f"architecture {text!r} gives {key!r} twice")
+            parts = [_parse_number(key, v.strip(), text) for v in value.split("/")]
+            values[key] = parts if key in ("heads", "ffn_ratio") else parts[0] if len(parts) == 1 else parts
+        return cls.from_dict(values)
+
+    def __str__(self) -> str:
+        return (f"layers={self.layers},hidden={self.hidden},heads={'/'.join(map(str, self.heads))},"
+                f"ffn_ratio={'/'.join(f'{r:g}' for r in self.ffn_ratio)}")
+
+
+def parse_architecture(text: str):
+    """An Architecture, or a LayerwiseArchitecture when a value lists one entry per layer ("8/8/4")."""
+    return LayerwiseArchitecture.parse(text) if "/" in str(text) else Architecture.parse(text)
+
+
+def architecture_from_dict(values: dict):
+    """An Architecture, or a LayerwiseArchitecture when heads is a list (as their to_dict write)."""
+    if isinstance(values, dict) and isinstance(values.get("heads"), (list, tuple)):
+        return LayerwiseArchitecture.from_dict(values)
+    return Architecture.from_dict(values)
 
 
 @dataclass(frozen=True)
@@ -280,19 +408,139 @@ class SubSpace:
             raise TypeError(f"generator must be a torch.Generator or random.Random, got {type(generator).__name__}")
         return self._candidates[index]
 
+    def genes(self) -> dict:
+        """{gene: choices} for evolutionary search: the four factors."""
+        return {factor: getattr(self, factor) for factor in FACTORS}
+
+    def genes_of(self, arch: Architecture) -> dict:
+        return arch.to_dict()
+
+    def from_genes(self, genes: dict) -> Architecture | None:
+        """The architecture the genes spell, or None when they spell none (hidden not divisible by heads)."""
+        try:
+            return Architecture(**{factor: genes[factor] for factor in FACTORS})
+        except ValueError:
+            return None
+
+    @staticmethod
+    def parse(text: str) -> Architecture:
+        return Architecture.parse(text)
+
     def to_dict(self) -> dict:
         return {"name": self.name, **{factor: list(getattr(self, factor)) for factor in FACTORS}}
 
     @classmethod
     def from_dict(cls, values: dict) -> "SubSpace":
+        """A SubSpace, or a LayerwiseSubSpace when values has "layerwise": true."""
         if not isinstance(values, dict):
             raise TypeError(f"a sub-space must be a dict, got {type(values).__name__}")
+        values = dict(values)
+        layerwise = values.pop("layerwise", False)
+        if layerwise not in (True, False):
+            raise ValueError(f"sub-space {values.get('name', '?')!r}: layerwise must be true or false, got "
+                             f"{layerwise!r}")
         keys = {"name", *FACTORS}
         unknown, missing = sorted(set(values) - keys), sorted(keys - set(values))
         if unknown or missing:
-            raise ValueError(f"sub-space {values.get('name', '?')!r} keys must be name, {', '.join(FACTORS)}: "
-                             f"unknown {unknown}, missing {missing}")
-        return cls(**values)
+            raise ValueError(f"sub-space {values.get('name', '?')!r} keys must be name, {', '.join(FACTORS)} "
+                             f"(and layerwise): unknown {unknown}, missing {missing}")
+        return (LayerwiseSubSpace if layerwise else SubSpace)(**values)
+
+
+MAX_ENUMERATED = 100_000
+
+
+class LayerwiseSubSpace(SubSpace):
+    """Like SubSpace, but each layer picks its own heads (dividing hidden) and FFN ratio (HAT / MoS).
+
+    Candidates are LayerwiseArchitectures: a layer count and a hidden size from the grid, then per
+    layer a head count and an FFN ratio. Genes for search: layers, hidden, heads.i and ffn_ratio.i
+    for i < max(layers) (genes past an architecture's layer count are ignored).
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        # A uniform candidate per (layers, hidden) exists whenever a per-layer one does, so the
+        # parent's check (some hidden has a dividing head count) is the right emptiness test.
+        object.__setattr__(self, "_candidates", None)
+        object.__setattr__(self, "_heads_for", {d: tuple(h for h in self.heads if d % h == 0) for d in self.hidden})
+
+    def _hiddens(self) -> tuple:
+        return tuple(d for d in self.hidden if self._heads_for[d])
+
+    def count(self) -> int:
+        """The number of candidates."""
+        return sum((len(self._heads_for[d]) * len(self.ffn_ratio)) ** layers
+                   for layers in self.layers for d in self._hiddens())
+
+    def candidates(self) -> list[LayerwiseArchitecture]:
+        """Every candidate, sorted; ValueError when there are more than MAX_ENUMERATED (use evolution/nsga2)."""
+        count = self.count()
+        if count > MAX_ENUMERATED:
+            raise ValueError(f"per-layer sub-space {self.name!r} has {count} candidates, too many to enumerate "
+                             f"(limit {MAX_ENUMERATED}); search it with evolution or nsga2")
+        found = []
+        for layers, hidden in itertools.product(self.layers, self._hiddens()):
+            per_layer = list(itertools.product(self._heads_for[hidden], self.ffn_ratio))
+            for choice in itertools.product(per_layer, repeat=layers):
+                heads, ratios = zip(*choice)
+                found.append(LayerwiseArchitecture(hidden, heads, ratios))
+        return sorted(found)
+
+    def contains(self, arch) -> bool:
+        return (isinstance(arch, LayerwiseArchitecture) and arch.layers in self.layers and arch.hidden in self.hidden
+                and all(h in self.heads for h in arch.heads) and all(r in self.ffn_ratio for r in arch.ffn_ratio))
+
+    def largest(self) -> LayerwiseArchitecture:
+        layers, hidden = max(self.layers), max(self._hiddens())
+        return LayerwiseArchitecture(hidden, (max(self._heads_for[hidden]),) * layers, (max(self.ffn_ratio),) * layers)
+
+    def smallest(self) -> LayerwiseArchitecture:
+        layers, hidden = min(self.layers), min(self._hiddens())
+        return LayerwiseArchitecture(hidden, (min(self._heads_for[hidden]),) * layers, (min(self.ffn_ratio),) * layers)
+
+    def sample(self, generator: torch.Generator | random.Random) -> LayerwiseArchitecture:
+        """Layers and hidden uniformly, then each layer's heads (among those dividing hidden) and ratio."""
+        if isinstance(generator, random.Random):
+            pick = generator.choice
+        elif isinstance(generator, torch.Generator):
+            def pick(options):
+                return options[int(torch.randint(len(options), (1,), generator=generator))]
+        else:
+            raise TypeError(f"generator must be a torch.Generator or random.Random, got {type(generator).__name__}")
+        layers, hidden = pick(self.layers), pick(self._hiddens())
+        heads = tuple(pick(self._heads_for[hidden]) for _ in range(layers))
+        ratios = tuple(pick(self.ffn_ratio) for _ in range(layers))
+        return LayerwiseArchitecture(hidden, heads, ratios)
+
+    def genes(self) -> dict:
+        genes = {"layers": self.layers, "hidden": self.hidden}
+        for index in range(max(self.layers)):
+            genes[f"heads.{index}"], genes[f"ffn_ratio.{index}"] = self.heads, self.ffn_ratio
+        return genes
+
+    def genes_of(self, arch: LayerwiseArchitecture) -> dict:
+        """The genes of arch; layers past its depth repeat its last layer's values."""
+        genes = {"layers": arch.layers, "hidden": arch.hidden}
+        for index in range(max(self.layers)):
+            layer = min(index, arch.layers - 1)
+            genes[f"heads.{index}"], genes[f"ffn_ratio.{index}"] = arch.heads[layer], arch.ffn_ratio[layer]
+        return genes
+
+    def from_genes(self, genes: dict) -> LayerwiseArchitecture | None:
+        layers = genes["layers"]
+        try:
+            return LayerwiseArchitecture(genes["hidden"], tuple(genes[f"heads.{i}"] for i in range(layers)),
+                                         tuple(genes[f"ffn_ratio.{i}"] for i in range(layers)))
+        except (ValueError, KeyError):
+            return None
+
+    @staticmethod
+    def parse(text: str) -> LayerwiseArchitecture:
+        return LayerwiseArchitecture.parse(text)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "layerwise": True}
 
 
 def _round_half_up(value: float) -> int:
@@ -338,31 +586,35 @@ class SearchSpace:
             raise ValueError(f"sub-space names must be distinct, got {names}")
         self.subspaces = list(subspaces)
         for subspace in self.subspaces:
-            for arch in subspace.candidates():
+            extremes = [subspace.largest()] if isinstance(subspace, LayerwiseSubSpace) else subspace.candidates()
+            for arch in extremes:
                 self.check_fits_teacher(arch, context=f"sub-space {subspace.name!r}: ")
 
     @classmethod
-    def autodistil(cls, teacher, k: int = 3) -> "SearchSpace":
+    def autodistil(cls, teacher, k: int = 3, layerwise: bool = False) -> "SearchSpace":
         """AutoDistil's K = 3 sub-spaces (tiny, small, base) scaled to the teacher, or K = 1 over their union.
 
         Args:
             teacher: a transformers config (a bare encoder with a pooler is assumed), the teacher model, or
                 a TeacherShape.
             k: 3 (few-shot, one SuperLM per sub-space) or 1 (one-shot, a single sub-space "all").
+            layerwise: per-layer sub-spaces (LayerwiseSubSpace: each layer picks its heads and FFN ratio
+                from the same values), as HAT and Mixture-of-Supernets search.
         """
         shape = _teacher_shape(teacher)
         if k not in (1, 3):
             raise ValueError(f"k must be 1 (one sub-space over the union) or 3 (tiny, small, base), got {k!r}")
         teacher_values = {"layers": shape.layers, "hidden": shape.hidden, "ffn_ratio": shape.ffn_ratio,
                           "heads": shape.heads}
+        kind = LayerwiseSubSpace if layerwise else SubSpace
         subspaces = []
         for name, grid_values in PAPER_SUBSPACES.items():
             scaled = {factor: scale_factor(grid_values[factor], teacher_values[factor] / PAPER_TEACHER[factor],
                                            GRID[factor], teacher_values[factor]) for factor in FACTORS}
-            subspaces.append(SubSpace(name, **scaled))
+            subspaces.append(kind(name, **scaled))
         if k == 1:
             union = {factor: tuple(sorted({v for s in subspaces for v in getattr(s, factor)})) for factor in FACTORS}
-            subspaces = [SubSpace("all", **union)]
+            subspaces = [kind("all", **union)]
         return cls(subspaces, shape)
 
     @classmethod
@@ -395,9 +647,10 @@ class SearchSpace:
                 return subspace
         raise ValueError(f"no sub-space named {name!r}; the space has {[s.name for s in self.subspaces]}")
 
-    def candidates(self) -> list[Architecture]:
-        """Every architecture of every sub-space (each once), sorted."""
-        return sorted({arch for subspace in self.subspaces for arch in subspace.candidates()})
+    def candidates(self) -> list:
+        """Every architecture of every sub-space (each once), uniform ones first, sorted."""
+        found = {arch for subspace in self.subspaces for arch in subspace.candidates()}
+        return sorted(found, key=lambda a: (isinstance(a, LayerwiseArchitecture), a.to_dict()["layers"], a))
 
     def subspace_of(self, arch: Architecture) -> SubSpace:
         """The first sub-space containing arch; ValueError if none does."""
@@ -406,14 +659,14 @@ class SearchSpace:
                 return subspace
         raise ValueError(f"architecture {arch} is in none of the sub-spaces {[s.name for s in self.subspaces]}")
 
-    def check_fits_teacher(self, arch: Architecture, context: str = "") -> None:
+    def check_fits_teacher(self, arch, context: str = "") -> None:
         """ValueError naming the factor when arch is larger than the teacher in any dimension."""
-        if not isinstance(arch, Architecture):
-            raise TypeError(f"{context}expected an Architecture, got {type(arch).__name__}")
+        if not isinstance(arch, (Architecture, LayerwiseArchitecture)):
+            raise TypeError(f"{context}expected an Architecture or LayerwiseArchitecture, got {type(arch).__name__}")
         t = self.teacher
         for name, value, limit in (("layers", arch.layers, t.layers), ("hidden", arch.hidden, t.hidden),
-                                   ("heads", arch.heads, t.heads),
-                                   ("FFN width (hidden * ffn_ratio)", arch.intermediate, t.intermediate)):
+                                   ("heads", max(arch.layer_heads), t.heads),
+                                   ("FFN width (hidden * ffn_ratio)", max(arch.layer_ffn), t.intermediate)):
             if value > limit:
                 raise ValueError(f"{context}architecture {arch} is larger than the teacher: {name} {value} > "
                                  f"the teacher's {limit}")
@@ -427,25 +680,25 @@ class SearchSpace:
     def params(self, arch: Architecture) -> int:
         """Exact parameter count of the exported model (embeddings, layers, pooler and head as the teacher has)."""
         self.check_fits_teacher(arch)
-        t, d, f = self.teacher, arch.hidden, arch.intermediate
+        t, d = self.teacher, arch.hidden
         embeddings = (t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * d + 2 * d
         attention = 4 * (d * d + d) + 2 * d
-        ffn = d * f + f + f * d + d + 2 * d
+        ffn = sum(d * f + f + f * d + d + 2 * d for f in arch.layer_ffn)
         pooler = d * d + d if t.pooler else 0
         head = (d * t.num_labels + t.num_labels + (d * d + d if t.head_dense else 0)) if t.num_labels else 0
-        return embeddings + arch.layers * (attention + ffn) + pooler + head
+        return embeddings + arch.layers * attention + ffn + pooler + head
 
     def flops(self, arch: Architecture, seq_len: int) -> int:
         """Analytic FLOPs of one sequence of seq_len tokens (module docstring; multiply-add = 2)."""
         if not _is_int(seq_len) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
         self.check_fits_teacher(arch)
-        t, n, d, f = self.teacher, seq_len, arch.hidden, arch.intermediate
-        linears = 2 * n * (4 * d * d + 2 * d * f)
-        attention = 2 * (2 * n * n * d)  # Q K^T and A V over all heads
+        t, n, d = self.teacher, seq_len, arch.hidden
+        per_layer = 2 * n * 4 * d * d + 2 * (2 * n * n * d)  # Q, K, V, output; Q K^T and A V over all heads
+        ffn = sum(2 * n * 2 * d * f for f in arch.layer_ffn)
         pooler = 2 * d * d if t.pooler else 0
         head = (2 * d * t.num_labels + (2 * d * d if t.head_dense else 0)) if t.num_labels else 0
-        return arch.layers * (linears + attention) + pooler + head
+        return arch.layers * per_layer + ffn + pooler + head
 
     def teacher_architecture(self) -> Architecture:
         t = self.teacher
