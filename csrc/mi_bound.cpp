@@ -6,8 +6,9 @@
 //   dA[rows] = scale G B, dB += scale G^T A[rows]   (dB into the thread's own buffer)
 // The bound's value needs one global reduction (across ranks too when b is gathered): the
 // kernel returns the per-row terms and pykd/ops/mi_bound.py combines them.
-// Off-diagonal reductions run over the two ranges beside the diagonal instead of subtracting
-// the diagonal afterwards, which would cancel catastrophically when the positive dominates.
+// Off-diagonal reductions run over the ranges beside the diagonal (and, for alpha, beside the
+// row's largest negative) instead of subtracting those entries afterwards, which would cancel
+// catastrophically when one of them dominates its row.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -24,13 +25,10 @@ namespace {
 enum class Bound : int64_t { kInfoNCE = 0, kNWJ = 1, kTUBA = 2, kJS = 3, kAlpha = 4 };
 
 constexpr int64_t kBlockScores = 1 << 15;
-const float kLogEMinus1 = std::log(std::exp(1.0f) - 1.0f);  // the notebook's value where d = 0
 
 // The same element math for scalars (row tails, the diagonal) and vectors.
 inline float v_exp(float x) { return std::exp(x); }
 inline Vec v_exp(const Vec& x) { return x.exp_u20(); }
-inline float v_expm1(float x) { return std::expm1(x); }
-inline Vec v_expm1(const Vec& x) { return x.expm1(); }
 inline float v_log(float x) { return std::log(x); }
 inline Vec v_log(const Vec& x) { return x.log(); }
 inline float v_log1p(float x) { return std::log1p(x); }
@@ -39,15 +37,20 @@ inline float v_max(float x, float y) { return std::max(x, y); }
 inline Vec v_max(const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }
 inline float v_min(float x, float y) { return std::min(x, y); }
 inline Vec v_min(const Vec& x, const Vec& y) { return at::vec::minimum(x, y); }
-inline float where_zero(float d, float if_zero, float otherwise) { return d == 0.f ? if_zero : otherwise; }
-inline Vec where_zero(const Vec& d, const Vec& if_zero, const Vec& otherwise) {
-  return Vec::blendv(otherwise, if_zero, d == Vec(0.f));
-}
 
 template <typename T>
 T sigmoid(T x) {
   return T(1.f) / (T(1.f) + v_exp(T(0.f) - x));
 }
+
+// log(e^x + e^y); an argument of -inf is fine for the scalar form only.
+template <typename T>
+T logaddexp(const T& x, const T& y) {
+  const T hi = v_max(x, y);
+  return hi + v_log1p(v_exp(v_min(x, y) - hi));
+}
+
+inline float softplus(float x) { return logaddexp(x, 0.f); }
 
 // Applies f(values, index, lanes) to x[begin, end) a vector at a time; the tail is zero-padded
 // and `lanes` says how many entries are real.
@@ -76,32 +79,62 @@ struct RowSums {
 RowSums row_sums(float* s, int64_t n, int64_t i) {
   const float max_off = std::max(range_max(s, 0, i), range_max(s, i + 1, n));
   const float off = range_sum_exp(s, 0, i, max_off) + range_sum_exp(s, i + 1, n, max_off);
-  const float max_all = std::max(max_off, s[i]);
-  const float all = off * std::exp(max_off - max_all) + std::exp(s[i] - max_all);
-  return {max_all + std::log(all), max_off + std::log(off)};
+  const float log_off = max_off + std::log(off);
+  return {logaddexp(s[i], log_off), log_off};
 }
 
-// Leave-one-out baseline m_j and its interpolation u_j with the log-baseline q, for one entry.
 struct AlphaConst {
   float alpha, log_alpha, log_one_minus_alpha, log_n1;
 };
 
+// A row's off-diagonal statistics. Its largest negative (column top) is kept apart so that the
+// sum without any one negative j is formed without subtracting e^{s_j} from a sum it dominates.
+struct OffDiagonal {
+  int64_t top;
+  float top_score;  // s_top
+  float rest;       // sum_{k != i, top} e^{s_k - s_top} (0 when n = 2)
+  float log_off;    // LSE' = log sum_{k != i} e^{s_k}
+};
+
+OffDiagonal off_diagonal(float* s, int64_t n, int64_t i) {
+  const float top_score = std::max(range_max(s, 0, i), range_max(s, i + 1, n));
+  int64_t top = i == 0 ? 1 : 0;
+  while (top == i || s[top] != top_score) ++top;
+  const int64_t lo = std::min(i, top), hi = std::max(i, top);
+  const float rest = range_sum_exp(s, 0, lo, top_score) + range_sum_exp(s, lo + 1, hi, top_score) +
+                     range_sum_exp(s, hi + 1, n, top_score);
+  return {top, top_score, rest, top_score + std::log1p(rest)};
+}
+
+// The interpolated baseline of one entry: u = log(alpha e^m + (1-alpha) e^q), w = du/dm and
+// 1 - w (each as e^{. - u}, never as 1 minus the other).
 template <typename T>
-struct LooTerms {
-  T u, w, r;  // u = log(alpha e^m + (1-alpha) e^q), w = du/dm, r = 1/(1 - p) (0 where d = 0)
+struct Interp {
+  T u, w, one_minus_w;
 };
 
 template <typename T>
-LooTerms<T> loo_terms(const T& s, float lse, float q, const AlphaConst& k) {
-  const T d = T(lse) - s;
-  const T one_minus_p = T(0.f) - v_expm1(T(0.f) - d);
-  const T m = where_zero(d, s + T(kLogEMinus1 - k.log_n1), T(lse - k.log_n1) + v_log(one_minus_p));
-  const T r = where_zero(d, T(0.f), T(1.f) / one_minus_p);
-  if (k.alpha == 0.f) return {T(q), T(0.f), r};
-  if (k.alpha == 1.f) return {m, T(1.f), r};
+Interp<T> interpolate(const T& m, float q, const AlphaConst& k) {
+  if (k.alpha == 0.f) return {T(q), T(0.f), T(1.f)};
+  if (k.alpha == 1.f) return {m, T(1.f), T(0.f)};
   const T z = m + T(k.log_alpha), y = T(q + k.log_one_minus_alpha);
-  const T hi = v_max(z, y), lo = v_min(z, y);
-  return {hi + v_log1p(v_exp(lo - hi)), sigmoid(z - y), r};
+  const T u = logaddexp(z, y);
+  return {u, v_exp(z - u), v_exp(y - u)};
+}
+
+// Entry j != i of row i given R_j = log sum_{k != i, j} e^{s_k}: log A_j = logaddexp(s_i, R_j) is
+// the leave-one-out sum, which holds the positive as an added term.
+template <typename T>
+struct LooEntry {
+  Interp<T> b;
+  T g_diag;  // the entry's part of N dI/ds_i: (1 - w_j) + w_j e^{R_j - log A_j}
+};
+
+template <typename T>
+LooEntry<T> loo_entry(const T& without, float diag, float q, const AlphaConst& k) {
+  const T log_a = logaddexp(T(diag), without);
+  const Interp<T> b = interpolate(log_a - T(k.log_n1), q, k);
+  return {b, b.one_minus_w + b.w * v_exp(without - log_a)};
 }
 
 struct RowResult {
@@ -114,11 +147,14 @@ struct RowResult {
 RowResult infonce_row(float* s, int64_t n, int64_t i) {
   const RowSums sums = row_sums(s, n, i);
   const float inv_n = 1.f / n;
-  const double joint = s[i] - sums.lse;
+  // s_i - LSE = -softplus(LSE' - s_i), and dI/ds_i = (1 - p_ii)/n with 1 - p_ii = e^{LSE' - LSE}:
+  // forming 1 - p_ii would cancel once the positive dominates.
+  const double joint = -softplus(sums.log_off - s[i]);
+  const float g_diag = inv_n * std::exp(sums.log_off - sums.lse);
   for_each_vec(s, 0, n, [&](const Vec& v, int64_t j, int lanes) {
     (Vec(-inv_n) * v_exp(v - Vec(sums.lse))).store(s + j, lanes);
   });
-  s[i] += inv_n;
+  s[i] = g_diag;
   return {joint, 0.f, 0.f};
 }
 
@@ -136,35 +172,59 @@ RowResult tuba_row(float* s, int64_t n, int64_t i, float c, bool js) {
   return {static_cast<double>(diag - c), log_marg, -inv_n + std::exp(log_marg) * inv_pairs};
 }
 
+// Visits x[0, n) but for the columns skip1 != skip2, a vector at a time.
+template <typename F>
+void for_each_vec_except(float* x, int64_t n, int64_t skip1, int64_t skip2, F f) {
+  const int64_t lo = std::min(skip1, skip2), hi = std::max(skip1, skip2);
+  for_each_vec(x, 0, lo, f);
+  for_each_vec(x, lo + 1, hi, f);
+  for_each_vec(x, hi + 1, n, f);
+}
+
+// N dI/ds (formulas: pykd/ops/mi_bound.py) from one pass over the negatives j other than top,
+// which sums the value, N dI/ds_i, N dI/dq and V = sum_j t_j with t_j = e^{s_top + c - u_j} <= 1
+// (c = log(alpha/(n-1))), keeping t_j in scratch; top's own terms come from the row statistics.
 RowResult alpha_row(float* s, float* scratch, int64_t n, int64_t i, float q, const AlphaConst& k) {
-  const RowSums sums = row_sums(s, n, i);
-  const float pairs = static_cast<float>(n) * (n - 1);
-  Vec sum_u(0.f), sum_wr(0.f), sum_one_minus_w(0.f);
-  auto off_diagonal = [&](const Vec& v, int64_t j, int lanes) {
-    const LooTerms<Vec> t = loo_terms(v, sums.lse, q, k);
-    sum_u = sum_u + real_lanes(t.u, lanes);
-    sum_wr = sum_wr + real_lanes(t.w * t.r, lanes);
-    sum_one_minus_w = sum_one_minus_w + real_lanes(Vec(1.f) - t.w, lanes);
-    (t.w * (Vec(1.f) - t.r)).store(scratch + j, lanes);
-  };
-  for_each_vec(s, 0, i, off_diagonal);
-  for_each_vec(s, i + 1, n, off_diagonal);
-  const LooTerms<float> diag = loo_terms(s[i], sums.lse, q, k);
-  const float big_q = horizontal_sum(sum_wr);
-  const float marg = std::exp(sums.log_off - diag.u);  // M_i
-  const float c = std::exp(sums.lse - diag.u), big_k = marg * diag.w;
-  const float coef = big_q + c - big_k * diag.r;
-  const float diag_score = s[i];
-  const float inv_pairs = 1.f / pairs;
-  for_each_vec(s, 0, n, [&](const Vec& v, int64_t j, int lanes) {
-    const Vec p = v_exp(v - Vec(sums.lse));
-    (Vec(-inv_pairs) * (Vec::loadu(scratch + j, lanes) + p * Vec(coef))).store(s + j, lanes);
+  const OffDiagonal off = off_diagonal(s, n, i);
+  const float diag = s[i], inv_pairs = 1.f / (static_cast<float>(n) * (n - 1));
+  const float top_score = off.top_score, log_scale = k.log_alpha - k.log_n1;
+  const bool has_loo = k.alpha > 0.f, has_baseline = k.alpha < 1.f;
+  Vec sum_joint(0.f), sum_g_diag(0.f), sum_one_minus_w(0.f), sum_t(0.f);
+  for_each_vec_except(s, n, i, off.top, [&](const Vec& v, int64_t j, int lanes) {
+    // R_j = log(sum_{k != i, top} e^{s_k} + e^{s_top} - e^{s_j}) >= s_top: no cancellation.
+    const Vec without = Vec(top_score) + v_log1p(v_max(Vec(off.rest) - v_exp(v - Vec(top_score)), Vec(0.f)));
+    const LooEntry<Vec> entry = loo_entry(without, diag, q, k);
+    sum_joint = sum_joint + real_lanes(Vec(diag) - entry.b.u, lanes);
+    sum_g_diag = sum_g_diag + real_lanes(entry.g_diag, lanes);
+    sum_one_minus_w = sum_one_minus_w + real_lanes(entry.b.one_minus_w, lanes);
+    if (has_loo) {
+      const Vec t = v_exp(Vec(top_score + log_scale) - entry.b.u);
+      sum_t = sum_t + real_lanes(t, lanes);
+      t.store(scratch + j, lanes);
+    }
   });
-  const float p_ii = std::exp(diag_score - sums.lse);
-  s[i] = ((n - 1) - p_ii * big_q + big_k * (1.f - diag.r + diag.r * p_ii)) * inv_pairs;
-  const double joint = static_cast<double>(n - 1) * diag_score - horizontal_sum(sum_u);
-  const float grad_q = (-horizontal_sum(sum_one_minus_w) + marg * (1.f - diag.w)) * inv_pairs;
-  return {joint, sums.log_off - diag.u, grad_q};
+  const LooEntry<float> top = loo_entry(top_score + std::log(off.rest), diag, q, k);  // R_top = LSE''
+  const Interp<float> own = interpolate(off.log_off - k.log_n1, q, k);                 // u_ii
+  const float v_sum = horizontal_sum(sum_t);
+  // e^{s_k + log_first} = (alpha/(n-1)) e^{s_k - u_top} <= 1 for k != top;
+  // e^{s_k + log_second} = e^{s_k - u_ii} (1 - w_ii), the marginal term's part.
+  const float log_first = log_scale - top.b.u;
+  const float log_second = k.log_one_minus_alpha + q - 2.f * own.u;
+  for_each_vec_except(s, n, i, off.top, [&](const Vec& v, int64_t j, int lanes) {
+    Vec g(0.f);
+    if (has_loo) {
+      const Vec others = v_max(Vec(v_sum) - Vec::loadu(scratch + j, lanes), Vec(0.f));
+      g = v_exp(v + Vec(log_first)) + v_exp(v - Vec(top_score)) * others;
+    }
+    if (has_baseline) g = g + v_exp(v + Vec(log_second));
+    (Vec(-inv_pairs) * g).store(s + j, lanes);
+  });
+  s[off.top] = -inv_pairs * (v_sum + (has_baseline ? std::exp(top_score + log_second) : 0.f));
+  s[i] = (horizontal_sum(sum_g_diag) + top.g_diag) * inv_pairs;
+  const double joint = static_cast<double>(horizontal_sum(sum_joint)) + (diag - top.b.u);
+  const float marginal_q = has_baseline ? std::exp(off.log_off + log_second) : 0.f;  // M_i (1 - w_ii)
+  const float grad_q = (marginal_q - horizontal_sum(sum_one_minus_w) - top.b.one_minus_w) * inv_pairs;
+  return {joint, off.log_off - own.u, grad_q};
 }
 
 struct BoundInputs {
