@@ -24,12 +24,14 @@ class ElasticLinear(nn.Module):
         self.weight = nn.Parameter(linear.weight.detach().clone())
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
         self.max_out_features, self.max_in_features = self.weight.shape
-        self.out_features = self.max_out_features
+        self.out_features, self.in_features = self.max_out_features, self.max_in_features
 
-    def set_active(self, out_features: int) -> None:
-        if not 1 <= out_features <= self.max_out_features:
-            raise ValueError(f"out_features must be in [1, {self.max_out_features}], got {out_features}")
-        self.out_features = out_features
+    def set_active(self, out_features: int, in_features: int, encoding=None) -> None:
+        """The active shape (in_features is what export cuts; forward takes x's width); encoding is unused."""
+        if not (1 <= out_features <= self.max_out_features and 1 <= in_features <= self.max_in_features):
+            raise ValueError(f"active shape ({out_features}, {in_features}) must fit the super-net's "
+                             f"({self.max_out_features}, {self.max_in_features})")
+        self.out_features, self.in_features = out_features, in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, *self.dense(self.out_features, x.shape[-1]))
@@ -42,7 +44,8 @@ class ElasticLinear(nn.Module):
         return self.weight[:out_features, :in_features], bias
 
     def extra_repr(self) -> str:
-        return f"max_in={self.max_in_features}, max_out={self.max_out_features}, active_out={self.out_features}"
+        return (f"max_in={self.max_in_features}, max_out={self.max_out_features}, "
+                f"active=({self.out_features}, {self.in_features})")
 
 
 class ElasticEmbedding(nn.Module):

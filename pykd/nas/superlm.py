@@ -34,13 +34,19 @@ import torch
 from torch import nn
 
 from .elastic import ActiveLayers, ElasticEmbedding, ElasticLayerNorm, ElasticLinear
-from .space import Architecture, SearchSpace, TeacherShape
+from .mos import ENCODING, ROUTINGS, LayerRouter, RoutedElasticLinear, arch_encoding
+from .space import Architecture, LayerwiseArchitecture, SearchSpace, TeacherShape
 
 _LAYER_INDEX = re.compile(r"(^|\.)layer\.(\d+)\.")
 # Linear layers whose output width is not the hidden size: the FFN's first layer and the
 # classification heads' output projections (which keep all their labels).
 _FFN_IN = "intermediate.dense"
+_FFN_OUT = "output.dense"
 _LABEL_OUTPUTS = ("classifier", "out_proj")
+# The routed linears of a layer, by router key: the FFN always, attention with route_attention.
+_ROUTED_FFN = {"ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
+_ROUTED_ATTENTION = {"query": "attention.self.query", "key": "attention.self.key",
+                     "value": "attention.self.value", "attention_out": "attention.output.dense"}
 
 
 def teacher_layer(index: int, layers: int, teacher_layers: int) -> int:
@@ -67,29 +73,42 @@ class SuperLM(nn.Module):
     Build it with `SuperLM.from_teacher`; see the module docstring for the extraction rule.
     """
 
-    def __init__(self, model: nn.Module, space: SearchSpace, teacher_class: type, teacher_config):
+    def __init__(self, model: nn.Module, space: SearchSpace, teacher_class: type, teacher_config, experts: int,
+                 routing: str, route_attention: bool, router_hidden: int):
         super().__init__()
         self.model = model
         self.space = space
         self.teacher_class = teacher_class
         self._teacher_config = teacher_config
-        self.experts, self.routing = 1, "layer"
+        self.experts, self.routing = experts, routing
+        self.route_attention, self.router_hidden = route_attention, router_hidden
         base = getattr(model, "base_model", model)
         self._layers: ActiveLayers = base.encoder.layer
-        self._active: Architecture | None = None
+        # Elastic modules outside the layers (embeddings, pooler, head): set once per architecture.
+        self._outer = [(name, module) for name, module in model.named_modules()
+                       if isinstance(module, (ElasticEmbedding, ElasticLinear)) and not _LAYER_INDEX.search(name)]
+        self._active = None
         self.set_active(space.teacher_architecture())
 
     @classmethod
-    def from_teacher(cls, teacher: nn.Module, space: SearchSpace) -> "SuperLM":
+    def from_teacher(cls, teacher: nn.Module, space: SearchSpace, experts: int = 1, routing: str = "layer",
+                     noise: float = 1e-3, route_attention: bool = False, router_hidden: int = 128) -> "SuperLM":
         """A SuperLM holding a deep copy of the teacher's weights (the teacher stays untouched).
 
         Args:
             teacher: a BERT-layout transformers encoder (BERT, RoBERTa, ELECTRA with embedding_size ==
                 hidden_size), bare or *ForSequenceClassification.
             space: the SearchSpace built for this teacher (its TeacherShape must match the teacher's).
+            experts: E; 1 is plain weight sharing (AutoDistil), > 1 routes both FFN linears of every layer
+                (Mixture-of-Supernets, pykd.nas.mos).
+            routing: "layer" or "neuron" (MoS's layer-wise or neuron-wise mixing; used when experts > 1).
+            noise: std of the Gaussian noise added to each expert's copy of the teacher's weights.
+            route_attention: also route Q, K, V and the attention output (beyond the paper; off by default).
+            router_hidden: width of each router's hidden layer (MoS: 128).
         """
         if not isinstance(space, SearchSpace):
             raise TypeError(f"space must be a pykd.nas.SearchSpace, got {type(space).__name__}")
+        _check_mos_options(experts, routing, noise, route_attention, router_hidden)
         shape = TeacherShape.from_model(teacher)  # the family first: its error names the model_type
         _check_teacher(teacher)
         if shape != space.teacher:
@@ -98,7 +117,12 @@ class SuperLM(nn.Module):
         model = copy.deepcopy(teacher)
         model.config._attn_implementation = "sdpa"
         _make_elastic(model)
-        return cls(model, space, type(teacher), copy.deepcopy(teacher.config))
+        if experts > 1:
+            routed = {**_ROUTED_FFN, **(_ROUTED_ATTENTION if route_attention else {})}
+            for layer in getattr(model, "base_model", model).encoder.layer._modules.values():
+                _route_layer(layer, routed, experts, routing, noise, router_hidden)
+        return cls(model, space, type(teacher), copy.deepcopy(teacher.config), experts, routing, route_attention,
+                   router_hidden)
 
     @property
     def config(self):
@@ -109,34 +133,49 @@ class SuperLM(nn.Module):
     def active(self) -> Architecture:
         return self._active
 
-    def set_active(self, arch: Architecture) -> None:
-        """Run `arch` from now on: any architecture that fits inside the teacher (ValueError otherwise)."""
+    def set_active(self, arch: Architecture | LayerwiseArchitecture) -> None:
+        """Run `arch` from now on: any architecture (uniform or per-layer) that fits inside the teacher.
+
+        The wrapped model's config then describes it (for a per-layer architecture: the largest heads and
+        FFN width of its layers). ValueError when arch is larger than the teacher.
+        """
         self.space.check_fits_teacher(arch)
-        teacher_layers = self.space.teacher.layers
-        self._layers.active = [teacher_layer(i, arch.layers, teacher_layers) for i in range(arch.layers)]
-        for name, module in self.model.named_modules():
+        teacher = self.space.teacher
+        self._layers.active = [teacher_layer(i, arch.layers, teacher.layers) for i in range(arch.layers)]
+        for index, heads, ffn in zip(self._layers.active, arch.layer_heads, arch.layer_ffn):
+            self._set_layer(self._layers[index], arch.hidden, heads, ffn)
+        for name, module in self._outer:
             if isinstance(module, ElasticEmbedding):
                 module.set_active(arch.hidden)
-            elif isinstance(module, ElasticLinear):
-                module.set_active(_active_out(name, module, arch))
-            elif hasattr(module, "attention_head_size") and hasattr(module, "num_attention_heads"):
-                module.num_attention_heads = arch.heads
-                module.attention_head_size = arch.head_size
-                module.all_head_size = arch.hidden
-                module.scaling = arch.head_size ** -0.5
+            else:
+                out = module.max_out_features if name.split(".")[-1] in _LABEL_OUTPUTS else arch.hidden
+                module.set_active(out, arch.hidden)
         config = self.model.config
         config.num_hidden_layers, config.hidden_size = arch.layers, arch.hidden
-        config.num_attention_heads, config.intermediate_size = arch.heads, arch.intermediate
+        config.num_attention_heads, config.intermediate_size = max(arch.layer_heads), max(arch.layer_ffn)
         self._active = arch
+
+    def _set_layer(self, layer: nn.Module, hidden: int, heads: int, ffn: int) -> None:
+        teacher = self.space.teacher
+        encoding = arch_encoding(hidden, heads, ffn, (teacher.hidden, teacher.heads, teacher.intermediate))
+        for name, module in layer.named_modules():
+            if isinstance(module, (ElasticLinear, RoutedElasticLinear)):
+                out = ffn if name.endswith(_FFN_IN) else hidden
+                module.set_active(out, ffn if name == _FFN_OUT else hidden, encoding)
+            elif hasattr(module, "attention_head_size") and hasattr(module, "num_attention_heads"):
+                module.num_attention_heads, module.attention_head_size = heads, hidden // heads
+                module.all_head_size, module.scaling = hidden, (hidden // heads) ** -0.5
 
     def forward(self, *args, **kwargs):
         """The wrapped model's forward (same arguments and outputs) on the active sub-network."""
         return self.model(*args, **kwargs)
 
     def config_dict(self) -> dict:
-        """What a checkpoint of this SuperLM must match: space, experts, routing, teacher class and shape."""
+        """What a checkpoint of this SuperLM must match: space (with the teacher's shape), experts, routing,
+        routed attention, router width, router encoding and the teacher's class."""
         return {"space": self.space.to_dict(), "experts": self.experts, "routing": self.routing,
-                "teacher_class": self.teacher_class.__name__}
+                "route_attention": self.route_attention, "router_hidden": self.router_hidden,
+                "encoding": list(ENCODING), "teacher_class": self.teacher_class.__name__}
 
     def check_config_dict(self, saved: dict) -> None:
         """ValueError naming the first difference when a checkpoint's config_dict is not this SuperLM's."""
@@ -146,62 +185,123 @@ class SuperLM(nn.Module):
                 raise ValueError(f"the SuperLM checkpoint differs in {key!r}: checkpoint {saved.get(key)!r}, this "
                                  f"SuperLM {mine[key]!r}")
 
-    def student_config(self, arch: Architecture):
-        """The teacher's config with the architecture's sizes (what the exported model is built from)."""
+    def student_config(self, arch: Architecture | LayerwiseArchitecture):
+        """The teacher's config with the architecture's sizes (what the exported model is built from);
+        a per-layer architecture (of equal heads) gets its widest FFN."""
         config = copy.deepcopy(self._teacher_config)
         config.num_hidden_layers, config.hidden_size = arch.layers, arch.hidden
-        config.num_attention_heads, config.intermediate_size = arch.heads, arch.intermediate
+        config.num_attention_heads, config.intermediate_size = arch.layer_heads[0], max(arch.layer_ffn)
         config._attn_implementation = "sdpa"
         return config
 
+    def _exportable(self, arch: LayerwiseArchitecture, pad_ffn: bool):
+        """The uniform equivalent, the per-layer arch itself when it may be zero-padded, or ValueError."""
+        if arch.is_uniform():
+            return arch.uniform()
+        if len(set(arch.heads)) > 1:
+            raise ValueError(f"per-layer architecture {arch} has different head counts per layer {arch.heads}: a "
+                             f"stock transformers config has one num_attention_heads (head size hidden / heads), so "
+                             f"it cannot be exported as a stock model; search a space with one head count per "
+                             f"architecture or keep using the SuperLM")
+        if not pad_ffn:
+            raise ValueError(f"per-layer architecture {arch} has different FFN widths per layer {arch.layer_ffn}: a "
+                             f"stock transformers config has one intermediate_size, so it cannot be a stock model "
+                             f"of exactly this size; export(arch, pad_ffn=True) zero-pads every layer to "
+                             f"{max(arch.layer_ffn)} units (equal outputs, more parameters)")
+        activation = _activation(self._teacher_config)
+        if float(activation(torch.zeros(1))) != 0.0:
+            raise ValueError(f"pad_ffn needs an FFN activation with act(0) = 0, the teacher's hidden_act is "
+                             f"{self._teacher_config.hidden_act!r}")
+        return arch
+
     @torch.no_grad()
-    def export(self, arch: Architecture) -> nn.Module:
-        """A stock model of the teacher's class holding the sub-network's weights, in eval mode.
+    def export(self, arch: Architecture | LayerwiseArchitecture, pad_ffn: bool = False) -> nn.Module:
+        """A stock model of the teacher's class holding the sub-network's weights (experts collapsed), eval mode.
 
         Its outputs equal the SuperLM's with `arch` active. `save_pretrained` + `AutoModel.from_pretrained`
         load it without pykd. The SuperLM's active architecture is left as it was.
+
+        A per-layer architecture whose layers are alike exports as its uniform equivalent. One whose head
+        counts differ cannot be a stock model (a stock config has one num_attention_heads and head size
+        hidden / heads): ValueError. One whose FFN widths differ is refused too, unless pad_ffn=True: the
+        model then gets the widest layer's FFN width everywhere, the extra units with zero weights and
+        biases (their activation is act(0) = 0 and they add nothing), so outputs are equal but the model
+        holds more parameters and FLOPs than the architecture.
         """
         self.space.check_fits_teacher(arch)
+        if isinstance(arch, LayerwiseArchitecture):
+            arch = self._exportable(arch, pad_ffn)
         previous = self._active
         self.set_active(arch)
         try:
             student = self.teacher_class(self.student_config(arch))
-            student.load_state_dict(self._student_state(student, arch))
+            student.load_state_dict(self._student_state(student, arch, isinstance(arch, LayerwiseArchitecture)))
         finally:
             self.set_active(previous)
         param = next(self.model.parameters())
         return student.to(device=param.device, dtype=param.dtype).eval()
 
-    def _student_state(self, student: nn.Module, arch: Architecture) -> dict:
+    def _student_state(self, student: nn.Module, arch, padded: bool) -> dict:
         state = {}
-        modules = dict(student.named_modules())
         for key, target in student.state_dict().items():
             module_name, _, param_name = key.rpartition(".")
-            source = self.model.get_submodule(self._teacher_module_name(module_name, arch))
-            if isinstance(modules[module_name], nn.Linear) and hasattr(source, "dense"):
-                weight, bias = source.dense(*target.shape[:1], modules[module_name].in_features)
+            source = self.model.get_submodule(self._teacher_module_name(module_name, arch.layers))
+            if hasattr(source, "dense"):  # an elastic or routed linear: its active (collapsed) weight
+                weight, bias = source.dense(source.out_features, source.in_features)
                 tensor = weight if param_name == "weight" else bias
             else:
                 tensor = getattr(source, param_name)
                 tensor = tensor[tuple(slice(0, size) for size in target.shape)]
             if tuple(tensor.shape) != tuple(target.shape):
-                raise RuntimeError(f"export: {key} has shape {tuple(tensor.shape)} in the SuperLM, the student "
-                                   f"needs {tuple(target.shape)}")
+                if not padded or any(have > need for have, need in zip(tensor.shape, target.shape)):
+                    raise RuntimeError(f"export: {key} has shape {tuple(tensor.shape)} in the SuperLM, the student "
+                                       f"needs {tuple(target.shape)}")
+                tensor = _zero_padded(tensor, target.shape)
             state[key] = tensor.detach().clone()
         return state
 
-    def _teacher_module_name(self, name: str, arch: Architecture) -> str:
+    def _teacher_module_name(self, name: str, layers: int) -> str:
         teacher_layers = self.space.teacher.layers
-        return _LAYER_INDEX.sub(lambda m: f"{m[1]}layer.{teacher_layer(int(m[2]), arch.layers, teacher_layers)}.",
-                                name)
+        return _LAYER_INDEX.sub(lambda m: f"{m[1]}layer.{teacher_layer(int(m[2]), layers, teacher_layers)}.", name)
 
 
-def _active_out(name: str, module: ElasticLinear, arch: Architecture) -> int:
-    if name.endswith(_FFN_IN):
-        return arch.intermediate
-    if name.split(".")[-1] in _LABEL_OUTPUTS:
-        return module.max_out_features
-    return arch.hidden
+
+def _check_mos_options(experts, routing, noise, route_attention, router_hidden) -> None:
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"experts must be an int >= 1 (1 = plain weight sharing), got {experts!r}")
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+    if not isinstance(route_attention, bool):
+        raise ValueError(f"route_attention must be True or False, got {route_attention!r}")
+    if isinstance(router_hidden, bool) or not isinstance(router_hidden, int) or router_hidden < 1:
+        raise ValueError(f"router_hidden must be a positive int, got {router_hidden!r}")
+
+
+def _route_layer(layer: nn.Module, routed: dict[str, str], experts: int, routing: str, noise: float,
+                 router_hidden: int) -> None:
+    """Replaces the layer's elastic linears named in `routed` by routed ones sharing one new LayerRouter."""
+    linears = {key: layer.get_submodule(path) for key, path in routed.items()}
+    router = LayerRouter(experts, routing, {key: m.max_out_features for key, m in linears.items()}, router_hidden)
+    layer.mos_router = router
+    for key, path in routed.items():
+        parent, _, child = path.rpartition(".")
+        linear = linears[key]
+        setattr(layer.get_submodule(parent), child,
+                RoutedElasticLinear(linear.weight, linear.bias, experts, noise, router, key))
+
+
+def _activation(config):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+
+
+def _zero_padded(tensor: torch.Tensor, shape) -> torch.Tensor:
+    padded = tensor.new_zeros(shape)
+    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return padded
 
 
 def _make_elastic(model: nn.Module) -> None:
