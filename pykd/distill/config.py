@@ -32,10 +32,12 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "rotten_tomatoes"  # rotten_tomatoes | pydocs | a local csv/json/jsonl/txt file | a hub name
+    # rotten_tomatoes | pydocs | healthtweets | wordnet_glosses | fortunes | reuters_grain | reuters_corn |
+    # chatterbot_topics | lee_pairs (pykd.distill.datasets) | a local csv/json/jsonl/txt file | a hub name
+    dataset: str = "rotten_tomatoes"
     kind: str = "classification"  # classification | regression | unlabeled
     max_length: int = 64
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.1  # not used by data with its own split (the built-in corpora but rotten_tomatoes)
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
 
@@ -183,6 +185,21 @@ class NasConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Distiller's augmentation stage (pykd.distill.augment); an empty policy and mixup false turn it off."""
+    policy: list = field(default_factory=list)  # operations drawn per augmented copy: swap | delete | synonym | mlm
+    copies: int = 1  # augmented versions of each training example
+    word_fraction: float = 0.1  # share of an example's words an operation touches (at least one)
+    mlm_model: str | None = None  # AutoModelForMaskedLM path or hub name; mlm needs one (no package ships one)
+    mlm_top_k: int = 8
+    seed: int = 0
+    batch_size: int = 64  # examples per generation and teacher-labelling batch
+    cache_dir: str | None = None  # where augmented sets are kept; null: <pykd cache>/augment
+    mixup: bool = False  # mixup of word embeddings in the distillation step (batch doubled)
+    mixup_alpha: float = 0.4  # lambda ~ Beta(alpha, alpha)
+
+
+@dataclass
 class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -190,6 +207,7 @@ class RunConfig:
     losses: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     nas: NasConfig = field(default_factory=NasConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 CHOICES = {
@@ -290,6 +308,7 @@ def _validate(config: RunConfig) -> RunConfig:
         if _lookup(as_dict, key) < 1:
             raise ValueError(f"config key {key} must be >= 1, got {_lookup(as_dict, key)}")
     _validate_nas(config.nas, as_dict)
+    _validate_augment(config)
     return config
 
 
@@ -324,6 +343,28 @@ def _validate_nas(nas: NasConfig, as_dict: dict) -> None:
                          f"nas.evolution.population ({nas.evolution.population})")
     if nas.noise < 0:
         raise ValueError(f"config key nas.noise must be >= 0, got {nas.noise}")
+
+
+def _validate_augment(config: RunConfig) -> None:
+    from .augment import OPERATIONS
+
+    augment = config.augment
+    unknown = [name for name in augment.policy if name not in OPERATIONS]
+    if unknown:
+        raise ValueError(f"config key augment.policy takes operations from {OPERATIONS}, got {unknown}")
+    if "mlm" in augment.policy and not augment.mlm_model:
+        raise ValueError("augment.policy has mlm but augment.mlm_model is not set: no package ships a pretrained "
+                         "masked-LM head, so give the path (or hub name) of an AutoModelForMaskedLM")
+    if (augment.policy or augment.mixup) and config.data.kind == "unlabeled":
+        raise ValueError("augmentation needs a labelled task (the teacher labels the augmented examples): "
+                         "data.kind is 'unlabeled'")
+    for key in ("copies", "mlm_top_k", "batch_size"):
+        if getattr(augment, key) < 1:
+            raise ValueError(f"config key augment.{key} must be >= 1, got {getattr(augment, key)}")
+    if not 0 < augment.word_fraction <= 1:
+        raise ValueError(f"config key augment.word_fraction must lie in (0, 1], got {augment.word_fraction}")
+    if not augment.mixup_alpha > 0:
+        raise ValueError(f"config key augment.mixup_alpha must be > 0, got {augment.mixup_alpha}")
 
 
 def _lookup(tree: dict, dotted: str):

@@ -182,4 +182,7 @@ class Collator:
         if self.kind != "unlabeled":
             dtype = torch.float32 if self.kind == "regression" else torch.long
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        if "teacher_logits" in rows[0]:  # an augmented training set (pykd.distill.augment)
+            batch["teacher_logits"] = torch.tensor([r["teacher_logits"] for r in rows], dtype=torch.float32)
+            batch["gold"] = torch.tensor([bool(r["gold"]) for r in rows])
         return batch

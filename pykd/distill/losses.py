@@ -221,7 +221,9 @@ class DistillationObjective(nn.Module):
     def needs_capture(self) -> bool:
         return self.relation is not None
 
-    def forward(self, teacher: ForwardView, student: ForwardView, labels=None):
+    def forward(self, teacher: ForwardView, student: ForwardView, labels=None, label_rows=None):
+        """label_rows (N,) bool, optional: the rows whose labels enter the hard-label loss (the others are
+        augmented or mixed examples, labelled by the teacher alone)."""
         terms, weighted = {}, []
 
         def add(name, value, weight, gradient_scale=1.0):
@@ -234,7 +236,11 @@ class DistillationObjective(nn.Module):
             if config.type != "none":
                 add("prediction", self.prediction.soft(teacher.logits, student.logits), config.weight)
             if config.hard_weight and labels is not None:
-                add("hard_label", self.prediction.hard(student.logits, labels), config.hard_weight)
+                logits = student.logits if label_rows is None else student.logits[label_rows]
+                targets = labels if label_rows is None else labels[label_rows]
+                # A batch without gold rows still logs the term (0, with a graph for DDP's bookkeeping).
+                hard = self.prediction.hard(logits, targets) if len(targets) else student.logits.sum() * 0.0
+                add("hard_label", hard, config.hard_weight)
         if self.hidden is not None:
             add("hidden", self.hidden(teacher, student), self.config.hidden.weight)
         if self.relation is not None:

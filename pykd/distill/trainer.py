@@ -27,6 +27,7 @@ from torch import nn
 from ..capture import capture
 from . import data as data_module
 from .config import RunConfig, to_dict
+from .augment import WordEmbeddingMixup
 from .losses import DistillationObjective, ForwardView, ModelShape
 from .metrics import task_metrics
 from .models import build_student, load_pretrained, load_tokenizer
@@ -55,40 +56,74 @@ def _view(model_output, recorded, mask: torch.Tensor) -> ForwardView:
                        layers=list(recorded.layers) if recorded is not None else [], mask=mask)
 
 
+# Batch entries that are targets, not model inputs (the last two come from an augmented training set).
+TARGET_KEYS = frozenset({"labels", "teacher_logits", "gold"})
+
+
 def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
 
 
 class DistillStep(nn.Module):
-    """Teacher (eval, no_grad) and student forwards under capture, then the objective."""
+    """Teacher (eval, no_grad) and student forwards under capture, then the objective.
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, objective: DistillationObjective):
+    With `mixup` (augment.mixup) a training forward doubles the batch with mixed word embeddings
+    (pykd.distill.augment.WordEmbeddingMixup); the teacher's logits label the mixed rows. Rows of an
+    augmented training set bring the teacher's cached logits (their soft labels) and a gold flag: only
+    gold rows enter the hard-label loss.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, objective: DistillationObjective, mixup=None):
         super().__init__()
         self.student = student
         self.objective = objective
+        self.mixup = mixup
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list keeps it out of DDP and the state dict
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def _run(self, model: nn.Module, batch: dict) -> ForwardView:
-        mask = batch["attention_mask"].bool()
+    def _run(self, model: nn.Module, inputs: dict) -> ForwardView:
+        mask = inputs["attention_mask"].bool()
         if not self.objective.needs_capture:
-            return _view(model(**_model_inputs(batch), output_hidden_states=True), None, mask)
+            return _view(model(**inputs, output_hidden_states=True), None, mask)
         with capture(model) as recorded:
-            output = model(**_model_inputs(batch), output_hidden_states=True)
+            output = model(**inputs, output_hidden_states=True)
         return _view(output, recorded, mask)
 
     def forward(self, batch: dict):
         self.teacher.eval()
+        teacher_inputs = student_inputs = _model_inputs(batch)
+        rows = len(batch["attention_mask"])
+        if self.mixup is not None and torch.is_grad_enabled():
+            lam, perm = self.mixup.draw(rows)
+            with torch.no_grad():
+                teacher_inputs = self.mixup.inputs(self.teacher, batch, lam, perm)
+            student_inputs = self.mixup.inputs(self.student, batch, lam, perm)
         with torch.no_grad():
-            teacher = self._run(self.teacher, batch)
-        student = self._run(self.student, batch)
-        return self.objective(teacher, student, batch.get("labels"))
+            teacher = self._run(self.teacher, teacher_inputs)
+        student = self._run(self.student, student_inputs)
+        if "teacher_logits" in batch:  # the soft labels cached with an augmented training set
+            teacher.logits = torch.cat([batch["teacher_logits"].float(), teacher.logits[rows:].float()])
+        labels, label_rows = _gold_labels(batch, len(student.mask))
+        return self.objective(teacher, student, labels, label_rows)
 
     def trained_model(self) -> nn.Module:
         return self.student
+
+
+def _gold_labels(batch: dict, rows: int):
+    """(labels, label_rows): labels padded to `rows` (a mixup-doubled batch) and the rows whose label is gold."""
+    labels = batch.get("labels")
+    if labels is None:
+        return None, None
+    gold = batch["gold"].bool() if "gold" in batch else torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+    if rows == len(labels) and "gold" not in batch:
+        return labels, None
+    padding = rows - len(labels)
+    return (torch.cat([labels, labels.new_zeros(padding)]),
+            torch.cat([gold, gold.new_zeros(padding)]))
 
 
 class FinetuneStep(nn.Module):
@@ -163,6 +198,7 @@ class Trainer:
         _seed(config.train.seed)
         self._load_data()
         self.step_module = self._build_step().to(self.device)
+        self._augment_train_set()
         self.model = self._wrap(self.step_module)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
@@ -185,6 +221,19 @@ class Trainer:
         labels = None if config.kind != "classification" else sorted(set(corpus["label"]))
         self.num_labels = 1 if config.kind == "regression" else (len(labels) if labels else None)
 
+    def _augment_train_set(self) -> None:
+        """Distiller's augmentation stage: the training set extended by teacher-labelled augmented copies."""
+        if not isinstance(self.step_module, DistillStep) or not self.config.augment.policy:
+            return
+        from .augment import augmented_train_set
+
+        def log(line: str) -> None:
+            if self.rank == 0:
+                print(line, flush=True)
+
+        self.train_set = augmented_train_set(self.train_set, self.config.augment, self.step_module.teacher,
+                                             self.collate, self.config.data.kind, self.device, log)
+
     def _build_step(self) -> nn.Module:
         kind = self.config.data.kind
         if self.mode == "finetune":
@@ -195,7 +244,8 @@ class Trainer:
         teacher = load_pretrained(self.config.teacher.finetuned or self.config.teacher.path, kind, self.num_labels)
         student = build_student(teacher, self.config.student)
         objective = DistillationObjective(self.config.losses, _shape(teacher), _shape(student), kind)
-        return DistillStep(teacher, student, objective)
+        mixup = WordEmbeddingMixup(self.config.augment.mixup_alpha) if self.config.augment.mixup else None
+        return DistillStep(teacher, student, objective, mixup)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.world == 1 or getattr(module, "owns_backward", False):
