@@ -63,6 +63,6 @@ def test_cpp_backend_rejects_other_devices():
 def test_missing_extension_and_sources_give_one_clear_error(monkeypatch, tmp_path):
     from pykd import _extension
 
-    monkeypatch.setattr(_extension, "_SOURCE_ROOT", tmp_path)
+    monkeypatch.setattr(_extension, "_SOURCE_ROOTS", (tmp_path,))
     with pytest.raises(_extension.ExtensionUnavailableError, match="not installed .* C\\+\\+ sources"):
         _extension._build_just_in_time(ImportError("No module named 'pykd._C'"))
