@@ -162,6 +162,10 @@ def test_ddp_on_two_gloo_ranks_equals_one_process_on_the_global_batch(tmp_path):
     values = nas_values(tmp_path, nas={"relation_loss": "kl"},
                         train={"optimizer": "sgd", "lr": 0.5, "steps": 2, "clip_norm": 0.0, "weight_decay": 0.0,
                                "eval_every": 100, "log_every": 1, "checkpoint_every": 100, "progress": False})
+    teacher_config = os.path.join(values["teacher"]["path"], "config.json")
+    settings = json.load(open(teacher_config))
+    settings.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no rank-dependent masks
+    json.dump(settings, open(teacher_config, "w"))
     path = tmp_path / "ddp.yaml"
     path.write_text(json.dumps(values))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -176,13 +180,16 @@ def test_ddp_on_two_gloo_ranks_equals_one_process_on_the_global_batch(tmp_path):
     initial = _trainer(tmp_path).step_module.state_dict()
     single, ranks = (_checkpoint_state(tmp_path / run / "supernet-s") for run in ("one", "two"))
     eps, moved = torch.finfo(torch.float32).eps, 0
-    for key, start in initial.items():
-        if not isinstance(start, torch.Tensor):
-            continue
+    tensors = [k for k, v in initial.items() if isinstance(v, torch.Tensor)]
+    largest = max(float((single[k] - initial[k]).abs().max()) for k in tensors)
+    for key in tensors:
+        start = initial[key]
         update_one, update_two = single[key] - start, ranks[key] - start
-        # The updates are lr x gradients summed in another order (relative error ~1e-5 for sums of
-        # ~1e3 fp32 terms), read back through fp32 parameters (error eps |p| each).
-        tolerance = 1e-4 * float(update_one.abs().max()) + 4 * eps * float(start.abs().max())
+        # The updates are lr x gradients summed in another order: relative error ~1e-5 for sums of
+        # ~1e3 fp32 terms, of the tensor's own scale, and of the model's largest update for entries
+        # that cancel to ~0 (the key bias's gradient is exactly 0 by softmax shift invariance);
+        # both are read back through fp32 parameters (error eps |p| each).
+        tolerance = 1e-4 * float(update_one.abs().max()) + 1e-5 * largest + 4 * eps * float(start.abs().max())
         assert float((update_two - update_one).abs().max()) <= tolerance, key
-        moved += int(float(update_one.abs().max()) > 0)
-    assert moved > len(initial) // 3
+        moved += int(float(update_one.abs().max()) > 1e-3 * largest)
+    assert moved > len(tensors) // 3

@@ -162,6 +162,7 @@ class NasProxy:
 class NasConfig:
     space: str = "autodistil"  # autodistil (K sub-spaces scaled to the teacher) | custom (nas.custom_space)
     k: int = 3  # sub-spaces of the autodistil space; 1 = one-shot, one SuperLM over the union
+    layerwise: bool = False  # per-layer heads and FFN ratios (HAT / MoS spaces; search with evolution or nsga2)
     custom_space: dict | None = None  # SearchSpace.from_dict form, used when space is custom
     sandwich_random: int = 2  # M: random sub-networks per step beside the largest and the smallest
     relations: list = field(default_factory=lambda: ["qq", "kk", "vv"])

@@ -75,9 +75,9 @@ def arch_from_genes(subspace, genes: dict):
 def held_out_batches(config: RunConfig, tokenizer) -> list[dict]:
     """The eval split of data.dataset (the same split the trainer holds out), tokenized in batches."""
     data = config.data
-    corpus = data_module.load_corpus(data.dataset)
-    _, evaluation = data_module.split(corpus, data.eval_fraction, config.train.seed, data.max_train_examples,
-                                      data.max_eval_examples)
+    prepared = data_module.prepare(data_module.load_corpus(data.dataset), "unlabeled", data.dataset)
+    _, evaluation = data_module.split(prepared.dataset, data.eval_fraction, config.train.seed,
+                                      data.max_train_examples, data.max_eval_examples)
     collate = data_module.Collator(tokenizer, data.max_length, "unlabeled")
     size = config.train.batch_size
     batches = [collate([evaluation[i] for i in range(start, min(start + size, len(evaluation)))])
@@ -109,14 +109,20 @@ class TeacherCache:
 @torch.no_grad()
 def held_out_loss(supernet, arch, cache: TeacherCache, spec: RelationSpec) -> float:
     """The mean relation loss of sub-network `arch` over the held-out batches."""
+    supernet.set_active(arch)
+    return model_loss(supernet, cache, spec)
+
+
+@torch.no_grad()
+def model_loss(model, cache: TeacherCache, spec: RelationSpec) -> float:
+    """The mean relation loss of any capturable encoder (a SuperLM, a plain student) over the held-out batches."""
     from ..capture import capture
 
-    supernet.eval()
-    supernet.set_active(arch)
+    model.eval()
     total, count = 0.0, 0
     for batch, teacher_qkv in cache:
-        with capture(supernet) as recorded:
-            supernet(**batch)
+        with capture(model) as recorded:
+            model(**batch)
         total += float(relation_loss(teacher_qkv, last_layer_qkv(recorded[-1]), batch["attention_mask"].bool(),
                                      spec))
         count += 1
@@ -341,7 +347,7 @@ def nsga2_search(evaluator: Evaluator, settings, seed: int) -> list[dict]:
         genes = {gene: trial.suggest_categorical(f"{subspace.name}.{gene}", list(choices))
                  for gene, choices in genes_of(subspace).items()}
         arch = arch_from_genes(subspace, genes)
-        if not subspace.contains(arch) or not evaluator.feasible(arch):
+        if arch is None or not subspace.contains(arch) or not evaluator.feasible(arch):
             raise optuna.TrialPruned()
         row = evaluator.score(arch)
         return row["loss"], row[cost] if cost != "latency" else evaluator.latency(arch)

@@ -55,7 +55,7 @@ def build_space(config: RunConfig, teacher_config):
 
     if config.nas.space == "custom":
         return SearchSpace.from_dict(config.nas.custom_space, teacher_config)
-    return SearchSpace.autodistil(teacher_config, k=config.nas.k)
+    return SearchSpace.autodistil(teacher_config, k=config.nas.k, layerwise=config.nas.layerwise)
 
 
 def sandwich_generator(seed: int, step: int) -> torch.Generator:
