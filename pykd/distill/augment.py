@@ -156,7 +156,9 @@ class MaskedLanguageModel:
         self.words = [t.lstrip("Ġ▁") for t in vocabulary]
         special = set(self.tokenizer.all_special_tokens)
         whole = [t.isalpha() and t.isascii() and not t.startswith("##") and t not in special for t in vocabulary]
-        self.allowed = torch.tensor(whole, device=self.device)
+        outputs = self.model.config.vocab_size  # the logits' width; may differ from the tokenizer's size
+        self.allowed = torch.zeros(outputs, dtype=torch.bool, device=self.device)
+        self.allowed[: min(outputs, len(whole))] = torch.tensor(whole[:outputs], device=self.device)
 
     @torch.no_grad()
     def fill(self, sentences: list[list[str]], positions: list[list[int]], rngs: list) -> list[list[str]]:
@@ -172,7 +174,7 @@ class MaskedLanguageModel:
         batch = self.tokenizer(masked, padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         logits = self.model(**batch).logits.float()
-        logits = logits.masked_fill(~self.allowed[: logits.shape[-1]], float("-inf"))
+        logits = logits.masked_fill(~self.allowed, float("-inf"))
         filled = []
         for row, (words, chosen, rng) in enumerate(zip(sentences, positions, rngs)):
             words = list(words)
@@ -291,18 +293,32 @@ def augmented_train_set(train_set, augment_config, teacher, collate, kind: str, 
 
     Columns: text (, text_pair), label (the gold label, or the teacher's prediction on augmented
     rows), gold (1 for original rows), teacher_logits (the teacher's logits: the soft labels).
+    One process builds a missing set (under the cache's lock); others, DDP ranks too, wait and load it.
     """
-    from datasets import Dataset, load_from_disk
+    from datasets import load_from_disk
 
-    from .data import Collator
     from .datasets import _cache_dir, _publish
 
-    device = device or torch.device("cpu")
     root = Path(augment_config.cache_dir) if augment_config.cache_dir else _cache_dir() / "augment"
     target = root / fingerprint(train_set, augment_config, teacher, collate.max_length)
     if target.is_dir():
         log(f"[augment] cached augmented set {target}")
-        return load_from_disk(str(target))
+    else:
+        def build(folder: Path) -> None:
+            extended = _extended(train_set, augment_config, teacher, collate, kind, device or torch.device("cpu"))
+            extended.save_to_disk(str(folder))
+            log(f"[augment] {len(extended) - len(train_set)} augmented examples from {len(train_set)} "
+                f"({augment_config.policy}), cached in {target}")
+
+        _publish(build, target)
+    return load_from_disk(str(target))
+
+
+def _extended(train_set, augment_config, teacher, collate, kind: str, device):
+    from datasets import Dataset
+
+    from .data import Collator
+
     masked_lm = None
     if "mlm" in augment_config.policy:
         masked_lm = MaskedLanguageModel(augment_config.mlm_model, augment_config.mlm_top_k, collate.max_length, device)
@@ -321,9 +337,7 @@ def augmented_train_set(train_set, augment_config, teacher, collate, kind: str, 
     columns["label"] = [r["label"] for r in rows] + predicted[len(rows):]
     columns["gold"] = [1] * len(rows) + [0] * len(extra)
     columns["teacher_logits"] = logits.tolist()
-    _publish(lambda folder: Dataset.from_dict(columns).save_to_disk(str(folder)), target)
-    log(f"[augment] {len(extra)} augmented examples from {len(rows)} ({augment_config.policy}), cached in {target}")
-    return load_from_disk(str(target))
+    return Dataset.from_dict(columns)
 
 
 # ---- mixup ----
