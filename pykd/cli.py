@@ -10,6 +10,7 @@ Without CONFIG the embedded default is used; --set overrides any key (YAML value
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 DEMO_COMMON = ["train.batch_size=32", "data.max_length=64"]
@@ -17,17 +18,37 @@ DEMO_FINETUNE = ["train.steps=150", "train.lr=5e-5", "train.eval_every=1000", *D
 DEMO_DISTILL = ["train.steps=300", "train.lr=2e-4", "train.eval_every=100", *DEMO_COMMON]
 
 
+# The `kd` extra of pyproject.toml, as the modules its distributions install (tests check they agree).
+KD_MODULES = {"transformers": "transformers", "datasets": "datasets", "sklearn": "scikit-learn", "scipy": "scipy",
+              "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "optuna": "optuna"}
+
+
 class MissingExtraError(RuntimeError):
-    pass
+    def __init__(self, modules: list[str]):
+        listed = ", ".join(repr(m) for m in modules)
+        super().__init__(f"the KD engine needs `pip install 'pykd-distill[kd]'` "
+                         f"({'module' if len(modules) == 1 else 'modules'} {listed} "
+                         f"{'is' if len(modules) == 1 else 'are'} missing)")
+
+
+def _require_kd_extra() -> None:
+    """Every command needs the kd extra somewhere; a run must not fail on a missing module after it
+    has trained (the demo's report needs matplotlib at its very end), so all are looked up first."""
+    missing = [name for name in KD_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(missing)
+
+
+def _missing_kd_module(error: ModuleNotFoundError) -> str | None:
+    """The kd-extra module whose absence raised `error` (an import deep inside a dependency too), if any."""
+    top = (error.name or "").split(".")[0]
+    return top if top in KD_MODULES else None
 
 
 def _run_config():
     """The KD engine's config module; its dependencies come with the `kd` extra, not with the kernels."""
-    try:
-        from .distill import config
-    except ModuleNotFoundError as error:
-        raise MissingExtraError(f"the KD engine needs `pip install 'pykd-distill[kd]'` (module {error.name!r} "
-                                "is missing)") from error
+    from .distill import config
+
     return config
 
 
@@ -72,10 +93,11 @@ def demo(output: str, overrides: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    from .distill.datasets import FetchError  # needs numpy only
+    from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
 
     args = _parser().parse_args(argv)
     try:
+        _require_kd_extra()
         run_config = _run_config()
         if args.command == "config":
             import yaml
@@ -85,9 +107,14 @@ def main(argv=None) -> int:
             demo(args.output, args.overrides)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
-    except FetchError as error:  # the network or a package registry failed, not the input: exit 1
-        print(f"pykd {args.command}: error: {error}", file=sys.stderr)
-        return 1
+    except TrainingInterrupted as stop:
+        print(f"pykd {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except ModuleNotFoundError as error:
+        if _missing_kd_module(error) is None:
+            raise
+        print(f"pykd {args.command}: error: {MissingExtraError([_missing_kd_module(error)])}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, MissingExtraError) as error:
         print(f"pykd {args.command}: error: {error}", file=sys.stderr)
         return 2

