@@ -1,10 +1,10 @@
 r"""Triton kernels of the MI lower bounds (math and gradient formulas: pykd/ops/mi_bound.py).
 
 Forward, one program per block of rows, streaming over column tiles of S = scale a b^T:
-pass 1 keeps online log-sum-exps of each row over all columns and over the off-diagonal ones;
-for alpha, pass 2 recomputes the tiles to sum the leave-one-out terms u_ij, w_ij r_ij and
-1 - w_ij. Each row then stores what its gradient needs: LSE_i, the coefficient of p_ik in
-G_ik, the diagonal entry G_ii and the baseline c_i, plus its parts of the value and dI/dq_i.
+pass 1 keeps, per row, the largest negative (score and column) and the sum of e^{S_ik - top}
+over the other negatives, which give LSE'_i and, for alpha, every leave-one-out sum without a
+subtraction that could cancel; for alpha, pass 2 recomputes the tiles to sum the value's terms,
+N dI/dS_ii, N dI/dq_i and V_i. Each row stores what its gradient needs (STAT_NAMES).
 Backward recomputes G tile by tile from those statistics: dA row-parallel, dB column-parallel,
 so no atomics. Loads are upcast to fp32; products and statistics are fp32.
 """
@@ -23,11 +23,18 @@ _JS = tl.constexpr(JS)
 _ALPHA = tl.constexpr(ALPHA)
 _TUBA = tl.constexpr(TUBA)
 _NEG_BIG = tl.constexpr(-1.0e30)
-_LOG_E_MINUS_1 = tl.constexpr(math.log(math.e - 1.0))
 # Alpha at an endpoint takes one branch of the interpolation exactly (no log 0).
 ALPHA_ZERO, ALPHA_ONE, ALPHA_INTERIOR = 0, 1, 2
 _ALPHA_ZERO = tl.constexpr(ALPHA_ZERO)
 _ALPHA_ONE = tl.constexpr(ALPHA_ONE)
+# Rows of the per-row statistics buffer (n_rows wide): the value's parts, dI/dq and what the
+# backward needs. The top negative's column is stored as fp32, exact below 2^24 columns.
+STAT_NAMES = ("joint", "log_marg", "grad_q", "g_diag", "lse", "base", "top", "top_col", "rest", "s_diag",
+              "log_first", "log_second", "v_sum")
+MAX_COLUMNS = 2**24
+_JOINT, _LOG_MARG, _GRAD_Q, _G_DIAG, _LSE, _BASE, _TOP, _TOP_COL, _REST, _S_DIAG = (
+    tl.constexpr(k) for k in range(10))
+_LOG_FIRST, _LOG_SECOND, _V_SUM = (tl.constexpr(k) for k in range(10, 13))
 
 
 @triton.jit
@@ -38,57 +45,110 @@ def _load_rows(ptr, rows, n, e, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _one_minus_exp_neg(d):
-    """1 - e^{-d} = -expm1(-d), with a series where the subtraction would cancel."""
-    series = d * (1.0 - d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0))))
-    return tl.where(d < 1.0e-2, series, 1.0 - tl.exp(-d))
+def _logaddexp(x, y):
+    hi = tl.maximum(x, y)
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi))
 
 
 @triton.jit
-def _loo_terms(s, lse, q, log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE: tl.constexpr):
-    """u = log(alpha e^m + (1-alpha) e^q), w = du/dm, r = 1/(1-p) (0 where d = 0), for entries s."""
-    # d >= 0 in exact arithmetic; the diagonal's score comes from a row-wise sum, not the tile's
-    # dot, so rounding can leave it a hair above LSE.
-    d = tl.maximum(lse - s, 0.0)
-    one_minus_p = _one_minus_exp_neg(d)
-    guard = d == 0.0
-    m = tl.where(guard, s + _LOG_E_MINUS_1 - log_n1, lse - log_n1 + tl.log(tl.where(guard, 1.0, one_minus_p)))
-    r = tl.where(guard, 0.0, 1.0 / tl.where(guard, 1.0, one_minus_p))
+def _interpolate(m, q, log_alpha, log_one_minus_alpha, ALPHA_MODE: tl.constexpr):
+    """u = log(alpha e^m + (1-alpha) e^q), w = du/dm and 1 - w, each formed as e^{. - u}."""
     if ALPHA_MODE == _ALPHA_ZERO:
-        u = q + 0.0 * s
-        w = 0.0 * s
+        u = q + 0.0 * m
+        w = 0.0 * m
+        one_minus_w = 1.0 + 0.0 * m
     elif ALPHA_MODE == _ALPHA_ONE:
         u = m
-        w = 1.0 + 0.0 * s
+        w = 1.0 + 0.0 * m
+        one_minus_w = 0.0 * m
     else:
         z = m + log_alpha
         y = q + log_one_minus_alpha
-        hi = tl.maximum(z, y)
-        u = hi + tl.log(1.0 + tl.exp(tl.minimum(z, y) - hi))
-        w = 1.0 / (1.0 + tl.exp(y - z))
-    return u, w, r
+        u = _logaddexp(z, y)
+        w = tl.exp(z - u)
+        one_minus_w = tl.exp(y - u)
+    return u, w, one_minus_w
 
 
 @triton.jit
-def _grad_tile(s, is_diag, valid, lse, coef, g_diag, c, q, n, log_n1, log_alpha, log_one_minus_alpha,
+def _without(s, top, rest):
+    """R_j = log sum_{k != i, j} e^{S_ik} for a negative j other than the row's top: the sum keeps
+    e^{S_top}, so it never cancels."""
+    return top + tl.log(1.0 + tl.maximum(rest - tl.exp(s - top), 0.0))
+
+
+@triton.jit
+def _loo_entry(without, s_diag, q, log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE: tl.constexpr):
+    """u_j, w_j, 1 - w_j and log A_j = log sum_{k != j} e^{S_ik} = logaddexp(S_ii, R_j)."""
+    log_a = _logaddexp(s_diag, without)
+    u, w, one_minus_w = _interpolate(log_a - log_n1, q, log_alpha, log_one_minus_alpha, ALPHA_MODE)
+    return u, w, one_minus_w, log_a
+
+
+@triton.jit
+def _grad_tile(s, cols, diag_cols, valid, STATS, rows, n_rows, q, n, log_n1, log_alpha, log_one_minus_alpha,
                BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr):
     """G = dI/dS for one tile from the rows' statistics; zero outside the matrix."""
+    inside = rows < n_rows
+    g_diag = tl.load(STATS + _G_DIAG * n_rows + rows, mask=inside, other=0.0)
     pairs = n * (n - 1.0)
     if BOUND == _INFONCE:
+        lse = tl.load(STATS + _LSE * n_rows + rows, mask=inside, other=0.0)
         g = -tl.exp(s - lse[:, None]) / n
     elif BOUND == _JS:
         g = -1.0 / (1.0 + tl.exp(-s)) / pairs
     elif BOUND == _ALPHA:
-        u, w, r = _loo_terms(s, lse[:, None], q[:, None], log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE)
-        g = -(w * (1.0 - r) + tl.exp(s - lse[:, None]) * coef[:, None]) / pairs
+        top = tl.load(STATS + _TOP * n_rows + rows, mask=inside, other=0.0)[:, None]
+        top_col = tl.load(STATS + _TOP_COL * n_rows + rows, mask=inside, other=-1.0).to(tl.int32)
+        log_second = tl.load(STATS + _LOG_SECOND * n_rows + rows, mask=inside, other=0.0)[:, None]
+        g = 0.0 * s
+        g_top = 0.0 * top
+        if ALPHA_MODE != _ALPHA_ZERO:
+            rest = tl.load(STATS + _REST * n_rows + rows, mask=inside, other=0.0)[:, None]
+            s_diag = tl.load(STATS + _S_DIAG * n_rows + rows, mask=inside, other=0.0)[:, None]
+            log_first = tl.load(STATS + _LOG_FIRST * n_rows + rows, mask=inside, other=0.0)[:, None]
+            v_sum = tl.load(STATS + _V_SUM * n_rows + rows, mask=inside, other=0.0)[:, None]
+            u, w, one_minus_w, log_a = _loo_entry(_without(s, top, rest), s_diag, q[:, None], log_n1, log_alpha,
+                                                  log_one_minus_alpha, ALPHA_MODE)
+            t = tl.exp(top + (log_alpha - log_n1) - u)
+            g = tl.exp(s + log_first) + tl.exp(s - top) * tl.maximum(v_sum - t, 0.0)
+            g_top = v_sum
+        if ALPHA_MODE != _ALPHA_ONE:
+            g += tl.exp(s + log_second)
+            g_top += tl.exp(top + log_second)
+        g = -tl.where(cols[None, :] == top_col[:, None], g_top, g) / pairs
     else:
+        c = tl.load(STATS + _BASE * n_rows + rows, mask=inside, other=0.0)
         g = -tl.exp(s - c[:, None]) / pairs
-    return tl.where(valid, tl.where(is_diag, g_diag[:, None], g), 0.0)
+    return tl.where(valid, tl.where(cols[None, :] == diag_cols[:, None], g_diag[:, None], g), 0.0)
+
+
+@triton.jit
+def _off_diagonal_stats(a, B, rows, diag_cols, n, e, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+    """Per row: the largest negative (score and column) and the sum of e^{S_ik - top} over the
+    other negatives, streamed over column tiles."""
+    top = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    top_col = tl.zeros([BLOCK_M], tl.int32)
+    rest = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, n, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
+        s_off = tl.where((cols < n)[None, :] & (cols[None, :] != diag_cols[:, None]), s, float("-inf"))
+        tile_top = tl.max(s_off, axis=1)
+        tile_col = start + tl.argmax(s_off, axis=1)
+        new_top = tl.maximum(top, tile_top)
+        tile_rest = tl.sum(tl.where(cols[None, :] == tile_col[:, None], 0.0, tl.exp(s_off - new_top[:, None])), axis=1)
+        # The loser of the old top and the tile's top joins the rest.
+        rest = rest * tl.exp(top - new_top) + tile_rest + tl.exp(tl.minimum(top, tile_top) - new_top)
+        top_col = tl.where(tile_top > top, tile_col, top_col)
+        top = new_top
+    return top, top_col, rest
 
 
 @triton.jit
 def _mi_fwd_kernel(
-    A, B, LOG_Q, JOINT, LOG_MARG, GRAD_Q, LSE, COEF, G_DIAG, BASE,
+    A, B, LOG_Q, STATS,
     n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
@@ -103,109 +163,111 @@ def _mi_fwd_kernel(
     else:
         q = tl.zeros([BLOCK_M], tl.float32)
 
-    m_all = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
-    m_off = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
-    z_all = tl.zeros([BLOCK_M], tl.float32)
-    z_off = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, n, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
-        s_all = tl.where((cols < n)[None, :], s, float("-inf"))
-        s_off = tl.where(cols[None, :] == diag_cols[:, None], float("-inf"), s_all)
-        m_all_new = tl.maximum(m_all, tl.max(s_all, axis=1))
-        m_off_new = tl.maximum(m_off, tl.max(s_off, axis=1))
-        z_all = z_all * tl.exp(m_all - m_all_new) + tl.sum(tl.exp(s_all - m_all_new[:, None]), axis=1)
-        z_off = z_off * tl.exp(m_off - m_off_new) + tl.sum(tl.exp(s_off - m_off_new[:, None]), axis=1)
-        m_all = m_all_new
-        m_off = m_off_new
-    lse = m_all + tl.log(z_all)
-    log_off = m_off + tl.log(z_off)
+    top, top_col, rest = _off_diagonal_stats(a, B, rows, diag_cols, n, e, scale, BLOCK_M, BLOCK_N, BLOCK_E, PRECISION)
+    log_off = top + tl.log(1.0 + rest)  # LSE'_i
+    lse = _logaddexp(s_diag, log_off)
 
     count = n * 1.0
     pairs = count * (count - 1.0)
-    coef = tl.zeros([BLOCK_M], tl.float32)
+    zero = tl.zeros([BLOCK_M], tl.float32)
+    c = zero
+    log_first = zero
+    log_second = zero
+    v_sum = zero
     if BOUND == _INFONCE:
-        c = coef
-        joint = s_diag - lse
-        log_marg = coef
-        grad_q = coef
-        g_diag = (1.0 - tl.exp(s_diag - lse)) / count
+        # S_ii - LSE_i = -softplus(LSE'_i - S_ii); dI/dS_ii = (1 - p_ii)/n = e^{LSE' - LSE}/n.
+        x = log_off - s_diag
+        joint = -(tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+        log_marg = zero
+        grad_q = zero
+        g_diag = tl.exp(log_off - lse) / count
     elif BOUND == _ALPHA:
-        c = coef
-        sum_u = tl.zeros([BLOCK_M], tl.float32)
-        sum_wr = tl.zeros([BLOCK_M], tl.float32)
-        sum_one_minus_w = tl.zeros([BLOCK_M], tl.float32)
+        log_scale = log_alpha - log_n1
+        sum_joint = zero
+        sum_g_diag = zero
+        sum_one_minus_w = zero
         for start in range(0, n, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
-            off = (cols < n)[None, :] & (cols[None, :] != diag_cols[:, None])
-            u, w, r = _loo_terms(s, lse[:, None], q[:, None], log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE)
-            sum_u += tl.sum(tl.where(off, u, 0.0), axis=1)
-            sum_wr += tl.sum(tl.where(off, w * r, 0.0), axis=1)
-            sum_one_minus_w += tl.sum(tl.where(off, 1.0 - w, 0.0), axis=1)
-        u_ii, w_ii, r_ii = _loo_terms(s_diag, lse, q, log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE)
-        marg = tl.exp(log_off - u_ii)
-        big_k = marg * w_ii
-        coef = sum_wr + tl.exp(lse - u_ii) - big_k * r_ii
-        p_ii = tl.exp(s_diag - lse)
-        g_diag = ((count - 1.0) - p_ii * sum_wr + big_k * (1.0 - r_ii + r_ii * p_ii)) / pairs
-        joint = (count - 1.0) * s_diag - sum_u
-        log_marg = log_off - u_ii
-        grad_q = (-sum_one_minus_w + marg * (1.0 - w_ii)) / pairs
+            others = (cols < n)[None, :] & (cols[None, :] != diag_cols[:, None]) & (cols[None, :] != top_col[:, None])
+            without = _without(s, top[:, None], rest[:, None])
+            u, w, one_minus_w, log_a = _loo_entry(without, s_diag[:, None], q[:, None], log_n1, log_alpha,
+                                                  log_one_minus_alpha, ALPHA_MODE)
+            sum_joint += tl.sum(tl.where(others, s_diag[:, None] - u, 0.0), axis=1)
+            sum_g_diag += tl.sum(tl.where(others, one_minus_w + w * tl.exp(without - log_a), 0.0), axis=1)
+            sum_one_minus_w += tl.sum(tl.where(others, one_minus_w, 0.0), axis=1)
+            if ALPHA_MODE != _ALPHA_ZERO:
+                v_sum += tl.sum(tl.where(others, tl.exp(top[:, None] + log_scale - u), 0.0), axis=1)
+        without_top = top + tl.log(rest)  # -inf when the top is the only negative
+        u_top, w_top, one_minus_w_top, log_a_top = _loo_entry(without_top, s_diag, q, log_n1, log_alpha,
+                                                               log_one_minus_alpha, ALPHA_MODE)
+        u_own, w_own, one_minus_w_own = _interpolate(log_off - log_n1, q, log_alpha, log_one_minus_alpha,
+                                                     ALPHA_MODE)
+        log_first = log_scale - u_top
+        log_second = log_one_minus_alpha + q - 2.0 * u_own
+        g_diag = (sum_g_diag + one_minus_w_top + w_top * tl.exp(without_top - log_a_top)) / pairs
+        joint = sum_joint + (s_diag - u_top)
+        log_marg = log_off - u_own
+        if ALPHA_MODE == _ALPHA_ONE:
+            marginal_q = zero
+        else:
+            marginal_q = tl.exp(log_off + log_second)  # M_i (1 - w_ii)
+        grad_q = (marginal_q - sum_one_minus_w - one_minus_w_top) / pairs
     else:
         if BOUND == _TUBA:
             c = q
         else:
-            c = 1.0 + coef
+            c = 1.0 + zero
         joint = s_diag - c
         log_marg = log_off - c
         grad_q = -1.0 / count + tl.exp(log_marg) / pairs
         if BOUND == _JS:
             g_diag = 1.0 / (1.0 + tl.exp(s_diag)) / count
         else:
-            g_diag = 1.0 / count + coef
+            g_diag = 1.0 / count + zero
 
-    tl.store(JOINT + rows, joint, mask=row_in)
-    tl.store(LOG_MARG + rows, log_marg, mask=row_in)
-    tl.store(GRAD_Q + rows, grad_q, mask=row_in)
-    tl.store(LSE + rows, lse, mask=row_in)
-    tl.store(COEF + rows, coef, mask=row_in)
-    tl.store(G_DIAG + rows, g_diag, mask=row_in)
-    tl.store(BASE + rows, c, mask=row_in)
+    tl.store(STATS + _JOINT * n_rows + rows, joint, mask=row_in)
+    tl.store(STATS + _LOG_MARG * n_rows + rows, log_marg, mask=row_in)
+    tl.store(STATS + _GRAD_Q * n_rows + rows, grad_q, mask=row_in)
+    tl.store(STATS + _G_DIAG * n_rows + rows, g_diag, mask=row_in)
+    tl.store(STATS + _LSE * n_rows + rows, lse, mask=row_in)
+    tl.store(STATS + _BASE * n_rows + rows, c, mask=row_in)
+    tl.store(STATS + _TOP * n_rows + rows, top, mask=row_in)
+    tl.store(STATS + _TOP_COL * n_rows + rows, top_col.to(tl.float32), mask=row_in)
+    tl.store(STATS + _REST * n_rows + rows, rest, mask=row_in)
+    tl.store(STATS + _S_DIAG * n_rows + rows, s_diag, mask=row_in)
+    tl.store(STATS + _LOG_FIRST * n_rows + rows, log_first, mask=row_in)
+    tl.store(STATS + _LOG_SECOND * n_rows + rows, log_second, mask=row_in)
+    tl.store(STATS + _V_SUM * n_rows + rows, v_sum, mask=row_in)
 
 
 @triton.jit
-def _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n_rows, HAS_Q: tl.constexpr):
-    inside = rows < n_rows
-    lse = tl.load(LSE + rows, mask=inside, other=0.0)
-    coef = tl.load(COEF + rows, mask=inside, other=0.0)
-    g_diag = tl.load(G_DIAG + rows, mask=inside, other=0.0)
-    c = tl.load(BASE + rows, mask=inside, other=0.0)
+def _load_q(LOG_Q, rows, n_rows, HAS_Q: tl.constexpr):
     if HAS_Q:
-        q = tl.load(LOG_Q + rows, mask=inside, other=0.0).to(tl.float32)
+        q = tl.load(LOG_Q + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
     else:
-        q = tl.zeros_like(lse)
-    return lse, coef, g_diag, c, q
+        q = tl.zeros(rows.shape, tl.float32)
+    return q
 
 
 @triton.jit
 def _mi_bwd_da_kernel(
-    A, B, LOG_Q, LSE, COEF, G_DIAG, BASE, GRAD_OUT, DA,
+    A, B, LOG_Q, STATS, GRAD_OUT, DA,
     n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     a = _load_rows(A, rows, n_rows, e, BLOCK_E)
-    lse, coef, g_diag, c, q = _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n_rows, HAS_Q)
+    q = _load_q(LOG_Q, rows, n_rows, HAS_Q)
     acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         b = _load_rows(B, cols, n, e, BLOCK_E)
         s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
         valid = (rows[:, None] < n_rows) & (cols[None, :] < n)
-        g = _grad_tile(s, cols[None, :] == (rows + diag_offset)[:, None], valid, lse, coef, g_diag, c, q, n * 1.0, log_n1,
-                       log_alpha, log_one_minus_alpha, BOUND, ALPHA_MODE)
+        g = _grad_tile(s, cols, rows + diag_offset, valid, STATS, rows, n_rows, q, n * 1.0, log_n1, log_alpha,
+                       log_one_minus_alpha, BOUND, ALPHA_MODE)
         acc += tl.dot(g, b, input_precision=PRECISION)
     acc = acc * (scale * tl.load(GRAD_OUT).to(tl.float32))
     cols_e = tl.arange(0, BLOCK_E)
@@ -215,7 +277,7 @@ def _mi_bwd_da_kernel(
 
 @triton.jit
 def _mi_bwd_db_kernel(
-    A, B, LOG_Q, LSE, COEF, G_DIAG, BASE, GRAD_OUT, DB,
+    A, B, LOG_Q, STATS, GRAD_OUT, DB,
     n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
@@ -226,11 +288,11 @@ def _mi_bwd_db_kernel(
     for start in range(0, n_rows, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         a = _load_rows(A, rows, n_rows, e, BLOCK_E)
-        lse, coef, g_diag, c, q = _load_row_stats(LOG_Q, LSE, COEF, G_DIAG, BASE, rows, n_rows, HAS_Q)
+        q = _load_q(LOG_Q, rows, n_rows, HAS_Q)
         s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
         valid = (rows[:, None] < n_rows) & (cols[None, :] < n)
-        g = _grad_tile(s, cols[None, :] == (rows + diag_offset)[:, None], valid, lse, coef, g_diag, c, q, n * 1.0, log_n1,
-                       log_alpha, log_one_minus_alpha, BOUND, ALPHA_MODE)
+        g = _grad_tile(s, cols, rows + diag_offset, valid, STATS, rows, n_rows, q, n * 1.0, log_n1, log_alpha,
+                       log_one_minus_alpha, BOUND, ALPHA_MODE)
         acc += tl.dot(tl.trans(g), a, input_precision=PRECISION)
     acc = acc * (scale * tl.load(GRAD_OUT).to(tl.float32))
     cols_e = tl.arange(0, BLOCK_E)
@@ -255,6 +317,9 @@ def _meta(a, b, log_q, bound_id, alpha):
     if embed > MAX_EMBED:
         raise ValueError(f"the Triton path supports embeddings up to {MAX_EMBED} wide, got a of shape "
                          f"{tuple(a.shape)}")
+    if b.shape[0] >= MAX_COLUMNS:
+        raise ValueError(f"the Triton path supports fewer than {MAX_COLUMNS} columns, got b of shape "
+                         f"{tuple(b.shape)}")
     block_m, block_n = block_sizes()
     return dict(BOUND=bound_id, ALPHA_MODE=_alpha_mode(alpha), HAS_Q=log_q is not None, BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_E=max(16, triton.next_power_of_2(embed)),
@@ -264,32 +329,31 @@ def _meta(a, b, log_q, bound_id, alpha):
 def bound_forward(a, b, log_q, bound_id, alpha, scale, diag_offset=0):
     """Rows a (n_rows, e) against columns b (n, e), row r's positive in column diag_offset + r.
 
-    Returns the block's parts of the value (float64 joint sum, per-row log marginal terms) and a
-    (5, n_rows) tensor: dI/dq and the row statistics of the backward.
+    Returns the block's parts of the value (float64 joint sum, per-row log marginal terms) and the
+    (len(STAT_NAMES), n_rows) statistics the backward reads (dI/dq among them).
     """
     a, b = a.contiguous(), b.contiguous()
     n_rows, embed = a.shape
-    joint, log_marg, grad_q, lse, coef, g_diag, base = torch.empty(7, n_rows, device=a.device, dtype=torch.float32)
+    stats = torch.empty(len(STAT_NAMES), n_rows, device=a.device, dtype=torch.float32)
     meta = _meta(a, b, log_q, bound_id, alpha)
-    q = log_q.contiguous() if log_q is not None else lse  # any pointer: unread without HAS_Q
+    q = log_q.contiguous() if log_q is not None else stats  # any pointer: unread without HAS_Q
     _mi_fwd_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](
-        a, b, q, joint, log_marg, grad_q, lse, coef, g_diag, base, e=embed,
-        **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
-    return joint.double().sum(), log_marg, torch.stack([grad_q, lse, coef, g_diag, base])
+        a, b, q, stats, e=embed, **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
+    return stats[STAT_NAMES.index("joint")].double().sum(), stats[STAT_NAMES.index("log_marg")], stats
 
 
 def bound_backward(a, b, log_q, stats, grad_output, bound_id, alpha, scale, diag_offset=0):
     """(dI/da, dI/db, dI/dlog_q) in the inputs' dtypes; dI/dlog_q is None without log_q."""
     a, b = a.contiguous(), b.contiguous()
     n_rows, embed = a.shape
-    grad_q, lse, coef, g_diag, base = stats
     grad_output = grad_output.to(torch.float32).reshape(1).contiguous()
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     meta = _meta(a, b, log_q, bound_id, alpha)
-    q = log_q.contiguous() if log_q is not None else lse
-    common = (a, b, q, lse.contiguous(), coef.contiguous(), g_diag.contiguous(), base.contiguous(), grad_output)
+    q = log_q.contiguous() if log_q is not None else stats
+    common = (a, b, q, stats.contiguous(), grad_output)
     args = dict(e=embed, **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
     _mi_bwd_da_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](*common, grad_a, **args)
     _mi_bwd_db_kernel[(triton.cdiv(b.shape[0], meta["BLOCK_N"]),)](*common, grad_b, **args)
+    grad_q = stats[STAT_NAMES.index("grad_q")]
     grad_log_q = (grad_q * grad_output).to(log_q.dtype) if log_q is not None else None
     return grad_a, grad_b, grad_log_q

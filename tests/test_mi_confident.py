@@ -8,12 +8,15 @@ path's arithmetic, e: embedding width, kappa = scale max|a_i| max|b_j|):
   - each computed score is off by at most gamma = (e + 2) u kappa (dot product and scaling);
   - every entry of dI/dS, and each term of dI/dq, is a sum of positive terms e^{x} whose
     exponents x move by at most 4 gamma under that perturbation, so its relative error is
-    rho = 4 gamma + (n + 20) u (the second part: evaluating and summing n terms);
+    rho = 4 gamma + (n + 100) u (the second part: summing n terms, each from a few
+    transcendentals good to 20 ulp);
   - dI/da = scale G b adds the GEMM's (n + e) u relative to scale |G| |b|; bf16 gradients are
-    rounded once more on output (2^-9), and a GPU multiplies them in one tf32 pass (2^-11);
+    rounded once more on output (2^-8; the Triton interpreter truncates instead: 2^-7), and a
+    GPU multiplies them in one tf32 pass (2^-11);
   - the value moves by at most 2 gamma sum|dI/dS| plus (n + 20) u times its terms' magnitude.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -30,7 +33,8 @@ CASES += [("tuba", 0.9, with_q) for with_q in (False, True)]
 CASES += [("alpha", alpha, with_q) for alpha in ALPHAS for with_q in (False, True)]
 CASE_IDS = [f"{b}-a{a}-{'q' if q else 'noq'}" if b == "alpha" else f"{b}-{'q' if q else 'noq'}" for b, a, q in CASES]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
-BF16_GRAD_ROUNDING = 2.0**-9 + 2.0**-11
+BF16_GRAD_ROUNDING = 2.0**-8 + 2.0**-11
+BF16_INTERPRETER_ROUNDING = 2.0**-7  # its fp32 -> bf16 conversion truncates
 NOISE_WIDTH = 8
 
 
@@ -95,8 +99,11 @@ def check_against_exact(path, layout, sep, dtype, bound, alpha, with_q, seed=0):
     a64, b64 = a.double(), b.double()
     kappa = scale * float(a64.norm(dim=1).max() * b64.norm(dim=1).max())
     gamma = (e + 2) * u * kappa
-    rho = 4 * gamma + (n + 20) * u
-    out = BF16_GRAD_ROUNDING if dtype == torch.bfloat16 else 0.0
+    rho = 4 * gamma + (n + 100) * u
+    out = 0.0
+    if dtype == torch.bfloat16:
+        interpreted = path == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+        out = BF16_INTERPRETER_ROUNDING if interpreted else BF16_GRAD_ROUNDING
 
     value_tol = 2 * gamma * ref.value_grad_l1 + (n + 20) * u * (ref.value_terms + kappa)
     assert abs(value - ref.value) <= value_tol, (value, ref.value, value_tol)
