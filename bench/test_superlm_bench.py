@@ -1,19 +1,22 @@
 """SuperLM elastic overhead: fwd+bwd of a SuperLM sub-network against the plain model of its shape.
 
-    pytest bench/test_superlm_bench.py     (part of `make bench`)
+    pytest bench/test_superlm_bench.py     (part of `make bench`; PYKD_BENCH_TINY=1 for a quick check)
 
 On the packaged MiniLM-L6 teacher, batch 16, L=128, fp32 (see superlm_step.py): the SuperLM with
 the teacher's shape active against the plain teacher, and a mid-size architecture against the same
 architecture exported as a plain BertModel. Each pair computes the same loss (checked). The last
 test writes bench/results/superlm_overhead.{json,csv,md} and asserts both ratios <= 1.15.
 """
+import os
+
 import pytest
 from conftest import median_ms, ratio, write_table
 from superlm_step import MID_ARCH, superlm_step
 
 pytest.importorskip("transformers")
 
-BATCH, LENGTH, ROUNDS = 16, 128, 5
+TINY = os.environ.get("PYKD_BENCH_TINY") == "1"
+BATCH, LENGTH, ROUNDS = (2, 16, 1) if TINY else (16, 128, 5)
 PAIRS = {"teacher shape": ("superlm_full", "hf"), f"mid ({MID_ARCH})": ("superlm_mid", "exported_mid")}
 TARGET = 1.15
 MEASURED: dict[str, dict] = {}
