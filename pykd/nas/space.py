@@ -38,6 +38,10 @@ all-MiniLM-L6-v2 (6 layers, 384 hidden, 12 heads, FFN 1536):
 
 K = 1 (one-shot) is one sub-space, "all", over the union of the K = 3 sub-spaces' values.
 
+Per-layer architectures (HAT, Mixture-of-Supernets): :class:`LayerwiseArchitecture` gives each
+layer its own heads and FFN ratio; :class:`LayerwiseSubSpace` lets each layer pick them from the
+sub-space's values (``SearchSpace.autodistil(teacher, layerwise=True)``). Costs sum over layers.
+
 Costs. ``params(arch)`` counts exactly the parameters of the exported model (embeddings, every
 layer, the pooler when the teacher has one, the classification head when it has one).
 ``flops(arch, seq_len)`` counts one sequence of ``seq_len`` tokens, multiply-add = 2 FLOPs: every

@@ -20,6 +20,11 @@ active sub-network's Q/K/V, of shape (B, heads, L, hidden / heads), one entry pe
 
 `export(arch)` builds a stock model of the teacher's class with the sub-network's weights; its
 outputs equal the sub-network's. `save_student` writes it with the teacher's tokenizer.
+
+With experts > 1 (Mixture-of-Supernets, pykd.nas.mos) the FFN linears of every layer (and
+optionally the attention projections) hold E routed experts mixed by a per-layer router fed the
+active layer's architecture; export collapses them into dense weights. Per-layer architectures
+(pykd.nas.space.LayerwiseArchitecture) run layer by layer.
 """
 from __future__ import annotations
 
