@@ -90,7 +90,8 @@ def _checkpoint_state(run_dir):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, mos):
     extra = {"experts": 2, "routing": "neuron", "noise": 0.01} if mos else {}
     straight = nas_values(tmp_path, nas={"output": str(tmp_path / "straight"), **extra},
-                          train={"steps": 3, "grad_accum": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 100,
+                          train={"steps": 3, "grad_accum": 1 if mos else 2, "batch_size": 8 if mos else 4, "lr": 1e-3,
+                                 "eval_every": 100,
                                  "log_every": 1, "checkpoint_every": 100, "progress": False})
     train_supernets(run_config.from_dict(straight))
     interrupted = json.loads(json.dumps(straight))
