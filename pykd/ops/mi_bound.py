@@ -12,21 +12,42 @@ N = n (n - 1) and sums over j != i written sum':
     alpha    1 + (1/N) sum_i sum'_j (S_ii - u_ij) - (1/N) sum_i sum'_j e^{S_ij - u_ii}
              u_ij = log(alpha e^{m_ij} + (1 - alpha) e^{q_i}),  m_ij = log((1/(n-1)) sum_{k != j} e^{S_ik})
 
-m_ij is the leave-one-out InfoNCE baseline, computed as in the vbmi notebook:
-m_ij = S_ij + log(expm1(d_ij)) - log(n - 1) with d_ij = LSE_i - S_ij, and d_ij = 0 replaced by 1.
-alpha = 1 is the leave-one-out InfoNCE-family bound, alpha = 0 is TUBA; both are exact here.
+alpha = 1 is the leave-one-out InfoNCE-family bound (at most log(n - 1)), alpha = 0 is TUBA.
+
+A trained critic puts S_ii tens of nats above its row, so no form may subtract the positive (or a
+dominant negative) from a sum that holds it: the vbmi notebook's m_ij = S_ij + log(expm1(LSE_i -
+S_ij)) - log(n - 1) loses m_ii to rounding once LSE_i - S_ii ~ e^{S_ii - LSE'_i} falls below
+|LSE_i| eps (10 nats in fp32, 35 in fp64), and 1 - p_ii in the gradients with it. Instead, with
+x_i = argmax_{k != i} S_ik (the top negative) and rho_i = sum_{k != i, x_i} e^{S_ik - S_ix_i}:
+
+    LSE'_i = log sum_{k != i} e^{S_ik} = S_ix_i + log1p(rho_i),   LSE_i = logaddexp(S_ii, LSE'_i)
+    R_ij   = log sum_{k != i, j} e^{S_ik} = S_ix_i + log(rho_i)                        (j = x_i)
+                                          = S_ix_i + log1p(rho_i - e^{S_ij - S_ix_i})    (j != i, x_i)
+    m_ij   = logaddexp(S_ii, R_ij) - log(n - 1)   (j != i),    m_ii = LSE'_i - log(n - 1)
+
+(the argument of log1p keeps the top's 1, so it never cancels), and u_ij = logaddexp(log alpha +
+m_ij, log(1 - alpha) + q_i), w_ij = e^{log alpha + m_ij - u_ij} = du_ij/dm_ij, 1 - w_ij =
+e^{log(1 - alpha) + q_i - u_ij}, each formed directly, never as one minus the other.
 
 Every gradient with respect to S is row-local (the marginal terms are means), so the fused paths
-need only per-row reductions. For alpha, with p_ik = e^{S_ik - LSE_i}, r_ij = 1/(1 - p_ij)
-(0 where d_ij = 0), w_ij = alpha e^{m_ij - u_ij}, Q_i = sum'_j w_ij r_ij, c_i = e^{LSE_i - u_ii},
-M_i = sum'_j e^{S_ij - u_ii} and K_i = M_i w_ii:
+need only per-row reductions. Differentiating I_alpha gives sums of positive terms only:
 
-    N dI/dS_ik = -w_ik (1 - r_ik) - p_ik (Q_i + c_i - K_i r_ii)            (k != i)
-    N dI/dS_ii = (n - 1) - p_ii Q_i + K_i (1 - r_ii + r_ii p_ii)
-    N dI/dq_i  = -sum'_j (1 - w_ij) + M_i (1 - w_ii)
+    N dI/dS_ii = sum'_j [(1 - w_ij) + w_ij e^{R_ij - m_ij - log(n - 1)}]
+    N dI/dS_ik = -(alpha/(n-1)) sum_{j != i, k} e^{S_ik - u_ij} - e^{S_ik - u_ii} (1 - w_ii)     (k != i)
+    N dI/dq_i  = -sum'_j (1 - w_ij) + e^{LSE'_i - u_ii} (1 - w_ii)
 
-and da = scale G b, db = scale G^T a. The fused paths never hold the n x n matrix: they walk row
-blocks (C++) or tiles (Triton) of S and keep a few statistics per row.
+(methods.md's closed forms, regrouped). The sum over j != i, k is taken from one per-row total:
+t_ij = (alpha/(n-1)) e^{S_ix_i - u_ij} <= 1 for j != x_i and V_i = sum_{j != i, x_i} t_ij give
+V_i for k = x_i and (alpha/(n-1)) e^{S_ik - u_ix_i} + e^{S_ik - S_ix_i} (V_i - t_ik) otherwise, every
+exponent bounded (u_ij >= log(alpha/(n-1)) + S_ik whenever k != j). InfoNCE likewise uses
+S_ii - LSE_i = -softplus(LSE'_i - S_ii) and n dI/dS_ii = e^{LSE'_i - LSE_i}, never 1 - p_ii.
+The PyTorch reference differentiates S_ii - u_ij = -psi(softplus(R_ij - S_ii), q_i - S_ii) and
+LSE'_i - u_ii = -psi(0, q_i - LSE'_i) with psi(x, y) = log(alpha/(n-1) e^x + (1 - alpha) e^y), so
+that S_ii and LSE'_i each enter a term once and autograd yields the sums above, exact in float64.
+
+With G = dI/dS, da = scale G b and db = scale G^T a. The fused paths never hold the n x n matrix:
+they walk row blocks (C++) or tiles (Triton) of S and keep a few statistics per row (for alpha:
+S_ii, S_ix_i, x_i, rho_i, V_i and the sums above).
 
 gather=True runs the bound over the global batch of a torch.distributed group: every rank's b
 joins the columns (an all-gather whose backward sums the gradients back to their owners), each
