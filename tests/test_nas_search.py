@@ -21,6 +21,11 @@ SMALL = {"subspaces": [{"name": "a", "layers": [1, 2, 3], "hidden": [32, 48, 64]
                        {"name": "b", "layers": [4, 5, 6], "hidden": [64, 80, 96], "ffn_ratio": [2.0, 3.0, 4.0],
                         "heads": [4, 8]}]}
 
+# Per-layer (HAT / MoS) sub-space: 6 layers x 3 hidden, each layer its own heads and FFN ratio
+# (far too many candidates to enumerate).
+LAYERWISE = {"subspaces": [{"name": "w", "layers": [2, 4, 6], "hidden": [48, 64, 96], "ffn_ratio": [1.0, 2.0, 4.0],
+                            "heads": [2, 4, 8], "layerwise": True}]}
+
 
 class SyntheticEvaluator(search.Evaluator):
     """The Evaluator with a synthetic loss (no SuperLM): smaller and oddly shaped models lose more."""
@@ -31,15 +36,17 @@ class SyntheticEvaluator(search.Evaluator):
     def score(self, arch):
         key = str(arch)
         if key not in self.results:
-            loss = 1.0 / math.log(self.space.params(arch)) + 0.01 * abs(arch.heads - 4) + 0.003 * (arch.layers % 2)
+            heads = arch.heads if isinstance(arch.heads, tuple) else (arch.heads,)
+            loss = 1.0 / math.log(self.space.params(arch)) + 0.01 * sum(abs(h - 4) for h in heads) / len(heads) \
+                + 0.003 * (arch.layers % 2)
             costs = self.costs(arch)
             self.results[key] = {"arch": key, "subspace": self.space.subspace_of(arch).name, "loss": loss, **costs,
                                  "feasible": not self.budget.violations(costs)}
         return self.results[key]
 
 
-def _evaluator(budget=None):
-    space = SearchSpace.from_dict(SMALL, TEACHER)
+def _evaluator(budget=None, layerwise=False):
+    space = SearchSpace.from_dict(LAYERWISE if layerwise else SMALL, TEACHER)
     return SyntheticEvaluator(space, budget or search.Budget(flops=0.5 * space.teacher_flops(16)))
 
 
@@ -194,3 +201,20 @@ def test_export_writes_a_plain_model_equal_to_the_sub_network(trained, tmp_path)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="already exists"):
         search.export_candidate(config, arch, output)
+
+
+@pytest.mark.parametrize("method", ["evolution", "nsga2"])
+def test_per_layer_spaces_are_searched_reproducibly_within_the_budget(method):
+    runs = []
+    for _ in range(2):
+        evaluator = _evaluator(layerwise=True)
+        if method == "evolution":
+            rows = search.evolution_search(evaluator, _settings(generations=3), random.Random(0))
+        else:
+            rows = search.nsga2_search(evaluator, run_config.NasNsga2(trials=30, population=6, objective="flops"), 0)
+        runs.append([r["arch"] for r in rows])
+        subspace = evaluator.space.subspaces[0]
+        archs = [search._parse(evaluator.space, r["arch"]) for r in rows]
+        assert rows and all(r["feasible"] for r in rows) and all(subspace.contains(a) for a in archs)
+        assert any(len(set(a.heads)) > 1 or len(set(a.ffn_ratio)) > 1 for a in archs)  # layers do differ
+    assert runs[0] == runs[1]
