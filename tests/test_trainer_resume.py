@@ -47,12 +47,15 @@ def _last_logged_step(log) -> int:
     return max([r["step"] for r in _records(log) if "eval" not in r], default=0)
 
 
-def _distill(config_path, output_dir, stop_at=None, signum=None):
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _distill(config_path, output_dir, stop_at=None, signum=None, launcher=(sys.executable,)):
     """`pykd distill` in a subprocess; with stop_at, sends `signum` once a step >= stop_at is logged.
     Returns (exit code, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(output_dir.parent / f"{output_dir.name}.stderr", "w+") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "pykd.cli", "distill", str(config_path)],
+        process = subprocess.Popen([*launcher, "-m", "pykd.cli", "distill", str(config_path)],
                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         deadline = time.monotonic() + 600
         while stop_at is not None and _last_logged_step(output_dir / "log.jsonl") < stop_at:
@@ -70,6 +73,7 @@ def _checkpoint_step(output_dir) -> int:
     return torch.load(output_dir / "checkpoint.pt", weights_only=True)["step"]
 
 
+@pytest.mark.slow  # five CLI processes: about 30 s on an idle 2-core machine
 def test_sigterm_sigint_and_a_kill_lose_no_step_and_log_each_step_once(tmp_path):
     """SIGTERM, resume, SIGINT, resume, SIGKILL (steps logged after the last checkpoint), resume: the
     parameters are bit-equal to an uninterrupted run's and the log is that run's log, line for line."""
@@ -103,6 +107,19 @@ def test_sigterm_sigint_and_a_kill_lose_no_step_and_log_each_step_once(tmp_path)
     steps = [r["step"] for r in _records(chain / "log.jsonl") if "eval" not in r]
     assert steps == list(range(3, STEPS, 3)) + [STEPS]
     assert _records(chain / "log.jsonl") == _records(straight / "log.jsonl")
+
+
+@pytest.mark.slow  # two torchrun jobs
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun forwards the signal to each rank at its own moment; the ranks agree on one step."""
+    path = tmp_path / "ddp.yaml"
+    path.write_text(json.dumps(_unlabeled(tmp_path, "ddp", batch_size=4)))
+    code, stderr = _distill(path, tmp_path / "ddp", stop_at=3, signum=signal.SIGTERM, launcher=TORCHRUN)
+    step = _checkpoint_step(tmp_path / "ddp")
+    assert stderr.count(f"stopped by SIGTERM after step {step};") == 2, stderr[-3000:]
+    assert _distill(path, tmp_path / "ddp", launcher=TORCHRUN)[0] == 0
+    steps = [r["step"] for r in _records(tmp_path / "ddp" / "log.jsonl") if "eval" not in r]
+    assert steps == list(range(3, STEPS, 3)) + [STEPS]
 
 
 def _stopped_run(tmp_path, **train):
@@ -246,3 +263,15 @@ def test_a_regression_eval_split_of_one_example_fails_before_training(tmp_path):
     values = _finetune_values(tmp_path, dataset, kind="regression", max_eval_examples=1)
     with pytest.raises(ValueError, match=r"the eval split has 1 example\(s\), a regression evaluation needs 2"):
         Trainer(run_config.from_dict(values), "finetune")
+
+
+def test_a_teacher_fine_tuned_on_other_classes_fails_before_training(tmp_path):
+    Trainer(run_config.from_dict(_finetune_values(tmp_path, _labeled_csv(tmp_path, ["neg", "pos"] * 8))),
+            "finetune").train()
+    other = _labeled_csv(tmp_path, ["neg", "neutral", "pos"] * 6, name="three.csv")
+    values = _finetune_values(tmp_path, other)
+    values["teacher"]["finetuned"] = str(tmp_path / "teacher_run" / "model")
+    values["train"]["output_dir"] = str(tmp_path / "student_run")
+    with pytest.raises(ValueError, match=r"predicts 2 classes \['neg', 'pos'\], but data.dataset .*three.csv' has 3 "
+                                         r"classes \['neg', 'neutral', 'pos'\]: fine-tune the teacher on this data"):
+        Trainer(run_config.from_dict(values), "distill")

@@ -40,7 +40,7 @@ from .config import RunConfig, resume_conflicts, to_dict
 from .augment import WordEmbeddingMixup
 from .losses import DistillationObjective, ForwardView, ModelShape
 from .metrics import task_metrics
-from .models import build_student, load_pretrained, load_tokenizer
+from .models import build_student, load_pretrained, load_tokenizer, resolve_model_path
 from .stopping import StopRequests, TrainingInterrupted
 
 CHECKPOINT = "checkpoint.pt"
@@ -330,11 +330,26 @@ class Trainer:
         if kind != "unlabeled" and not self.config.teacher.finetuned:
             raise ValueError("task-specific KD needs a teacher fine-tuned on the task: run `pykd finetune` and set "
                              "teacher.finetuned to its output directory (or use data.kind unlabeled)")
+        if kind == "classification":
+            self._check_teacher_classes(self.config.teacher.finetuned)
         teacher = load_pretrained(self.config.teacher.finetuned or self.config.teacher.path, kind, self.num_labels)
         student = build_student(teacher, self.config.student)
         objective = DistillationObjective(self.config.losses, _shape(teacher), _shape(student), kind)
         mixup = WordEmbeddingMixup(self.config.augment.mixup_alpha) if self.config.augment.mixup else None
         return DistillStep(teacher, student, objective, mixup)
+
+    def _check_teacher_classes(self, finetuned: str) -> None:
+        """The fine-tuned teacher's classes must be the data's (pykd finetune saves their names; a
+        teacher with transformers' default LABEL_i names is checked by count only)."""
+        from transformers import AutoConfig
+
+        names = AutoConfig.from_pretrained(resolve_model_path(finetuned)).id2label
+        names = [names[i] for i in sorted(names)]
+        generic = names == [f"LABEL_{i}" for i in range(len(names))]
+        if len(names) != len(self.label_names) or not (generic or names == self.label_names):
+            raise ValueError(f"teacher.finetuned {finetuned!r} predicts {len(names)} classes {names}, but "
+                             f"data.dataset {self.config.data.dataset!r} has {len(self.label_names)} classes "
+                             f"{self.label_names}: fine-tune the teacher on this data")
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         if self.world == 1 or getattr(module, "owns_backward", False):
