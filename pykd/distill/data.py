@@ -166,7 +166,7 @@ def drop_empty_text(dataset, name: str):
     """Rows whose text (or text_pair) is missing or blank are dropped (a blank line in a .txt file
     separates paragraphs); a column holding anything but strings is an error."""
     columns = [c for c in ("text", "text_pair") if c in dataset.column_names]
-    values = [list(dataset[c]) for c in columns]
+    values = [dataset[c][:] for c in columns]  # a slice reads the column at once; iterating costs ~30 us a row
     for column, cells in zip(columns, values):
         bad = next((i for i, v in enumerate(cells) if v is not None and not isinstance(v, str)), None)
         if bad is not None:
@@ -188,7 +188,7 @@ def classification_labels(dataset, name: str):
     """
     from datasets import ClassLabel
 
-    labels = list(dataset["label"])
+    labels = dataset["label"][:]
     feature = dataset.features["label"]
     if isinstance(feature, ClassLabel):
         classes, values, names = list(range(feature.num_classes)), labels, list(feature.names)
@@ -226,7 +226,7 @@ def _class_values(labels: list, name: str) -> list:
 
 def regression_labels(dataset, name: str):
     """Labels as finite floats."""
-    labels = list(dataset["label"])
+    labels = dataset["label"][:]
     for row, value in enumerate(labels):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"data.dataset {name!r}: regression labels must be finite numbers, but row {row} "
