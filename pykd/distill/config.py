@@ -17,6 +17,9 @@ import yaml
 class TeacherConfig:
     path: str = "minilm-l6"  # "minilm-l6" (the packaged all-MiniLM-L6-v2), a hub name or a local directory
     finetuned: str | None = None  # a directory written by `pykd finetune`; task-specific KD needs one
+    # Compute the teacher's logits over the training set once, cache them on disk (pykd.distill.teacher_cache)
+    # and skip the teacher forward when the objective needs only its logits (no hidden/relation/MI term).
+    cache_logits: bool = False
 
 
 @dataclass
@@ -317,6 +320,9 @@ def _validate(config: RunConfig) -> RunConfig:
     if config.data.kind == "unlabeled" and config.losses.prediction.type != "none":
         raise ValueError("task-agnostic KD (data.kind unlabeled) has no prediction layer: "
                          "set losses.prediction.type to none")
+    if config.data.kind == "unlabeled" and config.teacher.cache_logits:
+        raise ValueError("teacher.cache_logits caches the teacher's task logits, which task-agnostic KD "
+                         "(data.kind unlabeled) does not have: set it to false")
     _validate_ranges(config, as_dict)
     _validate_nas(config.nas, as_dict)
     _validate_augment(config)

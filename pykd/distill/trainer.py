@@ -116,13 +116,24 @@ class DistillStep(nn.Module):
             with torch.no_grad():
                 teacher_inputs = self.mixup.inputs(self.teacher, batch, lam, perm)
             student_inputs = self.mixup.inputs(self.student, batch, lam, perm)
-        with torch.no_grad():
-            teacher = self._run(self.teacher, teacher_inputs)
+        if self.cached_logits_suffice(batch):  # pykd.distill.teacher_cache: no teacher forward at all
+            teacher = ForwardView(logits=batch["teacher_logits"].float(), hidden_states=(), layers=[],
+                                  mask=teacher_inputs["attention_mask"].bool())
+        else:
+            with torch.no_grad():
+                teacher = self._run(self.teacher, teacher_inputs)
         student = self._run(self.student, student_inputs)
         if "teacher_logits" in batch:  # the soft labels cached with an augmented training set
             teacher.logits = torch.cat([batch["teacher_logits"].float(), teacher.logits[rows:].float()])
         labels, label_rows = _gold_labels(batch, len(student.mask))
         return self.objective(teacher, student, labels, label_rows)
+
+    def cached_logits_suffice(self, batch: dict) -> bool:
+        """The batch carries the teacher's cached logits, and the objective reads nothing else of the
+        teacher's forward (no hidden, relation or MI term, no mixup rows to label)."""
+        objective = self.objective
+        return ("teacher_logits" in batch and self.mixup is None and objective.hidden is None
+                and objective.relation is None and objective.mi is None)
 
     def trained_model(self) -> nn.Module:
         return self.student
@@ -249,6 +260,7 @@ class Trainer:
         self.step_module = self._build_step().to(self.device)
         self._check_models()
         self._augment_train_set()
+        self._cache_teacher_logits()
         self.model = self._wrap(self.step_module)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
@@ -304,6 +316,16 @@ class Trainer:
 
         self.train_set = augmented_train_set(self.train_set, self.config.augment, self.step_module.teacher,
                                              self.collate, self.config.data.kind, self.device, log)
+
+    def _cache_teacher_logits(self) -> None:
+        """teacher.cache_logits: the teacher's logits over the training set, computed once per
+        (teacher, data, max_length) and cached on disk (an augmented set already carries them)."""
+        if not isinstance(self.step_module, DistillStep) or not self.config.teacher.cache_logits:
+            return
+        from .teacher_cache import with_teacher_logits
+
+        self.train_set = with_teacher_logits(self.train_set, self.step_module.teacher, self.collate, self.device,
+                                             log=print if self.rank == 0 else None)
 
     def _check_models(self) -> None:
         """data.max_length within every model's positions; class names into the trained model's config."""

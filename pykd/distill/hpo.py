@@ -1,0 +1,695 @@
+"""Hyper-parameter search over Distiller's whole KD pipeline with Optuna (`pykd hpo`).
+
+A search is a run config (the base: teacher, student, data, train) plus a *space file* (YAML, see
+`DEFAULT_SPACE`) with two sections:
+
+    study:  name, storage, sampler (tpe | random), pruner (median | hyperband | none), metric,
+            direction, seed, startup_trials, output
+    space:  dimension -> {choices: [...]} | {low: a, high: b, log: bool, int: bool}
+
+Dimensions are the pipeline's named choices (PIPELINE_DIMENSIONS: augmentation policy, prediction
+loss and temperature, hard-label weight, intermediate loss with its mapping, MI bound and alpha,
+loss weights, learning rate) or any run-config key written with dots (`train.batch_size`).
+Conditional dimensions (temperature needs prediction; mapping, mi_* and intermediate_weight need
+intermediate) are drawn only when their parent's value uses them, and need their parent in the space.
+
+Storage: SQLite in the output directory by default, any SQLAlchemy URL (`postgresql://...`), or a
+journal file (`journal:PATH`). Finished trials are in the storage the moment they are told, so a
+killed worker loses only the trial it was running; that trial is failed and re-queued with the same
+parameters (and resumes from its checkpoint) by the next worker that starts on the same machine
+(a dead process id), or, for RDB storages, by any worker once its heartbeat is stale. Workers on
+one machine or many share a study by pointing at the same storage and study name. Under torchrun,
+rank 0 talks to the study and broadcasts each trial's config and pruning decisions; every rank
+trains the same trial.
+
+The space and the base config are fingerprinted into the study's user attrs; resuming a study with
+another space or base config is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import config as run_config
+
+DEFAULT_SPACE = """
+study:
+  name: pykd-hpo
+  storage: null        # null: sqlite:///<output>/study.db; any SQLAlchemy URL; journal:PATH for a journal file
+  sampler: tpe         # tpe | random
+  pruner: median       # median | hyperband | none
+  metric: null         # the eval metric to optimise; null: accuracy (classification), pearson (regression)
+  direction: maximize  # maximize | minimize
+  seed: null           # sampler seed; give parallel workers different seeds (or null)
+  startup_trials: 5    # random trials before TPE models, and trials before the median pruner prunes
+  output: runs/hpo
+space:
+  augment: {choices: [none, swap, delete, synonym]}
+  prediction: {choices: [soft_ce, mse]}
+  temperature: {low: 1.0, high: 8.0, log: true}
+  prediction_weight: {low: 0.1, high: 2.0}
+  hard_weight: {low: 0.0, high: 1.0}
+  intermediate: {choices: [none, mse, cosine, pkd, relation, mi]}
+  intermediate_weight: {low: 0.01, high: 10.0, log: true}
+  mapping: {choices: [skip, uniform, last, emd]}
+  mi_mapping: {choices: [skip, uniform, last]}
+  mi_bound: {choices: [alpha, infonce, nwj, js]}
+  mi_alpha: {low: 0.5, high: 0.99}
+  lr: {low: 1.0e-5, high: 1.0e-3, log: true}
+"""
+
+INTERMEDIATE = ("none", "mse", "cosine", "pkd", "relation", "mi")
+HIDDEN_TYPES = ("mse", "cosine", "pkd")
+# name -> (parent dimension, the parent values under which it is drawn); None: always drawn.
+PIPELINE_DIMENSIONS = {
+    "augment": None,
+    "augment_copies": ("augment", None),  # None: any value but "none"
+    "mixup": None,
+    "prediction": None,
+    "temperature": ("prediction", ("soft_ce",)),
+    "prediction_weight": None,
+    "hard_weight": None,
+    "intermediate": None,
+    "intermediate_weight": ("intermediate", ("mse", "cosine", "pkd", "relation", "mi")),
+    "mapping": ("intermediate", ("mse", "cosine", "pkd", "relation")),
+    "mi_mapping": ("intermediate", ("mi",)),
+    "mi_bound": ("intermediate", ("mi",)),
+    "mi_alpha": ("mi_bound", ("alpha",)),
+    "lr": None,
+}
+CATEGORICAL_VALUES = {
+    "prediction": ("soft_ce", "mse"),
+    "intermediate": INTERMEDIATE,
+    "mapping": ("skip", "uniform", "last", "emd"),
+    "mi_mapping": ("skip", "uniform", "last"),
+    "mi_bound": ("alpha", "infonce", "nwj", "tuba", "js"),
+    "mixup": (False, True),
+}
+STUDY_KEYS = {"name": str, "storage": (str, type(None)), "sampler": str, "pruner": str, "metric": (str, type(None)),
+              "direction": str, "seed": (int, type(None)), "startup_trials": int, "output": str}
+STUDY_CHOICES = {"sampler": ("tpe", "random"), "pruner": ("median", "hyperband", "none"),
+                 "direction": ("maximize", "minimize")}
+SPEC_KEYS = {"choices", "low", "high", "log", "int"}
+RETRY_ATTR = "pykd_retry_of"
+WORKER_ATTR = "pykd_worker"
+
+
+@dataclass
+class Dimension:
+    name: str
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+
+@dataclass
+class SearchSpec:
+    """A parsed space file: the study settings and the dimensions, in the file's order."""
+    study: dict
+    dimensions: list[Dimension]
+
+    def fingerprint(self) -> str:
+        space = [vars(d) for d in self.dimensions]
+        key = {"space": space, "metric": self.study["metric"], "direction": self.study["direction"]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- the space file ----
+
+def load_space(path: str | None = None) -> SearchSpec:
+    """The space file at `path` (None: DEFAULT_SPACE); study keys it omits take DEFAULT_SPACE's values."""
+    text = DEFAULT_SPACE
+    if path is not None:
+        with open(path) as handle:
+            text = handle.read()
+    values = yaml.safe_load(text) or {}
+    where = path or "the default space"
+    if not isinstance(values, dict):
+        raise ValueError(f"hpo space file {where} must be a mapping with study and space sections")
+    unknown = sorted(set(values) - {"study", "space"})
+    if unknown:
+        raise ValueError(f"hpo space file {where}: unknown section(s) {unknown}; it takes study and space")
+    study = dict(yaml.safe_load(DEFAULT_SPACE)["study"])
+    study.update(values.get("study") or {})
+    return SearchSpec(_checked_study(study), parse_dimensions(values.get("space") or {}))
+
+
+def _checked_study(study: dict) -> dict:
+    for key, value in study.items():
+        if key not in STUDY_KEYS:
+            raise ValueError(f"unknown hpo key study.{key}; study takes {sorted(STUDY_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, STUDY_KEYS[key]):
+            raise ValueError(f"hpo key study.{key} has the wrong type: got {value!r}")
+    for key, choices in STUDY_CHOICES.items():
+        if study[key] not in choices:
+            raise ValueError(f"hpo key study.{key} must be one of {choices}, got {study[key]!r}")
+    if study["startup_trials"] < 0:
+        raise ValueError(f"hpo key study.startup_trials must be >= 0, got {study['startup_trials']}")
+    return study
+
+
+def parse_dimensions(space: dict) -> list[Dimension]:
+    """Each entry checked: a known pipeline dimension or run-config key, a valid spec, parents present."""
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"hpo section space must be a non-empty mapping of dimensions, got {space!r}")
+    defaults = run_config.flatten(run_config.to_dict(run_config.DEFAULT))
+    dimensions = []
+    for name, spec in space.items():
+        if name not in PIPELINE_DIMENSIONS and name not in defaults:
+            raise ValueError(f"unknown hpo dimension space.{name}: it is neither a pipeline dimension "
+                             f"{sorted(PIPELINE_DIMENSIONS)} nor a run-config key (section.key, e.g. train.batch_size)")
+        dimensions.append(_dimension(name, spec))
+    names = {d.name for d in dimensions}
+    for dimension in dimensions:
+        parent = PIPELINE_DIMENSIONS.get(dimension.name)
+        if parent is not None and parent[0] not in names:
+            raise ValueError(f"hpo dimension space.{dimension.name} is drawn only for some values of "
+                             f"{parent[0]}, so space.{parent[0]} must be in the space too")
+    return dimensions
+
+
+def _dimension(name: str, spec) -> Dimension:
+    if not isinstance(spec, dict) or not spec or set(spec) - SPEC_KEYS:
+        raise ValueError(f"hpo dimension space.{name} takes {{choices: [...]}} or {{low: a, high: b, log: bool, "
+                         f"int: bool}}, got {spec!r}")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
+            raise ValueError(f"hpo dimension space.{name}: choices must be a non-empty list alone, got {spec!r}")
+        _check_choices(name, choices)
+        return Dimension(name, choices=choices)
+    low, high = spec.get("low"), spec.get("high")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not numbers or not low < high:
+        raise ValueError(f"hpo dimension space.{name} needs numbers low < high, got low={low!r}, high={high!r}")
+    if spec.get("log") and low <= 0:
+        raise ValueError(f"hpo dimension space.{name} is log-scaled, so low must be > 0, got {low}")
+    integer = bool(spec.get("int", False))
+    if integer and not (float(low).is_integer() and float(high).is_integer()):
+        raise ValueError(f"hpo dimension space.{name} is int, so low and high must be integers, got {low}, {high}")
+    if name in CATEGORICAL_VALUES or name == "augment":
+        raise ValueError(f"hpo dimension space.{name} is categorical: give it choices, got {spec!r}")
+    return Dimension(name, low=low, high=high, log=bool(spec.get("log", False)), integer=integer)
+
+
+def _check_choices(name: str, choices: list) -> None:
+    if name == "augment":
+        from .augment import OPERATIONS
+
+        for policy in choices:
+            ops = [] if policy == "none" else str(policy).split("+")
+            bad = [op for op in ops if op not in OPERATIONS]
+            if bad:
+                raise ValueError(f"hpo dimension space.augment: policy {policy!r} has unknown operation(s) {bad}; "
+                                 f"policies are none or operations from {OPERATIONS} joined by '+'")
+    elif name in CATEGORICAL_VALUES:
+        bad = [c for c in choices if c not in CATEGORICAL_VALUES[name]]
+        if bad:
+            raise ValueError(f"hpo dimension space.{name} takes choices from {CATEGORICAL_VALUES[name]}, got {bad}")
+
+
+# ---- a pipeline (named dimension values) as config values ----
+
+def _applies(name: str, params: dict) -> bool:
+    parent = PIPELINE_DIMENSIONS.get(name)
+    if parent is None:
+        return True
+    value = params.get(parent[0])
+    if parent[1] is None:
+        return value not in (None, "none")
+    return value in parent[1]
+
+
+def pipeline_values(base: dict, params: dict) -> dict:
+    """The run-config values of `base` with the pipeline `params` ({dimension: value}) applied.
+
+    `intermediate` picks exactly one intermediate loss (Distiller's single intermediate stage):
+    the others are switched off; relation keeps the base config's relations (qk, vv by default).
+    """
+    values = copy.deepcopy(base)
+    section = lambda *path: _section(values, path)  # noqa: E731
+    for name, value in params.items():
+        if "." in name:
+            *path, key = name.split(".")
+            section(*path)[key] = value
+    if "augment" in params:
+        section("augment")["policy"] = [] if params["augment"] == "none" else params["augment"].split("+")
+    simple = {"augment_copies": ("augment", "copies"), "mixup": ("augment", "mixup"),
+              "prediction": ("losses", "prediction", "type"), "temperature": ("losses", "prediction", "temperature"),
+              "prediction_weight": ("losses", "prediction", "weight"),
+              "hard_weight": ("losses", "prediction", "hard_weight"), "lr": ("train", "lr")}
+    for name, (*path, key) in simple.items():
+        if name in params:
+            section(*path)[key] = params[name]
+    if "intermediate" in params:
+        _set_intermediate(section, params)
+    return values
+
+
+def _set_intermediate(section, params: dict) -> None:
+    choice = params["intermediate"]
+    hidden, relation, mi = section("losses", "hidden"), section("losses", "relation"), section("losses", "mi")
+    hidden["type"] = choice if choice in HIDDEN_TYPES else "none"
+    if choice != "relation":
+        relation["relations"] = []
+    elif not relation.get("relations"):
+        relation["relations"] = list(run_config.DEFAULT.losses.relation.relations)
+    mi["bound"] = params.get("mi_bound", "alpha") if choice == "mi" else "none"
+    term = {"mse": hidden, "cosine": hidden, "pkd": hidden, "relation": relation, "mi": mi}.get(choice)
+    if term is None:
+        return
+    if "intermediate_weight" in params:
+        term["weight"] = params["intermediate_weight"]
+    if choice == "mi":
+        if "mi_mapping" in params:
+            mi["mapping"] = params["mi_mapping"]
+        if "mi_alpha" in params:
+            mi["alpha"] = params["mi_alpha"]
+    elif "mapping" in params:
+        term["mapping"] = params["mapping"]
+
+
+def _section(values: dict, path) -> dict:
+    node = values
+    for part in path:
+        node = node.setdefault(part, {})
+    return node
+
+
+def sample_pipeline(trial, dimensions: list[Dimension]) -> dict:
+    """Define-by-run: a dimension is suggested only when its parent's value uses it."""
+    params = {}
+    for dimension in dimensions:
+        if _applies(dimension.name, params):
+            params[dimension.name] = dimension.suggest(trial)
+    return params
+
+
+# ---- storage and study ----
+
+def open_storage(url: str):
+    """An Optuna storage for `url`: journal:PATH (a journal file) or an SQLAlchemy URL."""
+    import optuna
+
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            path = url[len("journal:"):]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        engine, lock = None, None
+        if url.startswith("sqlite:///"):
+            database = Path(url[len("sqlite:///"):])
+            database.parent.mkdir(parents=True, exist_ok=True)
+            # Workers wait for each other's writes instead of failing with "database is locked", and
+            # the first one creates the schema alone (concurrent creation breaks on alembic's table).
+            engine, lock = {"connect_args": {"timeout": 120}}, database.with_name(database.name + ".lock")
+        with _file_lock(lock), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeats are marked experimental
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
+                                              heartbeat_stale_trial_callback=_requeue_failed)
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy, drivers and the OS raise many types
+        raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {error}") from None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None):
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _requeue_failed(study, trial) -> None:
+    """A trial failed by a stale heartbeat (its worker died) runs again with the same parameters."""
+    origin = trial.user_attrs.get(RETRY_ATTR, trial.number)
+    study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: origin}, skip_if_exists=False)
+
+
+def _sampler(study: dict):
+    import optuna
+
+    if study["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=study["seed"])
+    return optuna.samplers.TPESampler(seed=study["seed"], n_startup_trials=study["startup_trials"])
+
+
+def _pruner(study: dict, base):
+    import optuna
+
+    if study["pruner"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=study["startup_trials"])
+    if study["pruner"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=base.train.eval_every, max_resource=base.train.steps)
+    return optuna.pruners.NopPruner()
+
+
+def _base_fingerprint(base_values: dict) -> str:
+    flat = run_config.flatten(run_config.to_dict(run_config.from_dict(base_values)))
+    flat.pop("train.output_dir", None)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_study(spec: SearchSpec, base_values: dict):
+    """The study (created or loaded) after checking it was made with this space and base config."""
+    import optuna
+
+    base = run_config.from_dict(base_values)
+    url = spec.study["storage"] or f"sqlite:///{Path(spec.study['output']).resolve() / 'study.db'}"
+    storage = open_storage(url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=spec.study["name"], storage=storage, sampler=_sampler(spec.study),
+                                pruner=_pruner(spec.study, base), direction=spec.study["direction"],
+                                load_if_exists=True)
+    expected = {"pykd_space": spec.fingerprint(), "pykd_base_config": _base_fingerprint(base_values)}
+    for key, value in expected.items():
+        stored = study.user_attrs.get(key)
+        if stored is None:
+            study.set_user_attr(key, value)
+        elif stored != value:
+            what = "search space (space file)" if key == "pykd_space" else "base run config"
+            raise ValueError(f"study {spec.study['name']!r} in {url} was created with another {what} "
+                             f"(fingerprint {stored}, this one {value}); use the original, or a new study.name")
+    return study, url
+
+
+# ---- trials ----
+
+def metric_name(spec: SearchSpec, base) -> str:
+    if spec.study["metric"]:
+        return spec.study["metric"]
+    return "pearson" if base.data.kind == "regression" else "accuracy"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_workers(study) -> list[int]:
+    """RUNNING trials of workers on this machine whose process is gone: failed and re-queued with the
+    same parameters (the re-run resumes from the dead trial's checkpoint). Returns their numbers."""
+    import optuna
+
+    host, recovered = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR, "")
+        name, _, pid = worker.rpartition(":")
+        if name != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - another worker recovered it first
+            continue
+        _requeue_failed(study, trial)
+        recovered.append(trial.number)
+    return recovered
+
+
+def _finished_or_running(study) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def trial_directory(output: str, trial) -> Path:
+    """trials/trial-NNNN of the trial, or of the trial it re-runs (so the re-run resumes its checkpoint)."""
+    number = trial.user_attrs.get(RETRY_ATTR, trial.number)
+    return Path(output) / "trials" / f"trial-{number:04d}"
+
+
+def write_trial_config(values: dict, directory: Path) -> Path:
+    """The trial's full run config as YAML; `pykd distill` re-runs it (it resumes or starts in `directory`)."""
+    config = run_config.from_dict(values)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    partial = path.with_suffix(".yaml.partial")
+    partial.write_text(yaml.safe_dump(run_config.to_dict(config), sort_keys=False))
+    os.replace(partial, path)
+    return path
+
+
+class _Heartbeat:
+    """Records a trial's heartbeat every interval (RDB storages; the journal has none)."""
+
+    def __init__(self, study, trial):
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        self.study, self.trial = study, trial
+        self.enabled = is_heartbeat_enabled(study._storage)
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            self.study._storage.record_heartbeat(self.trial._trial_id)
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+        return self
+
+    def _beat(self):
+        interval = self.study._storage.get_heartbeat_interval()
+        while not self.stop.wait(interval):
+            self.study._storage.record_heartbeat(self.trial._trial_id)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+def _broadcast(value):
+    """rank 0's value on every rank (itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _trial_trainer(values: dict, on_eval):
+    """A distillation Trainer whose intermediate evaluations go to `on_eval(step, metrics)`."""
+    from .trainer import Trainer
+
+    class TrialTrainer(Trainer):
+        def _log(self, record: dict) -> None:
+            super()._log(record)
+            if "eval" in record and not record.get("final"):
+                on_eval(record["step"], record["eval"])
+
+    return TrialTrainer(run_config.from_dict(values), "distill")
+
+
+def run_trial(values: dict, metric: str, trial=None) -> float:
+    """Trains one trial (every rank); rank 0 reports to `trial` and prunes. Returns the final metric."""
+    import optuna
+
+    def on_eval(step: int, metrics: dict) -> None:
+        prune = False
+        if trial is not None:
+            trial.report(_metric(metrics, metric), step)
+            prune = trial.should_prune()
+        if _broadcast(prune):
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+    history = _trial_trainer(values, on_eval).train()
+    final = [r for r in history if r.get("final")]
+    return _metric(final[-1]["eval"], metric)
+
+
+def _metric(metrics: dict, name: str) -> float:
+    if name not in metrics:
+        raise ValueError(f"hpo study.metric {name!r} is not an evaluation metric of this task; it has "
+                         f"{sorted(metrics)}")
+    return float(metrics[name])
+
+
+def run_study(base_values: dict, spec: SearchSpec, trials: int, log=print) -> dict:
+    """Runs trials until the study holds `trials` finished (complete or pruned) or running ones.
+
+    Returns {"study": name, "storage": url, "best": {...} or None, "csv": path, "plots": [paths]}.
+    """
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"--trials must be an integer >= 1, got {trials!r}")
+    from .trainer import _world
+
+    base = run_config.from_dict(base_values)  # a bad base config fails before any trial
+    metric, output = metric_name(spec, base), spec.study["output"]
+    rank, _ = _world()
+    study = url = None
+    if rank == 0:
+        study, url = open_study(spec, base_values)
+        recovered = recover_dead_workers(study)
+        if recovered:
+            log(f"[hpo] re-queued trial(s) {recovered} of dead workers on this machine")
+    while True:
+        trial, job = _next_trial(study, spec, base_values, trials, output) if rank == 0 else (None, None)
+        job = _broadcast(job)
+        if job is None:
+            break
+        _run_one(study, trial, job, metric, log)
+    if rank != 0:
+        return {}
+    return summarize(study, url, output, log)
+
+
+def _next_trial(study, spec, base_values, trials, output):
+    import optuna
+
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if is_heartbeat_enabled(study._storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # marked experimental since optuna 2.9
+            optuna.storages.fail_stale_trials(study)
+    if _finished_or_running(study) >= trials:
+        return None, None
+    trial = study.ask()
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    params = sample_pipeline(trial, spec.dimensions)
+    directory = trial_directory(output, trial)
+    values = pipeline_values(base_values, params)
+    values.setdefault("train", {})["output_dir"] = str(directory)
+    values.setdefault("teacher", {}).setdefault("cache_logits", True)
+    write_trial_config(values, directory)
+    return trial, {"number": trial.number, "values": values}
+
+
+def _run_one(study, trial, job: dict, metric: str, log) -> None:
+    """Trains the trial and tells the study (rank 0). A trial stopped by SIGINT/SIGTERM is failed and
+    re-queued, so the next worker resumes it from its checkpoint; other errors fail it and propagate."""
+    import optuna
+
+    from .stopping import TrainingInterrupted
+
+    heartbeat = _Heartbeat(study, trial) if trial is not None else None
+    state, value = optuna.trial.TrialState.FAIL, None
+    try:
+        with heartbeat or _nothing():
+            value = run_trial(job["values"], metric, trial)
+        state = optuna.trial.TrialState.COMPLETE
+    except optuna.TrialPruned:
+        state = optuna.trial.TrialState.PRUNED
+    except TrainingInterrupted:
+        if trial is not None:
+            _requeue_failed(study, trial)
+        raise
+    finally:
+        if trial is not None:
+            if state == optuna.trial.TrialState.COMPLETE and value != value:  # NaN metric
+                state, value = optuna.trial.TrialState.FAIL, None
+            study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+            log(f"[hpo] trial {job['number']}: {state.name.lower()}" +
+                (f", {metric} {value:.4f}" if value is not None else ""))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- results ----
+
+def summarize(study, url: str, output: str, log=print) -> dict:
+    """trials.csv and the history, importance and parallel-coordinate plots in `output`."""
+    import optuna
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = study.trials_dataframe()
+    csv_path = out / "trials.csv"
+    frame.to_csv(csv_path.with_suffix(".csv.partial"), index=False)
+    os.replace(csv_path.with_suffix(".csv.partial"), csv_path)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    plots = write_plots(study, out, log) if complete else []
+    best = None
+    if complete:
+        best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params,
+                "config": str(trial_directory(output, study.best_trial) / "config.yaml")}
+    return {"study": study.study_name, "storage": url, "trials": len(frame), "best": best, "csv": str(csv_path),
+            "plots": plots}
+
+
+def write_plots(study, out: Path, log=print) -> list[str]:
+    """Optuna's matplotlib plots (no plotly needed). Importances need two complete trials with a
+    varying parameter; a plot that cannot be drawn is skipped with its reason."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as plots
+
+    written = []
+    for name, draw in (("history", plots.plot_optimization_history), ("importances", plots.plot_param_importances),
+                       ("parallel_coordinates", plots.plot_parallel_coordinate)):
+        path = out / f"{name}.png"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+                axes = draw(study)
+            figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
+            figure.tight_layout()
+            figure.savefig(path, dpi=110)
+            plt.close(figure)
+            written.append(str(path))
+        except Exception as error:  # noqa: BLE001 - optuna raises ValueError/RuntimeError on too few trials
+            log(f"[hpo] {name} plot skipped: {error}")
+    return written
+
+
+def load_base(path: str | None, overrides: list[str]) -> dict:
+    """The base run config's values (YAML plus --set overrides), checked."""
+    values = {}
+    if path is not None:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    values = run_config.apply_overrides(values, list(overrides))
+    run_config.from_dict(values)
+    return values
+
+
+def print_summary(result: dict, stream=sys.stdout) -> None:
+    print(f"[hpo] study {result['study']} ({result['storage']}): {result['trials']} trials; {result['csv']}",
+          file=stream)
+    if result["best"]:
+        best = result["best"]
+        print(f"[hpo] best: trial {best['number']} = {best['value']:.4f} {json.dumps(best['params'])}", file=stream)
+        print(f"[hpo] re-run it: pykd distill {best['config']}", file=stream)
+    for path in result["plots"]:
+        print(f"[hpo] plot: {path}", file=stream)

@@ -1,0 +1,165 @@
+"""The table of real KD runs AutoDistiller learns from, and its leave-one-dataset-out regret table.
+
+    .venv/bin/python tools/kd_runs_table.py [--datasets rotten_tomatoes,chatterbot_topics,...]
+        [--pipelines default,prediction_only,...] [--finetune-steps 150] [--distill-steps 60]
+        [--max-train 1000] [--max-eval 300] [--output bench/results/kd_runs.csv] [--runs runs/kd_runs]
+
+For each dataset: fine-tune the teacher (packaged MiniLM-L6 by default), compute the dataset's
+meta-features (pykd.distill.autodistiller), then distil the same student with every pipeline of
+PIPELINES and append one row per run: dataset, pipeline, its params (hpo dimension values),
+meta-features, teacher and student scores (accuracy, or Pearson r for regression), ratio =
+student / teacher, seconds. Rows already in the CSV are skipped, so a killed run resumes (its
+trainers resume from their checkpoints too). Then the leave-one-dataset-out evaluation is written
+to <output stem>_regret.md and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pykd.distill import autodistiller, hpo  # noqa: E402
+from pykd.distill import config as run_config  # noqa: E402
+
+# Distiller's stages, one pipeline each; params are pykd.distill.hpo dimension values ({}: pykd's default,
+# soft CE at T=2 with hidden MSE (skip mapping) plus QK/VV relations (last layer)).
+PIPELINES = {
+    "default": {},
+    "prediction_only": {"intermediate": "none"},
+    "logit_mse": {"prediction": "mse", "intermediate": "none"},
+    "hidden_mse_skip": {"intermediate": "mse", "mapping": "skip"},
+    "hidden_cosine_uniform": {"intermediate": "cosine", "mapping": "uniform"},
+    "pkd_last": {"intermediate": "pkd", "mapping": "last"},
+    "relation_last": {"intermediate": "relation", "mapping": "last"},
+    "hidden_mse_emd": {"intermediate": "mse", "mapping": "emd"},
+    "mi_alpha": {"intermediate": "mi", "mi_bound": "alpha", "mi_alpha": 0.9, "mi_mapping": "last"},
+    "augment_eda": {"augment": "swap+delete+synonym", "intermediate": "none"},
+}
+DATASETS = ("rotten_tomatoes", "chatterbot_topics", "reuters_grain", "fortunes")
+COLUMNS = ("dataset", "pipeline", "params", *autodistiller.META_FEATURES, "metric", "teacher_score", "student_score",
+           "ratio", "seconds")
+
+
+def dataset_values(args, dataset: str, output_dir: Path) -> dict:
+    from pykd.distill.datasets import KINDS
+
+    return {"teacher": {"path": args.teacher}, "data": {"dataset": dataset, "kind": KINDS.get(dataset, "classification"),
+                                                        "max_length": args.max_length, "eval_fraction": 0.2,
+                                                        "max_train_examples": args.max_train,
+                                                        "max_eval_examples": args.max_eval},
+            "student": autodistiller.parse_student(args.student),
+            "train": {"steps": args.finetune_steps, "batch_size": args.batch_size, "lr": args.finetune_lr,
+                      "eval_every": 10 ** 6, "log_every": 10, "checkpoint_every": 10 ** 6,
+                      "output_dir": str(output_dir), "progress": False, "seed": args.seed}}
+
+
+def dataset_label(dataset: str) -> str:
+    """The table's name of a dataset: a built-in name as is, a file as <folder>_<stem>."""
+    path = Path(dataset)
+    return f"{path.parent.name}_{path.stem}" if path.suffix else dataset
+
+
+def final_score(history: list[dict], metric: str) -> float:
+    return float([r for r in history if r.get("final")][-1]["eval"][metric])
+
+
+def done_rows(path: Path) -> set[tuple[str, str]]:
+    if not path.is_file():
+        return set()
+    with open(path, newline="") as handle:
+        return {(row["dataset"], row["pipeline"]) for row in csv.DictReader(handle)}
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run_dataset(args, dataset: str, pipelines: list[str], done: set) -> None:
+    from pykd.distill.trainer import Trainer
+
+    label = dataset_label(dataset)
+    root = Path(args.runs) / label
+    teacher_values = dataset_values(args, dataset, root / "teacher")
+    config = run_config.from_dict(teacher_values)
+    metric = "pearson" if config.data.kind == "regression" else "accuracy"
+    started = time.perf_counter()
+    teacher_score = final_score(Trainer(config, "finetune").train(), metric)
+    print(f"[kd-runs] {label}: teacher {metric} {teacher_score:.4f} ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    base = dataset_values(args, dataset, root / "unused")
+    base["teacher"]["finetuned"] = str(root / "teacher" / "model")
+    base["teacher"]["cache_logits"] = True
+    base["train"].update(steps=args.distill_steps, lr=args.distill_lr)
+    meta = autodistiller.meta_features(run_config.from_dict(base))
+    for name in pipelines:
+        if (label, name) in done:
+            continue
+        values = hpo.pipeline_values(base, PIPELINES[name])
+        values["train"]["output_dir"] = str(root / name)
+        started = time.perf_counter()
+        student_score = final_score(Trainer(run_config.from_dict(values), "distill").train(), metric)
+        seconds = time.perf_counter() - started
+        ratio = student_score / teacher_score if teacher_score > 0 else float("nan")
+        append_row(Path(args.output), {"dataset": label, "pipeline": name, "params": json.dumps(PIPELINES[name]),
+                                       **meta, "metric": metric, "teacher_score": teacher_score,
+                                       "student_score": student_score, "ratio": ratio, "seconds": round(seconds, 1)})
+        print(f"[kd-runs] {label} / {name}: student {metric} {student_score:.4f}, ratio {ratio:.4f} "
+              f"({seconds:.0f} s)", flush=True)
+
+
+def evaluate(table: str) -> str:
+    runs = [r for r in autodistiller.read_table(table) if r.ratio == r.ratio]
+    markdown = autodistiller.regret_markdown(autodistiller.leave_one_dataset_out(runs))
+    path = Path(table).with_name(Path(table).stem + "_regret.md")
+    path.write_text(markdown)
+    print(markdown, flush=True)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated data.dataset values")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated, of {list(PIPELINES)}")
+    parser.add_argument("--teacher", default="minilm-l6")
+    parser.add_argument("--student", default="layers=2,hidden=192,heads=6,ffn=768")
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-lr", type=float, default=5e-5)
+    parser.add_argument("--distill-steps", type=int, default=60)
+    parser.add_argument("--distill-lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-train", type=int, default=1000)
+    parser.add_argument("--max-eval", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "kd_runs.csv"))
+    parser.add_argument("--runs", default="runs/kd_runs")
+    parser.add_argument("--evaluate-only", action="store_true", help="only the leave-one-dataset-out table")
+    args = parser.parse_args(argv)
+    pipelines = args.pipelines.split(",")
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown:
+        parser.error(f"unknown pipeline(s) {unknown}; known: {list(PIPELINES)}")
+    started = time.perf_counter()
+    if not args.evaluate_only:
+        done = done_rows(Path(args.output))
+        for dataset in args.datasets.split(","):
+            run_dataset(args, dataset, pipelines, done)
+        print(f"[kd-runs] table {args.output} in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"[kd-runs] regret table: {evaluate(args.output)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
