@@ -4,6 +4,8 @@
     pykd distill  [CONFIG.yaml] [--set key=value ...]   distil into a student (run under torchrun for DDP)
     pykd demo [--output DIR] [--set key=value ...]      fine-tune, distil, evaluate and report
     pykd config                                         print the embedded default configuration
+    pykd hpo [CONFIG.yaml] --trials N [--space S.yaml] [--storage URL] [--set ...]   Optuna search of the KD pipeline
+    pykd recommend [CONFIG.yaml] --data DATASET [--student ...] [--top-k K]   AutoDistiller's top-k pipelines
 
 Without CONFIG the embedded default is used; --set overrides any key (YAML values).
 """
@@ -63,7 +65,59 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     commands.add_parser("config")
+    _pipeline_search_parsers(commands)
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _pipeline_search_parsers(commands) -> None:
+    hpo = commands.add_parser("hpo", help="Optuna search over the KD pipeline (pykd.distill.hpo)")
+    hpo.add_argument("config", nargs="?", help="base run configuration (teacher, student, data, train)")
+    hpo.add_argument("--trials", type=_at_least_one, required=True, help="finished trials the study should hold")
+    hpo.add_argument("--space", help="space file (study and space sections; default: the embedded space)")
+    hpo.add_argument("--storage", help="sqlite:///PATH, any SQLAlchemy URL, or journal:PATH (overrides study.storage)")
+    hpo.add_argument("--study-name", help="overrides study.name")
+    hpo.add_argument("--output", help="overrides study.output (trial runs, trials.csv, plots, default storage)")
+    hpo.add_argument("--seed", type=int, help="overrides study.seed (give parallel workers different seeds)")
+    hpo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    recommend = commands.add_parser("recommend", help="AutoDistiller: rank KD pipelines for a dataset")
+    recommend.add_argument("config", nargs="?", help="base run configuration (needs teacher.finetuned)")
+    recommend.add_argument("--data", required=True, help="the dataset (any data.dataset value)")
+    recommend.add_argument("--student", help="layers=L,hidden=H,heads=A,ffn=F (default: the config's student)")
+    recommend.add_argument("--top-k", type=_at_least_one, default=3)
+    recommend.add_argument("--table", default="bench/results/kd_runs.csv", help="the KD runs table to learn from")
+    recommend.add_argument("--output", default="runs/recommend", help="where the top-k configs are written")
+    recommend.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+
+
+def _pipeline_search(args) -> None:
+    if args.command == "hpo":
+        from .distill import hpo
+        from .distill.trainer import init_distributed
+
+        spec = hpo.load_space(args.space)
+        for key, value in (("storage", args.storage), ("name", args.study_name), ("output", args.output),
+                           ("seed", args.seed)):
+            if value is not None:
+                spec.study[key] = value
+        init_distributed()
+        result = hpo.run_study(hpo.load_base(args.config, args.overrides), spec, args.trials)
+        if result:
+            hpo.print_summary(result)
+        return
+    from .distill import autodistiller
+
+    autodistiller.print_recommendations(autodistiller.recommend_cli(
+        args.config, args.overrides, args.data, args.student, args.top_k, args.table, args.output))
 
 
 def _train(mode: str, config) -> None:
@@ -105,6 +159,8 @@ def main(argv=None) -> int:
             yaml.safe_dump(run_config.to_dict(run_config.DEFAULT), sys.stdout, sort_keys=False)
         elif args.command == "demo":
             demo(args.output, args.overrides)
+        elif args.command in ("hpo", "recommend"):
+            _pipeline_search(args)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
     except TrainingInterrupted as stop:
