@@ -598,7 +598,7 @@ def _run_one(study, trial, job: dict, metric: str, log) -> None:
     heartbeat = _Heartbeat(study, trial) if trial is not None else None
     state, value = optuna.trial.TrialState.FAIL, None
     try:
-        with heartbeat or _nothing():
+        with heartbeat or contextlib.nullcontext():
             value = run_trial(job["values"], metric, trial)
         state = optuna.trial.TrialState.COMPLETE
     except optuna.TrialPruned:
@@ -614,14 +614,6 @@ def _run_one(study, trial, job: dict, metric: str, log) -> None:
             study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
             log(f"[hpo] trial {job['number']}: {state.name.lower()}" +
                 (f", {metric} {value:.4f}" if value is not None else ""))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- results ----
