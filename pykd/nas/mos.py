@@ -101,7 +101,8 @@ class RoutedElasticLinear(nn.Module):
                              f"({self.max_out_features}, {self.max_in_features})")
         if encoding is None:
             raise ValueError("a routed linear needs the architecture encoding of its layer")
-        self.out_features, self.in_features, self.encoding = out_features, in_features, encoding
+        self.out_features, self.in_features = out_features, in_features
+        self.encoding = encoding.to(self.experts_w.device, self.experts_w.dtype)  # once, not per forward
 
     def alpha(self) -> torch.Tensor:
         encoding = self.encoding.to(self.experts_w.device, self.experts_w.dtype)
