@@ -434,7 +434,18 @@ class Trainer:
     # ---- training ----
 
     def train(self, stop_after: int | None = None) -> list[dict]:
-        """Runs to train.steps (or stops, with a checkpoint, after `stop_after` steps in total)."""
+        """Runs to train.steps, resuming from output_dir's checkpoint when train.resume is set.
+
+        Args:
+            stop_after: stop, with a checkpoint, after this many steps in total (None: train.steps).
+
+        Returns:
+            The log records of the whole run (those of earlier runs it resumed included).
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM arrived; the checkpoint holds the last finished step.
+            ValueError: the checkpoint is unreadable, unsafe, or from a run with another configuration.
+        """
         train = self.config.train
         if train.resume and (self.output_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.output_dir / CHECKPOINT)
