@@ -414,8 +414,16 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
-    """The keys, as "key (saved -> current)", on which a checkpoint's config and this run's differ,
-    leaving out RESUMABLE_KEYS. A key only one side has counts as differing."""
+    """What a resumed run changes that its checkpoint depends on.
+
+    Args:
+        saved: the config dict stored in the checkpoint (to_dict of the run that wrote it).
+        current: to_dict of this run's config.
+
+    Returns:
+        "key (saved -> current)" for every key outside RESUMABLE_KEYS whose values differ, sorted;
+        a key only one side has counts as differing.
+    """
     before, after = flatten(saved), flatten(current)
     keys = sorted(key for key in set(before) | set(after)
                   if key not in RESUMABLE_KEYS and (key not in before or key not in after or before[key] != after[key]))

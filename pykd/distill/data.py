@@ -148,7 +148,18 @@ class Prepared:
 
 
 def prepare(dataset, kind: str, name: str) -> Prepared:
-    """Checks the columns, drops rows without text and encodes the labels (see encode_labels)."""
+    """Checks a corpus before training: columns, text (drop_empty_text) and labels.
+
+    Args:
+        dataset: a `datasets.Dataset` from load_corpus.
+        kind: data.kind (classification, regression or unlabeled).
+        name: data.dataset, for error messages.
+
+    Returns:
+        Prepared: the dataset with blank rows dropped and labels as classes 0..K-1
+        (classification_labels) or floats (regression_labels), the class names, and notes on
+        what was changed. Bad data raises ValueError naming the row and the value.
+    """
     check_columns(dataset, kind, name)
     dataset, notes = drop_empty_text(dataset, name)
     if kind == "unlabeled":

@@ -199,8 +199,15 @@ def read_checkpoint(path, device="cpu") -> dict:
     """A checkpoint written by `Trainer.save_checkpoint`, read with torch.load(weights_only=True).
 
     Only tensors and plain values are accepted, so reading a file from elsewhere (a shared output
-    directory, a downloaded run) cannot run code. Every failure is a ValueError naming the file and
-    the way out.
+    directory, a downloaded run) cannot run code.
+
+    Args:
+        path: the checkpoint file.
+        device: where its tensors go (torch.load's map_location).
+
+    Returns:
+        The checkpoint's dict (format CHECKPOINT_FORMAT). Every failure (unreadable, truncated,
+        unsafe, another format) is a ValueError naming the file and the way out.
     """
     way_out = "delete it (the run then starts from step 0) or set train.resume=false"
     try:
