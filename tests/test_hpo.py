@@ -259,3 +259,24 @@ def test_teacher_cache_skips_the_teacher_and_matches_the_live_forward(base, tmp_
     values["losses"] = {"prediction": {"type": "none"}}
     with pytest.raises(ValueError, match="teacher.cache_logits caches the teacher's task logits"):
         run_config.from_dict(values)
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_train_the_trial_rank_0_drew(base, tmp_path):
+    url = f"journal:{tmp_path / 'study.log'}"
+    space, config = _spec(tmp_path, storage=url), _base_file(base, tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "pykd.cli", "hpo", config, "--trials", "2", "--space", str(space)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = _trials(url)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2  # one study trial per trial, not per rank
+    import torch
+
+    for trial in trials:
+        directory = tmp_path / "hpo" / "trials" / f"trial-{trial.number:04d}"
+        state = torch.load(directory / "checkpoint.pt", weights_only=True)
+        assert state["world"] == 2 and state["step"] == 4  # both ranks trained it together
+        assert run_config.to_dict(run_config.load(str(directory / "config.yaml"))) == state["config"]
+    assert done.stdout.count("[hpo] best: trial") == 1  # only rank 0 reports
