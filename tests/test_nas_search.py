@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,27 @@ def test_per_layer_spaces_are_searched_reproducibly_within_the_budget(method):
         assert rows and all(r["feasible"] for r in rows) and all(subspace.contains(a) for a in archs)
         assert any(len(set(a.heads)) > 1 or len(set(a.ffn_ratio)) > 1 for a in archs)  # layers do differ
     assert runs[0] == runs[1]
+
+
+def test_task_proxy_fine_tunes_the_top_candidates_and_picks_by_accuracy(trained):
+    from kd_fixtures import tiny_csv
+
+    values = json.loads(json.dumps(trained))
+    output = values["nas"]["output"]
+    values["nas"]["proxy"] = {"top_k": 2, "dataset": tiny_csv(Path(output)), "steps": 2}
+    summary = search.run_search(run_config.from_dict(values))
+    proxy = summary["proxy"]
+    ranked = sorted(json.load(open(output + "/search/candidates.json")), key=lambda r: r["loss"])
+    assert [r["arch"] for r in proxy["candidates"]] == [r["arch"] for r in ranked[:2]]
+    assert proxy["best"]["accuracy"] == max(r["accuracy"] for r in proxy["candidates"])
+    assert proxy["best"]["arch"] in proxy["pareto_accuracy_flops"]
+    import transformers
+
+    from pykd.nas.space import Architecture
+
+    for row in proxy["candidates"]:
+        folder = row["arch"].replace(",", "_").replace("=", "")
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            f"{output}/proxy/{folder}/finetune/model")
+        arch = Architecture.parse(row["arch"])
+        assert (model.config.num_hidden_layers, model.config.hidden_size) == (arch.layers, arch.hidden)

@@ -464,8 +464,40 @@ def run_search(config: RunConfig, evaluator: Evaluator | None = None) -> dict:
                "pareto_flops": [r["arch"] for r in front], "history": evaluator.history}
     if nas.search == "nsga2":
         summary["pareto_" + nas.nsga2.objective] = [r["arch"] for r in pareto_front(feasible, nas.nsga2.objective)]
+    if nas.proxy.top_k:
+        summary["proxy"] = proxy_search(config, sorted(feasible, key=lambda r: r["loss"])[: nas.proxy.top_k])
     write_results(Path(nas.output) / "search", rows, summary)
     return summary
+
+
+def proxy_search(config: RunConfig, top: list[dict]) -> dict:
+    """AutoDistil's task-proxy variant: export the top candidates, fine-tune each briefly on
+    nas.proxy.dataset with the KD engine's finetune path, pick the most accurate; the accuracy-vs-FLOPs
+    Pareto front (higher accuracy, fewer FLOPs) is reported too."""
+    from ..distill import config as run_config
+    from ..distill.report import final_eval, read_log
+    from ..distill.trainer import Trainer
+
+    proxy, root = config.nas.proxy, Path(config.nas.output) / "proxy"
+    rows = []
+    for row in top:
+        folder = root / row["arch"].replace(",", "_").replace("=", "").replace("/", "-")
+        if not (folder / "student").exists():
+            export_candidate(config, row["arch"], folder / "student")
+        values = run_config.to_dict(config)
+        values["teacher"] = {"path": str(folder / "student"), "finetuned": None}
+        values["data"].update(dataset=proxy.dataset, kind="classification")
+        values["train"].update(steps=proxy.steps, lr=proxy.lr, output_dir=str(folder / "finetune"))
+        values["losses"]["prediction"]["type"] = "soft_ce"
+        if not (folder / "finetune" / "model").exists():
+            Trainer(run_config.from_dict(values), "finetune").train()
+        accuracy = final_eval(read_log(folder / "finetune"))["accuracy"]
+        rows.append({**row, "accuracy": accuracy})
+    front = [r for r in rows if not any(o["accuracy"] >= r["accuracy"] and o["flops"] <= r["flops"] and
+                                        (o["accuracy"] > r["accuracy"] or o["flops"] < r["flops"]) for o in rows)]
+    best = max(rows, key=lambda r: (r["accuracy"], -r["flops"]))
+    return {"dataset": proxy.dataset, "steps": proxy.steps, "candidates": rows, "best": best,
+            "pareto_accuracy_flops": [r["arch"] for r in sorted(front, key=lambda r: r["flops"])]}
 
 
 def _parse(space, text: str):
