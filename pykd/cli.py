@@ -4,6 +4,10 @@
     pykd distill  [CONFIG.yaml] [--set key=value ...]   distil into a student (run under torchrun for DDP)
     pykd demo [--output DIR] [--set key=value ...]      fine-tune, distil, evaluate and report
     pykd config                                         print the embedded default configuration
+    pykd nas train  [CONFIG.yaml] [--set ...]           one SuperLM per sub-space, sandwich rule (torchrun for DDP)
+    pykd nas search [CONFIG.yaml] [--set ...]           score candidates, Pareto table and plot, best under budget
+    pykd nas export [CONFIG.yaml] --arch A --output DIR a plain transformers student cut from the trained SuperLM
+    pykd nas demo [--output DIR] [--set ...]            train, search, export, fine-tune and report on MiniLM-L6
     pykd hpo [CONFIG.yaml] --trials N [--space S.yaml] [--storage URL] [--set ...]   Optuna search of the KD pipeline
     pykd recommend [CONFIG.yaml] --data DATASET [--student ...] [--top-k K]   AutoDistiller's top-k pipelines
 
@@ -65,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     commands.add_parser("config")
+    _nas_parser(commands.add_parser("nas", help="architecture search: train SuperLMs, search, export, demo"))
     _pipeline_search_parsers(commands)
     return parser
 
@@ -120,6 +125,43 @@ def _pipeline_search(args) -> None:
         args.config, args.overrides, args.data, args.student, args.top_k, args.table, args.output))
 
 
+def _nas_parser(nas: argparse.ArgumentParser) -> None:
+    actions = nas.add_subparsers(dest="nas_command", required=True)
+    for name in ("train", "search", "export"):
+        action = actions.add_parser(name)
+        action.add_argument("config", nargs="?", help="YAML run configuration (default: the embedded one)")
+        action.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+        if name == "export":
+            action.add_argument("--arch", required=True, help="e.g. layers=4,hidden=256,ffn_ratio=3,heads=8")
+            action.add_argument("--output", required=True, help="a new directory for the student")
+    demo = actions.add_parser("demo", help="the whole chain on the packaged MiniLM-L6 teacher, with a report")
+    demo.add_argument("--output", default="runs/nas-demo")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+
+
+def _nas(args, run_config) -> None:
+    if args.nas_command == "demo":
+        from .nas.demo import run_demo
+
+        run_demo(args.output, args.overrides)
+        return
+    config = run_config.load(args.config, args.overrides)
+    if args.nas_command == "train":
+        from .distill.trainer import init_distributed
+        from .nas.train import train_supernets
+
+        init_distributed()
+        train_supernets(config)
+    elif args.nas_command == "search":
+        from .nas.search import print_summary, run_search
+
+        print_summary(run_search(config))
+    else:
+        from .nas.search import export_candidate
+
+        print(f"[nas export] {export_candidate(config, args.arch, args.output)}", flush=True)
+
+
 def _train(mode: str, config) -> None:
     from .distill.trainer import Trainer, init_distributed
 
@@ -147,9 +189,11 @@ def demo(output: str, overrides: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    from .distill.datasets import FetchError  # needs numpy only
     from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
 
     args = _parser().parse_args(argv)
+    command = f"nas {args.nas_command}" if args.command == "nas" else args.command
     try:
         _require_kd_extra()
         run_config = _run_config()
@@ -159,20 +203,25 @@ def main(argv=None) -> int:
             yaml.safe_dump(run_config.to_dict(run_config.DEFAULT), sys.stdout, sort_keys=False)
         elif args.command == "demo":
             demo(args.output, args.overrides)
+        elif args.command == "nas":
+            _nas(args, run_config)
         elif args.command in ("hpo", "recommend"):
             _pipeline_search(args)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
     except TrainingInterrupted as stop:
-        print(f"pykd {args.command}: {stop}", file=sys.stderr)
+        print(f"pykd {command}: {stop}", file=sys.stderr)
         return stop.exit_code
     except ModuleNotFoundError as error:
         if _missing_kd_module(error) is None:
             raise
-        print(f"pykd {args.command}: error: {MissingExtraError([_missing_kd_module(error)])}", file=sys.stderr)
+        print(f"pykd {command}: error: {MissingExtraError([_missing_kd_module(error)])}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, MissingExtraError) as error:
+    except FetchError as error:  # the network or a package registry failed, not the input: exit 1
         print(f"pykd {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as error:
+        print(f"pykd {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 
