@@ -52,6 +52,24 @@ T logaddexp(const T& x, const T& y) {
 
 inline float softplus(float x) { return logaddexp(x, 0.f); }
 
+// log(e^x + e^y) with the shares e^{x - log}, e^{y - log} from the same exp: with e = e^{-|x - y|}
+// the larger argument's share is 1/(1 + e), the smaller's e/(1 + e) (neither is 1 minus the other).
+template <typename T>
+struct SumShares {
+  T log, share_x, share_y;
+};
+
+inline SumShares<float> logaddexp_shares(float x, float y) {
+  const float hi = std::max(x, y), e = std::exp(std::min(x, y) - hi), big = 1.f / (1.f + e), small = e * big;
+  return x >= y ? SumShares<float>{hi + std::log1p(e), big, small} : SumShares<float>{hi + std::log1p(e), small, big};
+}
+
+inline SumShares<Vec> logaddexp_shares(const Vec& x, const Vec& y) {
+  const Vec hi = v_max(x, y), e = v_exp(v_min(x, y) - hi), big = Vec(1.f) / (Vec(1.f) + e), small = e * big;
+  const Vec x_high = x >= y;
+  return {hi + v_log1p(e), Vec::blendv(small, big, x_high), Vec::blendv(big, small, x_high)};
+}
+
 // Applies f(values, index, lanes) to x[begin, end) a vector at a time; the tail is zero-padded
 // and `lanes` says how many entries are real.
 template <typename F>
@@ -117,9 +135,8 @@ template <typename T>
 Interp<T> interpolate(const T& m, float q, const AlphaConst& k) {
   if (k.alpha == 0.f) return {T(q), T(0.f), T(1.f)};
   if (k.alpha == 1.f) return {m, T(1.f), T(0.f)};
-  const T z = m + T(k.log_alpha), y = T(q + k.log_one_minus_alpha);
-  const T u = logaddexp(z, y);
-  return {u, v_exp(z - u), v_exp(y - u)};
+  const SumShares<T> sum = logaddexp_shares(m + T(k.log_alpha), T(q + k.log_one_minus_alpha));
+  return {sum.log, sum.share_x, sum.share_y};
 }
 
 // Entry j != i of row i given R_j = log sum_{k != i, j} e^{s_k}: log A_j = logaddexp(s_i, R_j) is
@@ -132,9 +149,9 @@ struct LooEntry {
 
 template <typename T>
 LooEntry<T> loo_entry(const T& without, float diag, float q, const AlphaConst& k) {
-  const T log_a = logaddexp(T(diag), without);
-  const Interp<T> b = interpolate(log_a - T(k.log_n1), q, k);
-  return {b, b.one_minus_w + b.w * v_exp(without - log_a)};
+  const SumShares<T> a = logaddexp_shares(T(diag), without);
+  const Interp<T> b = interpolate(a.log - T(k.log_n1), q, k);
+  return {b, b.one_minus_w + b.w * a.share_y};
 }
 
 struct RowResult {

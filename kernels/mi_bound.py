@@ -51,6 +51,17 @@ def _logaddexp(x, y):
 
 
 @triton.jit
+def _logaddexp_shares(x, y):
+    """log(e^x + e^y) and the shares e^{x - log}, e^{y - log} from one exp: with e = e^{-|x - y|} the
+    larger argument's share is 1/(1 + e), the smaller's e/(1 + e)."""
+    hi = tl.maximum(x, y)
+    e = tl.exp(tl.minimum(x, y) - hi)
+    big = 1.0 / (1.0 + e)
+    x_high = x >= y
+    return hi + tl.log(1.0 + e), tl.where(x_high, big, e * big), tl.where(x_high, e * big, big)
+
+
+@triton.jit
 def _interpolate(m, q, log_alpha, log_one_minus_alpha, ALPHA_MODE: tl.constexpr):
     """u = log(alpha e^m + (1-alpha) e^q), w = du/dm and 1 - w, each formed as e^{. - u}."""
     if ALPHA_MODE == _ALPHA_ZERO:
@@ -62,11 +73,7 @@ def _interpolate(m, q, log_alpha, log_one_minus_alpha, ALPHA_MODE: tl.constexpr)
         w = 1.0 + 0.0 * m
         one_minus_w = 0.0 * m
     else:
-        z = m + log_alpha
-        y = q + log_one_minus_alpha
-        u = _logaddexp(z, y)
-        w = tl.exp(z - u)
-        one_minus_w = tl.exp(y - u)
+        u, w, one_minus_w = _logaddexp_shares(m + log_alpha, q + log_one_minus_alpha)
     return u, w, one_minus_w
 
 
@@ -79,10 +86,10 @@ def _without(s, top, rest):
 
 @triton.jit
 def _loo_entry(without, s_diag, q, log_n1, log_alpha, log_one_minus_alpha, ALPHA_MODE: tl.constexpr):
-    """u_j, w_j, 1 - w_j and log A_j = log sum_{k != j} e^{S_ik} = logaddexp(S_ii, R_j)."""
-    log_a = _logaddexp(s_diag, without)
+    """u_j, w_j, 1 - w_j and e^{R_j - log A_j}, log A_j = log sum_{k != j} e^{S_ik} = logaddexp(S_ii, R_j)."""
+    log_a, _, without_share = _logaddexp_shares(s_diag, without)
     u, w, one_minus_w = _interpolate(log_a - log_n1, q, log_alpha, log_one_minus_alpha, ALPHA_MODE)
-    return u, w, one_minus_w, log_a
+    return u, w, one_minus_w, without_share
 
 
 @triton.jit
@@ -108,8 +115,8 @@ def _grad_tile(s, cols, diag_cols, valid, STATS, rows, n_rows, q, n, log_n1, log
             s_diag = tl.load(STATS + _S_DIAG * n_rows + rows, mask=inside, other=0.0)[:, None]
             log_first = tl.load(STATS + _LOG_FIRST * n_rows + rows, mask=inside, other=0.0)[:, None]
             v_sum = tl.load(STATS + _V_SUM * n_rows + rows, mask=inside, other=0.0)[:, None]
-            u, w, one_minus_w, log_a = _loo_entry(_without(s, top, rest), s_diag, q[:, None], log_n1, log_alpha,
-                                                  log_one_minus_alpha, ALPHA_MODE)
+            u, w, one_minus_w, _ = _loo_entry(_without(s, top, rest), s_diag, q[:, None], log_n1, log_alpha,
+                                              log_one_minus_alpha, ALPHA_MODE)
             t = tl.exp(top + (log_alpha - log_n1) - u)
             g = tl.exp(s + log_first) + tl.exp(s - top) * tl.maximum(v_sum - t, 0.0)
             g_top = v_sum
@@ -191,21 +198,21 @@ def _mi_fwd_kernel(
             s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
             others = (cols < n)[None, :] & (cols[None, :] != diag_cols[:, None]) & (cols[None, :] != top_col[:, None])
             without = _without(s, top[:, None], rest[:, None])
-            u, w, one_minus_w, log_a = _loo_entry(without, s_diag[:, None], q[:, None], log_n1, log_alpha,
-                                                  log_one_minus_alpha, ALPHA_MODE)
+            u, w, one_minus_w, without_share = _loo_entry(without, s_diag[:, None], q[:, None], log_n1, log_alpha,
+                                                          log_one_minus_alpha, ALPHA_MODE)
             sum_joint += tl.sum(tl.where(others, s_diag[:, None] - u, 0.0), axis=1)
-            sum_g_diag += tl.sum(tl.where(others, one_minus_w + w * tl.exp(without - log_a), 0.0), axis=1)
+            sum_g_diag += tl.sum(tl.where(others, one_minus_w + w * without_share, 0.0), axis=1)
             sum_one_minus_w += tl.sum(tl.where(others, one_minus_w, 0.0), axis=1)
             if ALPHA_MODE != _ALPHA_ZERO:
                 v_sum += tl.sum(tl.where(others, tl.exp(top[:, None] + log_scale - u), 0.0), axis=1)
         without_top = top + tl.log(rest)  # -inf when the top is the only negative
-        u_top, w_top, one_minus_w_top, log_a_top = _loo_entry(without_top, s_diag, q, log_n1, log_alpha,
-                                                               log_one_minus_alpha, ALPHA_MODE)
+        u_top, w_top, one_minus_w_top, without_share_top = _loo_entry(without_top, s_diag, q, log_n1, log_alpha,
+                                                                       log_one_minus_alpha, ALPHA_MODE)
         u_own, w_own, one_minus_w_own = _interpolate(log_off - log_n1, q, log_alpha, log_one_minus_alpha,
                                                      ALPHA_MODE)
         log_first = log_scale - u_top
         log_second = log_one_minus_alpha + q - 2.0 * u_own
-        g_diag = (sum_g_diag + one_minus_w_top + w_top * tl.exp(without_top - log_a_top)) / pairs
+        g_diag = (sum_g_diag + one_minus_w_top + w_top * without_share_top) / pairs
         joint = sum_joint + (s_diag - u_top)
         log_marg = log_off - u_own
         if ALPHA_MODE == _ALPHA_ONE:
