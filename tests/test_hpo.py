@@ -280,3 +280,71 @@ def test_torchrun_ranks_train_the_trial_rank_0_drew(base, tmp_path):
         assert state["world"] == 2 and state["step"] == 4  # both ranks trained it together
         assert run_config.to_dict(run_config.load(str(directory / "config.yaml"))) == state["config"]
     assert done.stdout.count("[hpo] best: trial") == 1  # only rank 0 reports
+
+
+def _study(tmp_path, url=None):
+    storage = hpo.open_storage(url or f"journal:{tmp_path / 'j.log'}")
+    return optuna.create_study(storage=storage, study_name="s")
+
+
+def test_running_trials_of_dead_local_workers_are_failed_and_requeued(tmp_path):
+    import socket
+
+    study = _study(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = {"dead": f"{socket.gethostname()}:{int(dead.stdout)}", "alive": f"{socket.gethostname()}:{os.getpid()}",
+              "elsewhere": "another-host:1"}
+    numbers = {}
+    for name, owner in owners.items():
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-4, 1e-2)
+        trial.set_user_attr(hpo.WORKER_ATTR, owner)
+        numbers[name] = trial.number
+    assert hpo.recover_dead_workers(study) == [numbers["dead"]]
+    trials = study.get_trials(deepcopy=False)
+    assert trials[numbers["dead"]].state == optuna.trial.TrialState.FAIL
+    assert trials[numbers["alive"]].state == trials[numbers["elsewhere"]].state == optuna.trial.TrialState.RUNNING
+    retry = trials[-1]
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.user_attrs[hpo.RETRY_ATTR] == numbers["dead"]
+    assert retry.system_attrs["fixed_params"] == trials[numbers["dead"]].params  # drawn again as they were
+    assert hpo.recover_dead_workers(study) == []  # once only
+    rerun = study.ask()
+    assert hpo.trial_directory("out", rerun).name == f"trial-{numbers['dead']:04d}"  # resumes the dead one's run
+
+
+def test_a_stale_heartbeat_requeues_the_trial_on_rdb_storages(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1,
+                                             heartbeat_stale_trial_callback=hpo._requeue_failed)
+    study = optuna.create_study(storage=storage, study_name="s")
+    trial = study.ask()
+    trial.suggest_categorical("intermediate", ["mse", "mi"])
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.get_trials(deepcopy=False)[1].user_attrs[hpo.RETRY_ATTR] == trial.number
+
+
+def test_a_signal_fails_and_requeues_the_trial_and_propagates(tmp_path, monkeypatch):
+    from pykd.distill.stopping import TrainingInterrupted
+
+    study = _study(tmp_path)
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-2)
+
+    def interrupted(values, metric, trial=None):
+        raise TrainingInterrupted(signal.SIGTERM, 3, tmp_path / "checkpoint.pt")
+
+    monkeypatch.setattr(hpo, "run_trial", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        hpo._run_one(study, trial, {"number": trial.number, "values": {}}, "accuracy", log=lambda line: None)
+    first, retry = study.get_trials(deepcopy=False)
+    assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.WAITING
+    assert retry.system_attrs["fixed_params"] == first.params and retry.user_attrs[hpo.RETRY_ATTR] == first.number

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["PYKD_CACHE"] = scratch
-        teacher = resolve_model_path("minilm-l6")
+        teacher = str(resolve_model_path("minilm-l6"))
         values = {"teacher": {"path": teacher, "finetuned": teacher},
                   "data": {"dataset": "rotten_tomatoes", "max_length": args.max_length,
                            "max_train_examples": args.max_train, "max_eval_examples": 64},
