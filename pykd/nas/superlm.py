@@ -43,13 +43,13 @@ from .mos import ENCODING, ROUTINGS, LayerRouter, RoutedElasticLinear, arch_enco
 from .space import Architecture, LayerwiseArchitecture, SearchSpace, TeacherShape
 
 _LAYER_INDEX = re.compile(r"(^|\.)layer\.(\d+)\.")
-# Linear layers whose output width is not the hidden size: the FFN's first layer and the
-# classification heads' output projections (which keep all their labels).
+# A layer's linears are hidden -> hidden except the FFN's (hidden -> ffn -> hidden); the
+# classification heads' output projections keep all their labels.
 _FFN_IN = "intermediate.dense"
 _FFN_OUT = "output.dense"
 _LABEL_OUTPUTS = ("classifier", "out_proj")
 # The routed linears of a layer, by router key: the FFN always, attention with route_attention.
-_ROUTED_FFN = {"ffn_in": "intermediate.dense", "ffn_out": "output.dense"}
+_ROUTED_FFN = {"ffn_in": _FFN_IN, "ffn_out": _FFN_OUT}
 _ROUTED_ATTENTION = {"query": "attention.self.query", "key": "attention.self.key",
                      "value": "attention.self.value", "attention_out": "attention.output.dense"}
 
@@ -61,7 +61,8 @@ def teacher_layer(index: int, layers: int, teacher_layers: int) -> int:
 
 def _check_teacher(teacher: nn.Module) -> None:
     name = type(teacher).__name__
-    if not (name.endswith("Model") or name.endswith("ForSequenceClassification")):
+    bare = getattr(teacher, "base_model", teacher) is teacher
+    if not (bare or name.endswith("ForSequenceClassification")):
         raise ValueError(f"SuperLM.from_teacher takes a bare encoder (AutoModel) or a *ForSequenceClassification "
                          f"model, got {name}")
     encoder = getattr(teacher, "base_model", teacher)
