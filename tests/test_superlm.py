@@ -2,6 +2,7 @@
 import pytest
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 import pykd
 from pykd.distill.config import StudentConfig
@@ -163,6 +164,12 @@ def test_export_round_trip_with_padding(kind, tmp_path):
         assert supernet.active == arch
         assert type(student) is type(teacher)
         assert sum(p.numel() for p in student.parameters()) == space.params(arch)
+        student.set_attn_implementation("eager")  # FlopCounterMode does not count SDPA on the CPU
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            student(input_ids=batch["input_ids"][:1])
+        assert abs(space.flops(arch, batch["input_ids"].shape[1]) - counter.get_total_flops()) \
+            <= 0.01 * counter.get_total_flops()
+        student.set_attn_implementation("sdpa")
         path = save_student(student, None, tmp_path / f"student{index}")
         loader = (transformers.AutoModelForSequenceClassification if kind == "bert-cls"
                   else transformers.AutoModel)
