@@ -16,12 +16,11 @@
 #include <cmath>
 #include <vector>
 
+#include "ids.h"
 #include "vec_math.h"
 
 namespace pykd {
 namespace {
-
-enum class RelationLoss : int64_t { kKL = 0, kCE = 1, kMseProb = 2, kMseLogit = 3 };
 
 // Scores per buffer in a row block; two buffers stay resident in a core's L2.
 constexpr int64_t kBlockScores = 1 << 15;
@@ -279,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
     const std::optional<at::Tensor>& mask, int64_t heads, int64_t loss_id, double scale_t, double scale_s,
     bool need_grad) {
   TORCH_CHECK(t_a.device().is_cpu(), "attention_relation_forward: CPU tensors expected");
-  TORCH_CHECK(loss_id >= 0 && loss_id <= 3, "unknown relation loss id ", loss_id);
+  TORCH_CHECK(known_id(kRelationLossNames, loss_id), "unknown relation loss id ", loss_id);
   const RelationLoss loss = static_cast<RelationLoss>(loss_id);
   const int64_t dt = t_a.size(2) / heads, ds = s_a.size(2) / heads;
   at::Tensor grad_a, grad_b;

@@ -1,6 +1,8 @@
 // Python bindings of pykd._C; each op's math lives in its Python module's docstring.
 #include <torch/extension.h>
 
+#include "ids.h"
+
 namespace pykd {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_relation_forward(
     const at::Tensor& t_a, const at::Tensor& t_b, const at::Tensor& s_a, const at::Tensor& s_b,
@@ -15,11 +17,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routed_linear_backwar
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& experts_w, const at::Tensor& alpha,
     const std::optional<at::Tensor>& experts_b, int64_t f, bool need_x, bool need_w, bool need_alpha,
     bool need_b);
+
+// {name: id} from one of ids.h's tables, for tests/test_ids.py to compare with Python's.
+template <typename Enum, size_t N>
+pybind11::dict id_table(const std::array<std::pair<const char*, Enum>, N>& table) {
+  pybind11::dict ids;
+  for (const auto& entry : table) ids[entry.first] = static_cast<int64_t>(entry.second);
+  return ids;
+}
 }  // namespace pykd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pykd fused CPU kernels";
   m.attr("cpu_capability") = PYKD_CPU_CAPABILITY;
+  m.attr("RELATION_LOSS_IDS") = pykd::id_table(pykd::kRelationLossNames);
+  m.attr("MI_BOUND_IDS") = pykd::id_table(pykd::kBoundNames);
   m.def("attention_relation_forward", &pykd::attention_relation_forward,
         "Fused attention-relation loss and student gradients (CPU)");
   m.def("mi_bound_forward", &pykd::mi_bound_forward, "Fused MI lower bound and its gradients (CPU)");
