@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-KL, CE, MSE_PROB, MSE_LOGIT = 0, 1, 2, 3
+from .ids import RELATION_LOSS_IDS
+
+KL, CE, MSE_PROB, MSE_LOGIT = (RELATION_LOSS_IDS[name] for name in ("kl", "ce", "mse_prob", "mse_logit"))
 MAX_HEAD_DIM = 256
 # The same ids as seen inside kernels, where only constexpr globals may be read.
 _KL = tl.constexpr(KL)
@@ -49,10 +51,18 @@ def block_sizes() -> tuple[int, int]:
 
 
 @triton.jit
-def _load_head_rows(ptr, batch, rows, head, stride_b, stride_l, head_dim, length, BLOCK_D: tl.constexpr):
+def _tokens_valid(KEY_VALID, batch, tokens, length):
+    """True for the mask's real tokens, False for padding and past the end."""
+    return tl.load(KEY_VALID + batch * length + tokens, mask=tokens < length, other=0) != 0
+
+
+@triton.jit
+def _load_head_rows(ptr, batch, rows, rows_valid, head, stride_b, stride_l, head_dim, BLOCK_D: tl.constexpr):
+    """One head's slice of the rows, fp32; padded tokens load as zeros, so whatever they hold (NaN
+    included) never reaches a score or a gradient."""
     cols = tl.arange(0, BLOCK_D)
     offsets = batch * stride_b + rows[:, None] * stride_l + head * head_dim + cols[None, :]
-    inside = (rows[:, None] < length) & (cols[None, :] < head_dim)
+    inside = rows_valid[:, None] & (cols[None, :] < head_dim)
     return tl.load(ptr + offsets, mask=inside, other=0.0).to(tl.float32)
 
 
@@ -86,8 +96,9 @@ def _relation_fwd_kernel(
     batch = pid_bh // heads
     head = pid_bh % heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    xt = _load_head_rows(XT, batch, rows, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-    xs = _load_head_rows(XS, batch, rows, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+    rows_valid = _tokens_valid(KEY_VALID, batch, rows, length)
+    xt = _load_head_rows(XT, batch, rows, rows_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+    xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
     weight = tl.load(ROW_WEIGHT + batch * length + rows, mask=rows < length, other=0.0)
 
     m_t = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
@@ -97,9 +108,10 @@ def _relation_fwd_kernel(
     acc = tl.zeros([BLOCK_M], tl.float32)  # C for KL/CE, sum of squares for mse_logit
     for start in range(0, length, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        valid = (tl.load(KEY_VALID + batch * length + keys, mask=keys < length, other=0) != 0)[None, :]
-        yt = _load_head_rows(YT, batch, keys, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-        ys = _load_head_rows(YS, batch, keys, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+        keys_valid = _tokens_valid(KEY_VALID, batch, keys, length)
+        valid = keys_valid[None, :]
+        yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+        ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
         t = _scores(xt, yt, scale_t, PRECISION)
         s = _scores(xs, ys, scale_s, PRECISION)
         if LOSS == _MSE_LOGIT:
@@ -143,9 +155,10 @@ def _relation_fwd_kernel(
         dq = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, length, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            valid = (tl.load(KEY_VALID + batch * length + keys, mask=keys < length, other=0) != 0)[None, :]
-            yt = _load_head_rows(YT, batch, keys, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-            ys = _load_head_rows(YS, batch, keys, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+            keys_valid = _tokens_valid(KEY_VALID, batch, keys, length)
+            valid = keys_valid[None, :]
+            yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+            ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
             p = tl.where(valid, tl.exp(_scores(xt, yt, scale_t, PRECISION) - lse_t[:, None]), 0.0)
             q = tl.where(valid, tl.exp(_scores(xs, ys, scale_s, PRECISION) - lse_s[:, None]), 0.0)
             sq += tl.sum((q - p) * (q - p), axis=1)
@@ -186,17 +199,19 @@ def _relation_bwd_dx_kernel(
     batch = pid_bh // heads
     head = pid_bh % heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_valid = _tokens_valid(KEY_VALID, batch, rows, length)
     inside = rows < length
-    xt = _load_head_rows(XT, batch, rows, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-    xs = _load_head_rows(XS, batch, rows, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+    xt = _load_head_rows(XT, batch, rows, rows_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+    xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
     weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start in range(0, length, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        valid = (tl.load(KEY_VALID + batch * length + keys, mask=keys < length, other=0) != 0)[None, :]
-        yt = _load_head_rows(YT, batch, keys, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-        ys = _load_head_rows(YS, batch, keys, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+        keys_valid = _tokens_valid(KEY_VALID, batch, keys, length)
+        valid = keys_valid[None, :]
+        yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+        ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
         grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
                            valid, lse_t, lse_s, delta, weight, LOSS)
         acc += tl.dot(grad, ys, input_precision=PRECISION)
@@ -220,15 +235,17 @@ def _relation_bwd_dy_kernel(
     batch = pid_bh // heads
     head = pid_bh % heads
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = (tl.load(KEY_VALID + batch * length + keys, mask=keys < length, other=0) != 0)[None, :]
-    yt = _load_head_rows(YT, batch, keys, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-    ys = _load_head_rows(YS, batch, keys, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+    keys_valid = _tokens_valid(KEY_VALID, batch, keys, length)
+    valid = keys_valid[None, :]
+    yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+    ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
 
     acc = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for start in range(0, length, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        xt = _load_head_rows(XT, batch, rows, head, stride_tb, stride_tl, dt, length, BLOCK_DT)
-        xs = _load_head_rows(XS, batch, rows, head, stride_sb, stride_sl, ds, length, BLOCK_DS)
+        rows_valid = _tokens_valid(KEY_VALID, batch, rows, length)
+        xt = _load_head_rows(XT, batch, rows, rows_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
+        xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
         weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
         grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
                            valid, lse_t, lse_s, delta, weight, LOSS)
@@ -289,7 +306,9 @@ def relation_forward(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s)
     key_valid = (mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=t_a.device))
     key_valid = key_valid.to(torch.int8).contiguous()
     weight = row_weights(key_valid, heads, loss_id)
-    row_loss, lse_t, lse_s, delta = torch.empty(4, batch * heads, length, device=t_a.device, dtype=torch.float32)
+    # Separate buffers: the statistics are outputs of a custom op, which may not alias one another.
+    row_loss, lse_t, lse_s, delta = (torch.empty(batch * heads, length, device=t_a.device, dtype=torch.float32)
+                                     for _ in range(4))
     meta = _meta(t_a, s_a, heads, loss_id)
     grid = (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)
     _relation_fwd_kernel[grid](

@@ -34,7 +34,7 @@ def inputs(batch=2, length=7, width_t=12, width_s=8):
         (lambda a: a.update(scale_s=-1.0), ValueError, r"scale_s must be a positive finite number"),
         (lambda a: a.update(backend="cuda"), ValueError, r"backend must be one of"),
         (lambda a: a.update(t_a=a["t_a"].to("meta"), t_b=a["t_b"].to("meta")), ValueError,
-         r"one device.*t_a on meta.*s_a on cpu"),
+         r"t_a is on device meta \(shape \(2, 7, 12\)\)"),
     ],
 )
 def test_bad_input_raises_clear_error(mutate, error, pattern):
@@ -50,14 +50,8 @@ def test_nan_check_names_the_input(name):
     t_a, t_b, s_a, s_b = inputs()
     args = dict(t_a=t_a, t_b=t_b, s_a=s_a.detach().clone(), s_b=s_b.detach().clone(), num_relation_heads=2)
     args[name][1, 3, 0] = float("nan")
-    with pytest.raises(ValueError, match=rf"{name} contains NaN or Inf \(shape \(2, 7, \d+\)\)"):
+    with pytest.raises(ValueError, match=rf"{name} contains NaN or Inf at a valid token \(shape \(2, 7, \d+\)\)"):
         pykd.attention_relation_loss(**args, check_inputs_finite=True)
-
-
-def test_cpp_backend_rejects_other_devices():
-    t_a, t_b, s_a, s_b = (x.detach().to("meta") for x in inputs())
-    with pytest.raises(ValueError, match="backend='cpp' needs CPU tensors"):
-        pykd.attention_relation_loss(t_a, t_b, s_a, s_b, 2, backend="cpp")
 
 
 def test_missing_extension_and_sources_give_one_clear_error(monkeypatch, tmp_path):

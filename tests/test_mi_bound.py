@@ -161,7 +161,7 @@ def test_endpoints_are_infonce_family_and_tuba(rng):
         (dict(alpha=-0.1), ValueError, r"alpha must be in \[0, 1\]"),
         (dict(bound="dv"), ValueError, r"bound must be one of"),
         (dict(a=torch.randn(6)), ValueError, r"a must have 2 dimensions, got shape \(6,\)"),
-        (dict(b=torch.randn(6, 8).to("meta")), ValueError, r"one device"),
+        (dict(b=torch.randn(6, 8).to("meta")), ValueError, r"b is on device meta"),
         (dict(a=torch.ones(6, 8, dtype=torch.int64)), TypeError, r"a has dtype torch.int64"),
     ],
 )

@@ -125,7 +125,7 @@ def test_neuron_wise_router_computes_only_active_neurons():
         (dict(experts_b=torch.randn(3, 10)), ValueError, r"experts_b must have shape \(2, 10\), got \(3, 10\)"),
         (dict(alpha=torch.ones(2, 2, 2)), ValueError, r"alpha must be \(E,\) layer-wise or \(out_features, E\)"),
         (dict(experts_w=torch.randn(2, 10)), ValueError, r"experts_w must have 3 dimensions"),
-        (dict(alpha=(torch.ones(2) / 2).to("meta")), ValueError, r"one device"),
+        (dict(alpha=(torch.ones(2) / 2).to("meta")), ValueError, r"alpha is on device meta"),
     ],
 )
 def test_bad_input_raises_clear_error(kwargs, error, pattern):

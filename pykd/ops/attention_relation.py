@@ -33,11 +33,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .._extension import cpu_extension
-from ._checks import check_finite, check_same_device, check_tensor, check_token_mask, resolve_backend
+from ..kernels.ids import RELATION_LOSS_IDS
+from ._backends import autocast_off, select_backend
+from ._checks import (check_finite_where_valid, check_nonempty, check_same_device, check_tensor, check_token_mask,
+                      int_arg, real_arg, valid_token_counts)
 
-LOSSES = ("kl", "ce", "mse_prob", "mse_logit")
+LOSSES = tuple(RELATION_LOSS_IDS)
 
 
 @dataclass(frozen=True)
@@ -47,50 +51,78 @@ class RelationSpec:
     scale_t: float
     scale_s: float
 
-    @property
-    def loss_id(self) -> int:
-        return LOSSES.index(self.loss)
+    def op_args(self) -> tuple[int, int, float, float]:
+        """(heads, loss id, scale_t, scale_s) as the kernels take them."""
+        return self.heads, RELATION_LOSS_IDS[self.loss], self.scale_t, self.scale_s
 
 
 def attention_relation_loss(
-    t_a: torch.Tensor,
-    t_b: torch.Tensor,
-    s_a: torch.Tensor,
-    s_b: torch.Tensor,
+    t_a: Tensor,
+    t_b: Tensor,
+    s_a: Tensor,
+    s_b: Tensor,
     num_relation_heads: int,
-    mask: torch.Tensor | None = None,
+    mask: Tensor | None = None,
     loss: str = "kl",
     scale_t: float | None = None,
     scale_s: float | None = None,
     *,
     backend: str = "auto",
     check_inputs_finite: bool = False,
-) -> torch.Tensor:
-    """Teacher-student attention-relation loss; returns an fp32 scalar (see the module docstring).
+) -> Tensor:
+    """Teacher-student attention-relation loss (the formulas are in the module docstring).
 
-    backend: "auto" sends CUDA tensors to Triton and CPU tensors to C++; "reference" runs the
-    plain PyTorch version that materialises the maps; "cpp" and "triton" force a fused path.
-    check_inputs_finite: raise on NaN/Inf in any input (costs one pass over the inputs).
+    Args:
+        t_a, t_b: the teacher's two tensors of the relation, e.g. its queries and keys (a constant:
+            no gradient reaches them).
+        s_a, s_b: the student's; pass the same tensor twice for a self-relation.
+        num_relation_heads: A; the widths D_t and D_s are split into A heads each.
+        mask: True for real tokens, False for padding; None means every token is real. Padded
+            positions may hold anything (NaN included): they add nothing and get zero gradient.
+        loss: "kl", "ce", "mse_prob" or "mse_logit".
+        scale_t, scale_s: score scales (default 1/sqrt of the head size).
+        backend: "auto" (C++ for CPU tensors, Triton for CUDA ones, the reference when the fused
+            path declines the inputs), "reference", "cpp" or "triton"; a forced backend that cannot
+            take the inputs raises ValueError saying why.
+        check_inputs_finite: raise ValueError on NaN/Inf at a valid token (one pass over the inputs).
+    Shapes:
+        t_a, t_b (B, L, D_t); s_a, s_b (B, L, D_s); mask (B, L) bool. B, L, D >= 1 and every example
+        needs a valid token.
+    Returns:
+        The loss as an fp32 scalar tensor, computed in fp32 whatever the input dtypes and with
+        autocast off (the reference path computes and returns float64 for float64 inputs);
+        gradients reach s_a and s_b in their dtypes.
     """
     spec = validate_relation_args(t_a, t_b, s_a, s_b, num_relation_heads, mask, loss, scale_t, scale_s)
-    if check_inputs_finite:
-        check_finite(t_a=t_a, t_b=t_b, s_a=s_a, s_b=s_b)
-    path = resolve_backend(backend, s_a)
+    path = select_backend(backend, "s_a", s_a, lambda chosen: _kernel_limits(chosen, t_a, s_a, spec.heads))
     if path == "reference":
-        return _reference(t_a, t_b, s_a, s_b, mask, spec)
-    function = _CppRelationLoss if path == "cpp" else _TritonRelationLoss
-    return function.apply(t_a.detach(), t_b.detach(), s_a, s_b, mask, spec)
+        return _reference(t_a, t_b, s_a, s_b, mask, spec, check_inputs_finite)
+    args = (t_a, t_b, s_a, s_b, mask, *spec.op_args(), check_inputs_finite)
+    if path == "cpp":
+        need_grad = torch.is_grad_enabled() and (s_a.requires_grad or s_b.requires_grad)
+        return torch.ops.pykd.attention_relation_cpp(*args, need_grad)[0]
+    return torch.ops.pykd.attention_relation_triton(*args)[0]
 
 
-def attention_relation_loss_reference(t_a, t_b, s_a, s_b, num_relation_heads, mask=None, loss="kl",
-                                      scale_t=None, scale_s=None) -> torch.Tensor:
-    """Plain PyTorch version that materialises the (B, A, L, L) maps; computes and returns float64
-    when any input is float64, else float32."""
+def attention_relation_loss_reference(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, num_relation_heads: int,
+                                      mask: Tensor | None = None, loss: str = "kl", scale_t: float | None = None,
+                                      scale_s: float | None = None) -> Tensor:
+    """Plain PyTorch attention-relation loss that materialises the (B, A, L, L) maps.
+
+    Args:
+        as in attention_relation_loss.
+    Shapes:
+        as in attention_relation_loss.
+    Returns:
+        The loss as a scalar tensor, computed and returned in float64 when any input is float64,
+        else in float32 (with autocast off).
+    """
     spec = validate_relation_args(t_a, t_b, s_a, s_b, num_relation_heads, mask, loss, scale_t, scale_s)
-    return _reference(t_a, t_b, s_a, s_b, mask, spec)
+    return _reference(t_a, t_b, s_a, s_b, mask, spec, check_finite=False)
 
 
 def validate_relation_args(t_a, t_b, s_a, s_b, heads, mask, loss, scale_t, scale_s) -> RelationSpec:
+    """Checks everything about the arguments that does not depend on the tensors' values."""
     for name, x in (("t_a", t_a), ("t_b", t_b), ("s_a", s_a), ("s_b", s_b)):
         check_tensor(name, x, ndim=3)
     if t_a.shape != t_b.shape:
@@ -102,7 +134,10 @@ def validate_relation_args(t_a, t_b, s_a, s_b, heads, mask, loss, scale_t, scale
             f"teacher and student must agree on (batch, length): t_a has shape {tuple(t_a.shape)}, "
             f"s_a has shape {tuple(s_a.shape)}"
         )
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+    check_nonempty("t_a", t_a, "(batch, length, width)")
+    check_nonempty("s_a", s_a, "(batch, length, width)")
+    heads = int_arg("num_relation_heads", heads)
+    if heads < 1:
         raise ValueError(f"num_relation_heads must be a positive int, got {heads!r}")
     for name, x in (("t_a", t_a), ("s_a", s_a)):
         if x.shape[2] % heads:
@@ -112,9 +147,9 @@ def validate_relation_args(t_a, t_b, s_a, s_b, heads, mask, loss, scale_t, scale
             )
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    check_same_device(t_a=t_a, t_b=t_b, s_a=s_a, s_b=s_b, mask=mask)
     if mask is not None:
         check_token_mask(mask, t_a.shape[0], t_a.shape[1])
+    check_same_device(t_a=t_a, t_b=t_b, s_a=s_a, s_b=s_b, mask=mask)
     return RelationSpec(
         heads=heads,
         loss=loss,
@@ -126,92 +161,171 @@ def validate_relation_args(t_a, t_b, s_a, s_b, heads, mask, loss, scale_t, scale
 def _scale(name: str, value, head_dim: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    value = real_arg(name, value)
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return value
 
 
-def _relation_scores(x: torch.Tensor, y: torch.Tensor, heads: int, scale: float, dtype) -> torch.Tensor:
+def _kernel_limits(backend: str, t_a: Tensor, s_a: Tensor, heads: int) -> list[str]:
+    if backend != "triton":
+        return []
+    from ..kernels.attention_relation import MAX_HEAD_DIM
+
+    return [f"relation head size {x.shape[2] // heads} of {name} (shape {tuple(x.shape)}, {heads} relation heads) "
+            f"exceeds the kernel's maximum {MAX_HEAD_DIM}"
+            for name, x in (("t_a", t_a), ("s_a", s_a)) if x.shape[2] // heads > MAX_HEAD_DIM]
+
+
+def _checked_token_counts(t_a, t_b, s_a, s_b, mask, check_finite: bool) -> Tensor:
+    """Valid tokens per example (B,) after the checks that read the inputs' values: every example
+    keeps a token and, if asked, the inputs are finite at valid tokens. Every path runs it when
+    the op runs, compiled or not."""
+    counts = (valid_token_counts(mask) if mask is not None
+              else torch.full((t_a.shape[0],), t_a.shape[1], dtype=torch.long, device=t_a.device))
+    if check_finite:
+        check_finite_where_valid(mask, t_a=t_a, t_b=t_b, s_a=s_a, s_b=s_b)
+    return counts
+
+
+@torch.library.custom_op("pykd::relation_token_counts", mutates_args=())
+def _token_counts_op(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, mask: Tensor | None,
+                     check_finite: bool) -> Tensor:
+    # An op, so that torch.compile keeps the value-dependent checks of the reference path.
+    return _checked_token_counts(t_a, t_b, s_a, s_b, mask, check_finite)
+
+
+@_token_counts_op.register_fake
+def _(t_a, t_b, s_a, s_b, mask, check_finite):
+    return t_a.new_empty((t_a.shape[0],), dtype=torch.long)
+
+
+def _relation_scores(x: Tensor, y: Tensor, heads: int, scale: float, dtype) -> Tensor:
     batch, length, width = x.shape
     xh = x.to(dtype).reshape(batch, length, heads, width // heads).transpose(1, 2)
     yh = y.to(dtype).reshape(batch, length, heads, width // heads).transpose(1, 2)
     return scale * (xh @ yh.transpose(-1, -2))
 
 
-def _reference(t_a, t_b, s_a, s_b, mask, spec: RelationSpec) -> torch.Tensor:
+def _reference(t_a, t_b, s_a, s_b, mask, spec: RelationSpec, check_finite: bool) -> Tensor:
     dtype = torch.float64 if torch.float64 in (t_a.dtype, s_a.dtype) else torch.float32
-    batch, length = s_a.shape[:2]
+    counts = _token_counts_op(*(x.detach() for x in (t_a, t_b, s_a, s_b)), mask, check_finite)
+    t_a, t_b = t_a.detach(), t_b.detach()
     if mask is None:
-        mask = torch.ones(batch, length, dtype=torch.bool, device=s_a.device)
-    t = _relation_scores(t_a.detach(), t_b.detach(), spec.heads, spec.scale_t, dtype)
-    s = _relation_scores(s_a, s_b, spec.heads, spec.scale_s, dtype)
+        mask = torch.ones(s_a.shape[:2], dtype=torch.bool, device=s_a.device)
+    else:  # zeroing the padding keeps whatever it holds (NaN included) out of the scores and their gradients
+        t_a, t_b, s_a, s_b = (torch.where(mask[..., None], x, 0) for x in (t_a, t_b, s_a, s_b))
+    with autocast_off(s_a):
+        t = _relation_scores(t_a, t_b, spec.heads, spec.scale_t, dtype)
+        s = _relation_scores(s_a, s_b, spec.heads, spec.scale_s, dtype)
+        return _reference_loss(t, s, mask, counts, spec)
+
+
+def _reference_loss(t: Tensor, s: Tensor, mask: Tensor, counts: Tensor, spec: RelationSpec) -> Tensor:
     valid_key = mask[:, None, None, :]
     valid = valid_key & mask[:, None, :, None]
     if spec.loss == "mse_logit":
-        return torch.where(valid, s - t, 0.0).square().sum() / (spec.heads * valid.sum())
+        return torch.where(valid, s - t, 0.0).square().sum() / (spec.heads * counts.square().sum())
     log_p = torch.log_softmax(t.masked_fill(~valid_key, float("-inf")), dim=-1).masked_fill(~valid_key, 0.0)
     log_q = torch.log_softmax(s.masked_fill(~valid_key, float("-inf")), dim=-1).masked_fill(~valid_key, 0.0)
     p = log_p.exp() * valid_key
     if spec.loss == "mse_prob":
         diff = torch.where(valid, p - log_q.exp() * valid_key, 0.0)
-        return diff.square().sum() / (spec.heads * valid.sum())
+        return diff.square().sum() / (spec.heads * counts.square().sum())
     per_entry = p * (log_p - log_q) if spec.loss == "kl" else -p * log_q
-    per_example = torch.where(valid, per_entry, 0.0).sum(dim=(1, 2, 3)) / (spec.heads * mask.sum(dim=1))
+    per_example = torch.where(valid, per_entry, 0.0).sum(dim=(1, 2, 3)) / (spec.heads * counts)
     return per_example.mean()
 
 
-class _CppRelationLoss(torch.autograd.Function):
-    """CPU path: the C++ kernel returns the loss and the student gradients in one sweep."""
+# ---- the fused paths as custom ops: one graph under torch.compile, autograd registered below ----
 
-    @staticmethod
-    def forward(ctx, t_a, t_b, s_a, s_b, mask, spec: RelationSpec):
-        need_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+@torch.library.custom_op("pykd::attention_relation_cpp", mutates_args=())
+def _cpp_loss(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, mask: Tensor | None, heads: int, loss_id: int,
+              scale_t: float, scale_s: float, check_finite: bool, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dL/ds_a, dL/ds_b) in one sweep; the gradients are fp32, and empty without need_grad."""
+    _checked_token_counts(t_a, t_b, s_a, s_b, mask, check_finite)
+    with autocast_off(s_a):
         loss, grad_a, grad_b = cpu_extension().attention_relation_forward(
-            t_a, t_b, s_a, s_b, mask, spec.heads, spec.loss_id, spec.scale_t, spec.scale_s, need_grad
-        )
-        if need_grad:
-            ctx.save_for_backward(grad_a, grad_b)
-            ctx.dtypes = (s_a.dtype, s_b.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_a, grad_b = ctx.saved_tensors
-        # loss.backward() passes 1: hand over the saved gradients without another copy of them.
-        unit = bool(grad_output == 1)
-        return (
-            None,
-            None,
-            _scaled(grad_a, grad_output, unit, ctx.dtypes[0]) if ctx.needs_input_grad[2] else None,
-            _scaled(grad_b, grad_output, unit, ctx.dtypes[1]) if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-        )
+            t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s, need_grad)
+    if not need_grad:
+        return loss, s_a.new_empty(0, dtype=torch.float32), s_b.new_empty(0, dtype=torch.float32)
+    return loss, grad_a, grad_b
 
 
-def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, unit: bool, dtype) -> torch.Tensor:
-    return (grad if unit else grad * grad_output).to(dtype)
+@_cpp_loss.register_fake
+def _(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s, check_finite, need_grad):
+    grads = (s.new_empty(s.shape if need_grad else (0,), dtype=torch.float32) for s in (s_a, s_b))
+    return (t_a.new_empty((), dtype=torch.float32), *grads)
 
 
-class _TritonRelationLoss(torch.autograd.Function):
-    """GPU path: flash-style forward keeps per-row statistics; backward recomputes the tiles."""
+def _cpp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
 
-    @staticmethod
-    def forward(ctx, t_a, t_b, s_a, s_b, mask, spec: RelationSpec):
-        from ..kernels import attention_relation as kernel
 
-        loss, saved = kernel.relation_forward(t_a, t_b, s_a, s_b, mask, spec.heads, spec.loss_id,
-                                              spec.scale_t, spec.scale_s)
-        ctx.save_for_backward(t_a, t_b, s_a, s_b, *saved)
-        ctx.spec = spec
-        return loss
+def _cpp_backward(ctx, grad_loss, _grad_a, _grad_b):
+    grads = [_scaled(grad, grad_loss, dtype) if ctx.needs_input_grad[k] else None
+             for k, grad, dtype in zip((2, 3), ctx.saved_tensors, ctx.dtypes)]
+    return (None, None, *grads) + (None,) * 7
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        from ..kernels import attention_relation as kernel
 
-        t_a, t_b, s_a, s_b, *saved = ctx.saved_tensors
-        spec = ctx.spec
-        grad_a, grad_b = kernel.relation_backward(t_a, t_b, s_a, s_b, saved, grad_output, spec.heads,
-                                                  spec.loss_id, spec.scale_t, spec.scale_s)
-        return None, None, grad_a, grad_b, None, None
+def _scaled(grad: Tensor, grad_loss: Tensor, dtype) -> Tensor:
+    # loss.backward() passes 1: eager hands over the saved gradient without another pass over it.
+    if not torch.compiler.is_compiling() and bool(grad_loss == 1):
+        return grad.to(dtype)
+    return (grad * grad_loss).to(dtype)
+
+
+_cpp_loss.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
+
+
+@torch.library.custom_op("pykd::attention_relation_triton", mutates_args=())
+def _triton_loss(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, mask: Tensor | None, heads: int, loss_id: int,
+                 scale_t: float, scale_s: float, check_finite: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, key mask, row weights, teacher and student log-sum-exps, mse_prob's delta)."""
+    from ..kernels import attention_relation as kernel
+
+    _checked_token_counts(t_a, t_b, s_a, s_b, mask, check_finite)
+    with autocast_off(s_a):
+        loss, saved = kernel.relation_forward(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s)
+    return (loss, *saved)
+
+
+@_triton_loss.register_fake
+def _(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s, check_finite):
+    batch, length = t_a.shape[:2]
+    stats = (t_a.new_empty((batch * heads, length), dtype=torch.float32) for _ in range(3))
+    return (t_a.new_empty((), dtype=torch.float32), t_a.new_empty((batch, length), dtype=torch.int8),
+            t_a.new_empty((batch, length), dtype=torch.float32), *stats)
+
+
+@torch.library.custom_op("pykd::attention_relation_triton_backward", mutates_args=())
+def _triton_grads(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, key_valid: Tensor, weight: Tensor,
+                  lse_t: Tensor, lse_s: Tensor, delta: Tensor, grad_loss: Tensor, heads: int, loss_id: int,
+                  scale_t: float, scale_s: float) -> tuple[Tensor, Tensor]:
+    from ..kernels import attention_relation as kernel
+
+    with autocast_off(s_a):
+        return kernel.relation_backward(t_a, t_b, s_a, s_b, (key_valid, weight, lse_t, lse_s, delta), grad_loss,
+                                        heads, loss_id, scale_t, scale_s)
+
+
+@_triton_grads.register_fake
+def _(t_a, t_b, s_a, s_b, key_valid, weight, lse_t, lse_s, delta, grad_loss, heads, loss_id, scale_t, scale_s):
+    return torch.empty_like(s_a), torch.empty_like(s_b)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    t_a, t_b, s_a, s_b, _mask, heads, loss_id, scale_t, scale_s, _check = inputs
+    ctx.save_for_backward(t_a, t_b, s_a, s_b, *output[1:])
+    ctx.kernel_args = (heads, loss_id, scale_t, scale_s)
+
+
+def _triton_backward(ctx, grad_loss, *_saved_grads):
+    grad_a, grad_b = _triton_grads(*ctx.saved_tensors, grad_loss, *ctx.kernel_args)
+    need = ctx.needs_input_grad
+    return (None, None, grad_a if need[2] else None, grad_b if need[3] else None) + (None,) * 6
+
+
+_triton_loss.register_autograd(_triton_backward, setup_context=_triton_setup_context)

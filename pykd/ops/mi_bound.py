@@ -62,7 +62,8 @@ import torch.distributed as dist
 
 from .._extension import cpu_extension
 from ..kernels.ids import MI_BOUND_IDS
-from ._checks import check_same_device, check_tensor, resolve_backend
+from ._backends import autocast_off, select_backend
+from ._checks import check_nonempty, check_same_device, check_tensor, real_arg
 
 BOUNDS = tuple(MI_BOUND_IDS)
 _BASELINE_BOUNDS = ("tuba", "alpha")
@@ -82,30 +83,60 @@ class BoundSpec:
 def mi_lower_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None = None, bound: str = "alpha",
                    alpha: float = 0.9, scale: float = 1.0, *, gather: bool = False, group=None,
                    backend: str = "auto") -> torch.Tensor:
-    """Lower bound on I(X; Y) from critic embeddings a, b (n, e); an fp32 scalar to maximise.
+    """Lower bound on I(X; Y) from the critic embeddings of n pairs (formulas in the module docstring).
 
-    log_q: optional (n,) log-baseline per row, used by "tuba" and "alpha". Gradients reach a, b
-    and log_q, any of which may be constants. gather: use the b of every rank of `group` (default:
-    the world) as negatives, so the bound runs over the global batch. backend as in
-    attention_relation_loss.
+    Args:
+        a, b: embeddings of the pairs' two sides; S = scale a b^T holds the positives on its diagonal.
+        log_q: optional learned log-baseline per row, used by "tuba" and "alpha".
+        bound: "infonce", "nwj", "tuba", "js" or "alpha".
+        alpha: the interpolation of "alpha", in [0, 1] (1: leave-one-out InfoNCE family, 0: TUBA).
+        scale: score scale (a Python or NumPy number; tensors are refused).
+        gather: use the b of every rank of `group` (default: the world) as negatives, so the bound
+            runs over the global batch; the all-gather and the value's all-reduce run outside the
+            custom ops (eager collectives), so under torch.compile gather=True breaks the graph.
+        backend: "auto" (C++ for CPU tensors, Triton for CUDA ones, the reference when the fused
+            path declines the inputs), "reference", "cpp" or "triton"; a forced backend that cannot
+            take the inputs raises ValueError saying why.
+    Shapes:
+        a, b (n, e) with n >= 2 and e >= 1; log_q (n,).
+    Returns:
+        The bound as an fp32 scalar tensor to maximise, computed in fp32 whatever the input dtypes
+        and with autocast off (the reference path computes and returns float64 for float64 inputs).
+        Gradients reach a, b and log_q in their dtypes; any of them may be a constant.
     """
     spec = validate_bound_args(a, b, log_q, bound, alpha, scale)
-    path = resolve_backend(backend, a)
     group = _gather_group(gather, group, a)
+    n_columns = a.shape[0] * (dist.get_world_size(group) if group is not None else 1)
+    path = select_backend(backend, "a", a, lambda chosen: _kernel_limits(chosen, a, n_columns))
     if path == "reference":
-        return _gathered_reference(a, b, log_q, spec, group) if group is not None else _reference(a, b, log_q, spec)
+        with autocast_off(a):
+            return _gathered_reference(a, b, log_q, spec, group) if group is not None else _reference(a, b, log_q, spec)
     columns, offset = (_all_gather(b, group), dist.get_rank(group) * a.shape[0]) if group is not None else (b, 0)
-    function = _CppMIBound if path == "cpp" else _TritonMIBound
-    return function.apply(a, columns, log_q, spec, offset, group)
+    share = _fused_share(path, a, columns, log_q, spec, offset)
+    if group is not None:
+        share = _summed_over_ranks(share, group)
+    return (_constant_part(spec, columns.shape[0]) + share).float()
 
 
-def mi_lower_bound_reference(a, b, log_q=None, bound="alpha", alpha=0.9, scale=1.0) -> torch.Tensor:
-    """Materialises S (n x n); float64 when any input is, else float32."""
+def mi_lower_bound_reference(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None = None,
+                             bound: str = "alpha", alpha: float = 0.9, scale: float = 1.0) -> torch.Tensor:
+    """Plain PyTorch MI bound on the materialised n x n score matrix.
+
+    Args:
+        a, b, log_q, bound, alpha, scale: as in mi_lower_bound.
+    Shapes:
+        as in mi_lower_bound.
+    Returns:
+        The bound as a scalar tensor, computed and returned in float64 when any input is float64,
+        else in float32 (with autocast off).
+    """
     spec = validate_bound_args(a, b, log_q, bound, alpha, scale)
-    return _reference(a, b, log_q, spec)
+    with autocast_off(a):
+        return _reference(a, b, log_q, spec)
 
 
 def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
+    """Checks the arguments of mi_lower_bound (none of the checks reads a tensor's values)."""
     check_tensor("a", a, ndim=2)
     check_tensor("b", b, ndim=2)
     if a.shape != b.shape:
@@ -113,6 +144,7 @@ def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
     if a.shape[0] < 2:
         raise ValueError(f"the bounds need n >= 2 pairs (one positive and one negative), got a of shape "
                          f"{tuple(a.shape)}")
+    check_nonempty("a", a, "(n, e)")
     if bound not in BOUNDS:
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if log_q is not None:
@@ -121,12 +153,28 @@ def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
             raise ValueError(f"log_q must have shape ({a.shape[0]},), got {tuple(log_q.shape)}")
         if bound not in _BASELINE_BOUNDS:
             raise ValueError(f"log_q is used by the bounds {_BASELINE_BOUNDS}, not by {bound!r}")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    alpha = real_arg("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    scale = real_arg("scale", scale)
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     check_same_device(a=a, b=b, log_q=log_q)
-    return BoundSpec(bound=bound, alpha=float(alpha), scale=float(scale))
+    return BoundSpec(bound=bound, alpha=alpha, scale=scale)
+
+
+def _kernel_limits(backend: str, a: torch.Tensor, n_columns: int) -> list[str]:
+    if backend != "triton":
+        return []
+    from ..kernels.mi_bound import MAX_COLUMNS, MAX_EMBED
+
+    reasons = []
+    if a.shape[1] > MAX_EMBED:
+        reasons.append(f"embedding width {a.shape[1]} (a of shape {tuple(a.shape)}) exceeds the kernel's maximum "
+                       f"{MAX_EMBED}")
+    if n_columns >= MAX_COLUMNS:
+        reasons.append(f"{n_columns} columns (the b of every rank) reach the kernel's limit {MAX_COLUMNS}")
+    return reasons
 
 
 def _gather_group(gather: bool, group, a: torch.Tensor):
@@ -181,24 +229,29 @@ def _gathered_reference(a, b, log_q, spec: BoundSpec, group) -> torch.Tensor:
     return value / world + (value - value / world).detach()
 
 
-def bound_value(spec: BoundSpec, n: int, joint: torch.Tensor, log_marg: torch.Tensor, group=None) -> torch.Tensor:
-    """Combines the per-row terms of the fused kernels (over the group's ranks if given)."""
+def _constant_part(spec: BoundSpec, n: int) -> float:
+    """The part of the value no row contributes: log n for InfoNCE, the 1 of the others."""
+    return math.log(n) if spec.bound == "infonce" else 1.0
+
+
+def bound_share(bound_id: int, n: int, joint: torch.Tensor, log_marg: torch.Tensor) -> torch.Tensor:
+    """A block of rows' part of the value less its constant part (float64), from the fused kernels'
+    per-row terms; the parts of all rows (of all ranks) sum to the value less the constant."""
     joint = joint.double()
-    if group is not None:
-        dist.all_reduce(joint, group=group)
-    if spec.bound == "infonce":
-        return math.log(n) + joint / n
-    log_marg = log_marg.double()
-    peak = log_marg.max()
-    if group is not None:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    total = torch.exp(log_marg - peak).sum()
-    if group is not None:
-        dist.all_reduce(total, group=group)
+    if bound_id == MI_BOUND_IDS["infonce"]:
+        return joint / n
     pairs = n * (n - 1)
-    marginal = torch.exp(peak + torch.log(total) - math.log(pairs))
-    joint_term = joint / pairs if spec.bound == "alpha" else joint / n
-    return 1.0 + joint_term - marginal
+    marginal = torch.exp(torch.logsumexp(log_marg.double(), dim=0) - math.log(pairs))
+    joint_term = joint / pairs if bound_id == MI_BOUND_IDS["alpha"] else joint / n
+    return joint_term - marginal
+
+
+def _summed_over_ranks(share: torch.Tensor, group) -> torch.Tensor:
+    """The shares summed over the group; the gradient stays this rank's share's, since the other
+    ranks' shares reach this rank's b through the all-gather's backward."""
+    total = share.detach().clone()
+    dist.all_reduce(total, group=group)
+    return share + (total - share.detach())
 
 
 # ---- reference: the estimators on the materialised score matrix, in forms that stay exact when
@@ -300,46 +353,95 @@ def _reference(a, b, log_q, spec: BoundSpec) -> torch.Tensor:
     return _interpolated(scores, log_q, spec.alpha)
 
 
-class _CppMIBound(torch.autograd.Function):
-    """CPU path: one sweep over row blocks gives the row terms and all gradients."""
+# ---- the fused paths as custom ops: one graph under torch.compile, autograd registered below ----
+# Rows a (n_rows, e) run against columns b (n, e), row r's positive in column diag_offset + r; each
+# forward returns the rows' share of the value (bound_share).
 
-    @staticmethod
-    def forward(ctx, a, b, log_q, spec: BoundSpec, offset: int, group):
-        need_grad = any(ctx.needs_input_grad[:3])
-        joint, log_marg, grad_a, grad_b, grad_q = cpu_extension().mi_bound_forward(
-            a, b, log_q, spec.bound_id, spec.alpha, spec.scale, need_grad, offset)
-        if need_grad:
-            ctx.save_for_backward(grad_a, grad_b, grad_q)
-            ctx.dtypes = (a.dtype, b.dtype, log_q.dtype if log_q is not None else None)
-        return bound_value(spec, b.shape[0], joint, log_marg, group).float()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads = []
-        for k, (grad, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes)):
-            grads.append((grad * grad_output).to(dtype) if ctx.needs_input_grad[k] else None)
-        return (*grads, None, None, None)
+def _fused_share(path: str, a, columns, log_q, spec: BoundSpec, offset: int) -> torch.Tensor:
+    args = (a, columns, log_q, spec.bound_id, spec.alpha, spec.scale, offset)
+    if path == "cpp":
+        need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, columns, log_q))
+        return torch.ops.pykd.mi_bound_cpp(*args, need_grad)[0]
+    return torch.ops.pykd.mi_bound_triton(*args)[0]
 
 
-class _TritonMIBound(torch.autograd.Function):
-    """GPU path: row statistics in the forward, tiles recomputed in the backward."""
+@torch.library.custom_op("pykd::mi_bound_cpp", mutates_args=())
+def _cpp_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None, bound_id: int, alpha: float,
+               scale: float, diag_offset: int, need_grad: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(share, dI/da, dI/db, dI/dlog_q) in one sweep; the gradients are fp32, empty when not needed."""
+    with autocast_off(a):
+        joint, log_marg, *grads = cpu_extension().mi_bound_forward(a, b, log_q, bound_id, alpha, scale, need_grad,
+                                                                   diag_offset)
+    share = bound_share(bound_id, b.shape[0], joint, log_marg)
+    return (share, *(g if g is not None else a.new_empty(0, dtype=torch.float32) for g in grads))
 
-    @staticmethod
-    def forward(ctx, a, b, log_q, spec: BoundSpec, offset: int, group):
-        from ..kernels import mi_bound as kernel
 
-        joint, log_marg, stats = kernel.bound_forward(a, b, log_q, spec.bound_id, spec.alpha, spec.scale, offset)
-        ctx.save_for_backward(a, b, log_q, stats)
-        ctx.spec, ctx.offset = spec, offset
-        return bound_value(spec, b.shape[0], joint, log_marg, group).float()
+@_cpp_bound.register_fake
+def _(a, b, log_q, bound_id, alpha, scale, diag_offset, need_grad):
+    shapes = (a.shape, b.shape, log_q.shape if log_q is not None else (0,)) if need_grad else ((0,),) * 3
+    return (a.new_empty((), dtype=torch.float64), *(a.new_empty(shape, dtype=torch.float32) for shape in shapes))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        from ..kernels import mi_bound as kernel
 
-        a, b, log_q, stats = ctx.saved_tensors
-        spec = ctx.spec
-        grad_a, grad_b, grad_q = kernel.bound_backward(a, b, log_q, stats, grad_output, spec.bound_id,
-                                                       spec.alpha, spec.scale, ctx.offset)
-        return (grad_a if ctx.needs_input_grad[0] else None, grad_b if ctx.needs_input_grad[1] else None,
-                grad_q if ctx.needs_input_grad[2] else None, None, None, None)
+def _cpp_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = tuple(x.dtype if x is not None else None for x in inputs[:3])
+
+
+def _cpp_backward(ctx, grad_share, *_saved_grads):
+    grads = [(grad * grad_share).to(dtype) if ctx.needs_input_grad[k] else None
+             for k, (grad, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
+    return (*grads,) + (None,) * 5
+
+
+_cpp_bound.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
+
+
+@torch.library.custom_op("pykd::mi_bound_triton", mutates_args=())
+def _triton_bound(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None, bound_id: int, alpha: float,
+                  scale: float, diag_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share, the row statistics the backward reads)."""
+    from ..kernels import mi_bound as kernel
+
+    with autocast_off(a):
+        joint, log_marg, stats = kernel.bound_forward(a, b, log_q, bound_id, alpha, scale, diag_offset)
+    return bound_share(bound_id, b.shape[0], joint, log_marg), stats
+
+
+@_triton_bound.register_fake
+def _(a, b, log_q, bound_id, alpha, scale, diag_offset):
+    from ..kernels.mi_bound import STAT_NAMES
+
+    return a.new_empty((), dtype=torch.float64), a.new_empty((len(STAT_NAMES), a.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("pykd::mi_bound_triton_backward", mutates_args=())
+def _triton_bound_grads(a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor | None, stats: torch.Tensor,
+                        grad_share: torch.Tensor, bound_id: int, alpha: float, scale: float, diag_offset: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dI/da, dI/db, dI/dlog_q) in the inputs' dtypes; dI/dlog_q is empty without log_q."""
+    from ..kernels import mi_bound as kernel
+
+    with autocast_off(a):
+        grad_a, grad_b, grad_q = kernel.bound_backward(a, b, log_q, stats, grad_share, bound_id, alpha, scale,
+                                                       diag_offset)
+    return grad_a, grad_b, grad_q if grad_q is not None else a.new_empty(0)
+
+
+@_triton_bound_grads.register_fake
+def _(a, b, log_q, stats, grad_share, bound_id, alpha, scale, diag_offset):
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(log_q) if log_q is not None else a.new_empty(0)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    a, b, log_q, *kernel_args = inputs
+    ctx.save_for_backward(a, b, log_q, output[1])
+    ctx.kernel_args = kernel_args
+
+
+def _triton_backward(ctx, grad_share, _grad_stats):
+    grads = _triton_bound_grads(*ctx.saved_tensors, grad_share, *ctx.kernel_args)
+    return (*(grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)),) + (None,) * 4
+
+
+_triton_bound.register_autograd(_triton_backward, setup_context=_triton_setup_context)
