@@ -16,6 +16,13 @@ class ArchRouter(nn.Module):
 
     Layer-wise it returns alpha (E,); neuron-wise (out_features, E), computing only the first
     out_features neurons' logits as MoS does for the active width.
+
+    Args:
+        encoding_size: length of the architecture encoding.
+        num_experts: E.
+        hidden: width of the MLP's hidden layer.
+        neuron_wise: one mixture per output neuron instead of one per layer.
+        max_out_features: F_max, the most output neurons a neuron-wise router mixes (required then).
     """
 
     def __init__(self, encoding_size: int, num_experts: int, hidden: int = 128, neuron_wise: bool = False,
@@ -29,6 +36,17 @@ class ArchRouter(nn.Module):
         self.head = nn.Linear(hidden, num_experts * (max_out_features if neuron_wise else 1))
 
     def forward(self, encoding: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+        """Mixing coefficients for one architecture.
+
+        Args:
+            encoding: the architecture's encoding.
+            out_features: active output width f of a neuron-wise router (default F_max); unused
+                layer-wise.
+        Shapes:
+            encoding (encoding_size,) -> alpha (E,) layer-wise, (f, E) neuron-wise.
+        Returns:
+            alpha, a softmax over the experts (each row sums to 1), in the router's dtype.
+        """
         if encoding.dim() != 1 or encoding.shape[0] != self.hidden.in_features:
             raise ValueError(f"encoding must have shape ({self.hidden.in_features},), got {tuple(encoding.shape)}")
         hidden = torch.relu(self.hidden(encoding))
@@ -47,6 +65,15 @@ class RoutedLinear(nn.Module):
 
     Select a sub-network with `set_active(out_features, in_features, arch_encoding)`; forward then
     runs pykd.routed_linear on the top-left (out_features x in_features) slice.
+
+    Args:
+        max_in_features, max_out_features: the super-net's D_max and F_max.
+        num_experts: E; encoding_size: length of the architecture encoding.
+        bias: whether the experts carry biases.
+        neuron_wise, router_hidden: the ArchRouter's mixing granularity and hidden width.
+        init_weight, init_bias: a dense (F_max, D_max) weight and (F_max,) bias every expert starts
+            from (default: nn.Linear's initialisation per expert); init_noise: std of the Gaussian
+            noise added to each expert's copy.
     """
 
     def __init__(self, max_in_features: int, max_out_features: int, num_experts: int, encoding_size: int,
@@ -64,7 +91,15 @@ class RoutedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_experts: int, encoding_size: int, noise: float = 1e-3,
                     **kwargs) -> "RoutedLinear":
-        """Experts initialised as copies of a pretrained dense layer plus Gaussian noise (MoS)."""
+        """Experts initialised as copies of a pretrained dense layer plus Gaussian noise (MoS).
+
+        Args:
+            linear: the pretrained layer; its shape becomes the super-net's maxima.
+            num_experts, encoding_size: as in RoutedLinear; noise: std of each expert's noise.
+            **kwargs: RoutedLinear's other arguments (neuron_wise, router_hidden).
+        Returns:
+            a RoutedLinear whose active sub-network is the whole layer.
+        """
         return cls(linear.in_features, linear.out_features, num_experts, encoding_size,
                    bias=linear.bias is not None, init_weight=linear.weight.detach(),
                    init_bias=linear.bias.detach() if linear.bias is not None else None, init_noise=noise, **kwargs)
@@ -88,6 +123,14 @@ class RoutedLinear(nn.Module):
                 self.experts_b.add_(noise * torch.randn_like(self.experts_b))
 
     def set_active(self, out_features: int, in_features: int, arch_encoding: torch.Tensor) -> None:
+        """Selects the sub-network forward runs.
+
+        Args:
+            out_features, in_features: the active shape (f, d), at most (F_max, D_max).
+            arch_encoding: the encoding the router mixes the experts for.
+        Shapes:
+            arch_encoding (encoding_size,).
+        """
         _, f_max, d_max = self.experts_w.shape
         if not (1 <= out_features <= f_max and 1 <= in_features <= d_max):
             raise ValueError(f"active shape ({out_features}, {in_features}) must fit the super-net's "
@@ -96,17 +139,39 @@ class RoutedLinear(nn.Module):
         self.arch_encoding = arch_encoding
 
     def alpha(self) -> torch.Tensor:
+        """The router's mixing coefficients for the active architecture.
+
+        Shapes:
+            (E,) layer-wise, (out_features, E) neuron-wise.
+        Returns:
+            alpha in the experts' dtype and device; gradients reach the router.
+        """
         encoding = self.arch_encoding.to(self.experts_w.device, self.experts_w.dtype)
         return self.router(encoding, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The active sub-network's output, through pykd.routed_linear.
+
+        Args:
+            x: input features of the active width.
+        Shapes:
+            x (..., in_features) -> (..., out_features).
+        Returns:
+            y in x's dtype (the autocast dtype inside autocast); gradients reach x, the experts and
+            the router.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in the active in_features={self.in_features}, got shape {tuple(x.shape)}")
         return routed_linear(x, self.experts_w, self.alpha(), self.experts_b, self.out_features)
 
     @torch.no_grad()
     def collapse(self) -> nn.Linear:
-        """A plain nn.Linear of the active shape computing what this layer computes now."""
+        """A plain nn.Linear of the active shape computing what this layer computes now.
+
+        Returns:
+            nn.Linear(in_features, out_features) with the mixed weight and bias, on the experts'
+            device and dtype.
+        """
         weight, bias = mixed_weight(self.experts_w, self.alpha(), self.experts_b, self.out_features,
                                     self.in_features)
         dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
