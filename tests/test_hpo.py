@@ -167,17 +167,22 @@ def _base_file(base, tmp_path, **train):
     return str(path)
 
 
-def test_cli_errors_exit_2(base, tmp_path):
-    env = dict(os.environ)
-    space = _spec(tmp_path)
-    for args, message in ((["--trials", "0"], "argument --trials: must be an integer >= 1"),
-                          ([_base_file(base, tmp_path), "--trials", "1", "--space", str(space), "--storage",
-                            "nosuchdialect://x"], "pykd hpo: error: hpo storage 'nosuchdialect://x' cannot be opened"),
-                          ([_base_file(base, tmp_path), "--trials", "1", "--set", "losses.prediction.type=kl"],
-                           "pykd hpo: error: config key losses.prediction.type")):
-        done = _cli(args, env)
-        out, _ = done.communicate(timeout=300)
-        assert done.returncode == 2 and message in out, out
+def test_cli_errors_exit_2(base, tmp_path, capsys):
+    from pykd.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["hpo", "--trials", "0"])
+    assert stop.value.code == 2 and "argument --trials: must be an integer >= 1" in capsys.readouterr().err
+    space, config = str(_spec(tmp_path)), _base_file(base, tmp_path)
+    for args, message in (([config, "--trials", "1", "--space", space, "--storage", "nosuchdialect://x"],
+                           "pykd hpo: error: hpo storage 'nosuchdialect://x' cannot be opened"),
+                          ([config, "--trials", "1", "--set", "losses.prediction.type=kl"],
+                           "pykd hpo: error: config key losses.prediction.type"),
+                          ([config, "--trials", "1", "--space", str(tmp_path / "missing.yaml")],
+                           "pykd hpo: error: [Errno 2] No such file or directory")):
+        assert main(["hpo", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
 
 
 def _trials(url, name="pykd-hpo"):
