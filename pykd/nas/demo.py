@@ -42,8 +42,8 @@ def _finetune(model_path: str, output: str, overrides: list[str]) -> dict:
 
 def _cut_student(config, arch, output: Path) -> str:
     """The same architecture sliced out of the teacher with no SuperLM training."""
-    from .search import load_teacher_and_space, save_student
-    from .superlm import SuperLM
+    from .search import load_teacher_and_space
+    from .superlm import SuperLM, save_student
     from .train import supernet_options
 
     if not output.exists():
