@@ -100,17 +100,14 @@ class Architecture:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"architecture {name} must be a positive int, got {value!r}")
-        ratio = self.ffn_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-            raise ValueError(f"architecture ffn_ratio must be a positive number, got {ratio!r}")
-        object.__setattr__(self, "ffn_ratio", float(ratio))
+        object.__setattr__(self, "ffn_ratio", _check_ratio(self.ffn_ratio, "architecture"))
         if self.hidden % self.heads:
             raise ValueError(f"architecture hidden={self.hidden} is not divisible by heads={self.heads}: a stock "
                              f"transformers model splits its attention width (= hidden) into heads of size "
                              f"hidden / heads, so this architecture could not be exported (see pykd.nas.space)")
         if self.intermediate < 1:
             raise ValueError(f"architecture FFN width round(hidden * ffn_ratio) = {self.intermediate} must be >= 1 "
-                             f"(hidden={self.hidden}, ffn_ratio={ratio})")
+                             f"(hidden={self.hidden}, ffn_ratio={self.ffn_ratio})")
 
     @property
     def intermediate(self) -> int:
