@@ -587,9 +587,21 @@ class SearchSpace:
             raise ValueError(f"sub-space names must be distinct, got {names}")
         self.subspaces = list(subspaces)
         for subspace in self.subspaces:
-            extremes = [subspace.largest()] if isinstance(subspace, LayerwiseSubSpace) else subspace.candidates()
-            for arch in extremes:
-                self.check_fits_teacher(arch, context=f"sub-space {subspace.name!r}: ")
+            self._check_subspace_fits(subspace)
+
+    def _check_subspace_fits(self, subspace: SubSpace) -> None:
+        """ValueError naming the factor when some candidate of the sub-space is larger than the teacher."""
+        t = self.teacher
+        # Only (hidden, heads) pairs that divide make candidates.
+        hiddens = [d for d in subspace.hidden if any(d % h == 0 for h in subspace.heads)]
+        heads = [h for h in subspace.heads if any(d % h == 0 for d in subspace.hidden)]
+        widest_ffn = max(math.floor(d * r + 0.5) for d in hiddens for r in subspace.ffn_ratio)
+        for name, value, limit in (("layers", max(subspace.layers), t.layers), ("hidden", max(hiddens), t.hidden),
+                                   ("heads", max(heads), t.heads),
+                                   ("FFN width (hidden * ffn_ratio)", widest_ffn, t.intermediate)):
+            if value > limit:
+                raise ValueError(f"sub-space {subspace.name!r} is larger than the teacher: {name} {value} > the "
+                                 f"teacher's {limit}")
 
     @classmethod
     def autodistil(cls, teacher, k: int = 3, layerwise: bool = False) -> "SearchSpace":
