@@ -61,7 +61,8 @@ def test_mos_report_and_targets():
         rows.append({"variant": name, "batch": BATCH, "L": LENGTH, "ms": got["ms"],
                      "time_vs_e1": ratio(got["ms"], base["ms"]), "params": got["params"],
                      "extra_params": extra_params, "peak_mib": got["peak_mib"], "predicted_peak_mib": predicted,
-                     "extra_mib": got["peak_mib"] - base["peak_mib"], "predicted_extra_mib": predicted - base["peak_mib"]})
+                     "extra_mib": got["peak_mib"] - base["peak_mib"],
+                     "predicted_extra_mib": predicted - base["peak_mib"]})
     lines = [f"MoS step (MiniLM-L6, 'base' sub-space: largest, smallest, 2 random; fwd+bwd each, one Adam update), "
              f"batch {BATCH}, L={LENGTH}, fp32, CPU; median of {ROUNDS}. Peak: two steps in a fresh process, over "
              f"the resident size with the teacher loaded; predicted = E=1's peak + 16 B per extra parameter.", "",
