@@ -14,11 +14,15 @@ VOCAB = 67
 
 
 def make_teacher(kind="bert", layers=4, hidden=48, heads=4, ffn=96, seed=0, vocab=VOCAB):
-    config_class = transformers.RobertaConfig if kind.startswith("roberta") else transformers.BertConfig
+    family = kind.split("-")[0]
+    config_class = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+                    "electra": transformers.ElectraConfig}[family]
+    extra = {"embedding_size": hidden} if family == "electra" else {}
     config = config_class(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=ffn, max_position_embeddings=40, num_labels=3)
+                          intermediate_size=ffn, max_position_embeddings=40, num_labels=3, **extra)
     model_class = {"bert": transformers.BertModel, "bert-cls": transformers.BertForSequenceClassification,
-                   "roberta": transformers.RobertaModel}[kind]
+                   "roberta": transformers.RobertaModel,
+                   "electra-cls": transformers.ElectraForSequenceClassification}[kind]
     torch.manual_seed(seed)
     config._attn_implementation = "sdpa"
     model = model_class(config).eval()
@@ -145,7 +149,7 @@ def test_gradients_stay_inside_the_active_slice():
     assert word[:, 24:].abs().sum() == 0 and word[:, :24].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["bert", "bert-cls", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "bert-cls", "roberta", "electra-cls"])
 def test_export_round_trip_with_padding(kind, tmp_path):
     teacher = make_teacher(kind)
     space = SearchSpace.autodistil(teacher)
@@ -171,13 +175,13 @@ def test_export_round_trip_with_padding(kind, tmp_path):
             <= 0.01 * counter.get_total_flops()
         student.set_attn_implementation("sdpa")
         path = save_student(student, None, tmp_path / f"student{index}")
-        loader = (transformers.AutoModelForSequenceClassification if kind == "bert-cls"
-                  else transformers.AutoModel)
+        classifier = kind.endswith("-cls")
+        loader = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
         loaded = loader.from_pretrained(path).eval()
         assert type(loaded) is type(teacher)
         with torch.no_grad():
             got = loaded(**batch)
-        if kind == "bert-cls":
+        if classifier:
             torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(valid(got.last_hidden_state, batch), valid(expected.last_hidden_state, batch),

@@ -197,6 +197,8 @@ class SuperLM(nn.Module):
         config = copy.deepcopy(self._teacher_config)
         config.num_hidden_layers, config.hidden_size = arch.layers, arch.hidden
         config.num_attention_heads, config.intermediate_size = arch.layer_heads[0], max(arch.layer_ffn)
+        if hasattr(config, "embedding_size"):  # ELECTRA: embeddings as wide as hidden, so no projection
+            config.embedding_size = arch.hidden
         config._attn_implementation = "sdpa"
         return config
 
