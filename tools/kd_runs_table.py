@@ -120,7 +120,7 @@ def run_dataset(args, dataset: str, pipelines: list[str], done: set) -> None:
 
 
 def evaluate(table: str) -> str:
-    runs = [r for r in autodistiller.read_table(table) if r.ratio == r.ratio]
+    runs = autodistiller.read_table(table)
     markdown = autodistiller.regret_markdown(autodistiller.leave_one_dataset_out(runs))
     path = Path(table).with_name(Path(table).stem + "_regret.md")
     path.write_text(markdown)

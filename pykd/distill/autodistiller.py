@@ -200,10 +200,12 @@ def read_table(path: str) -> list[Run]:
             missing = [k for k in ("dataset", "pipeline", "params", "ratio", *META_FEATURES) if k not in row]
             if missing:
                 raise ValueError(f"KD runs table {path} lacks the column(s) {missing}")
+            if not math.isfinite(float(row["ratio"])):  # a teacher scoring 0 leaves the ratio undefined
+                continue
             runs.append(Run(row["dataset"], row["pipeline"], json.loads(row["params"]),
                             {k: float(row[k]) for k in META_FEATURES}, float(row["ratio"]), row))
     if not runs:
-        raise ValueError(f"KD runs table {path} has no rows")
+        raise ValueError(f"KD runs table {path} has no rows with a finite ratio")
     return runs
 
 
