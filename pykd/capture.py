@@ -191,6 +191,9 @@ def capture(model: nn.Module):
     Args:
         model: a Hugging Face encoder of a family in SUPPORTED_FAMILIES (or a task model around one).
 
+    Shapes:
+        cap[i].query, .key, .value (B, H, L, d) for layer i; cap.attention_mask (B, L) bool.
+
     Returns:
         a context manager yielding a `Capture`: after each forward inside the block, `cap[i].query`,
         `.key`, `.value` are layer i's (B, H, L, d) inputs and `cap.attention_mask` is (B, L) bool.
