@@ -24,9 +24,8 @@ DEMO_TRAIN = ["data.dataset=pydocs", "data.kind=unlabeled", "losses.prediction.t
               "data.eval_fraction=0.05", "data.max_eval_examples=64", "train.steps=40", "train.batch_size=16",
               "train.lr=3e-4", "train.eval_every=1000", "train.checkpoint_every=1000", "train.log_every=5",
               "nas.k=3", "nas.eval_batches=4", "nas.budget.flops=0.5", "nas.search=enumerate"]
-FINETUNE_STEPS = 150
 DEMO_FINETUNE = ["data.dataset=rotten_tomatoes", "data.kind=classification", "data.max_length=64",
-                 f"train.steps={FINETUNE_STEPS}", "train.batch_size=32", "train.lr=1e-4", "train.eval_every=1000",
+                 "train.steps=150", "train.batch_size=32", "train.lr=1e-4", "train.eval_every=1000",
                  "train.checkpoint_every=1000", "data.max_eval_examples=1000"]
 
 
@@ -80,12 +79,13 @@ def run_demo(output: str, overrides: list[str]) -> str:
             "cut student (no SuperLM training)": (cut_dir, str(root / "finetune-cut"))}
     results = {name: _finetune(path, run_dir, finetune_overrides) for name, (path, run_dir) in runs.items()}
     print("[nas demo] 5/5 measuring and writing the report", flush=True)
-    path = write_report(root, config, summary, arch, runs, results)
+    finetune_steps = run_config.load(None, DEMO_FINETUNE + finetune_overrides).train.steps
+    path = write_report(root, config, summary, arch, runs, results, finetune_steps)
     print(f"[nas demo] report: {path}", flush=True)
     return path
 
 
-def write_report(root: Path, config, summary: dict, arch, runs: dict, results: dict) -> str:
+def write_report(root: Path, config, summary: dict, arch, runs: dict, results: dict, finetune_steps: int) -> str:
     from ..distill.models import load_pretrained, load_tokenizer
     from .search import load_teacher_and_space
 
@@ -110,7 +110,7 @@ def write_report(root: Path, config, summary: dict, arch, runs: dict, results: d
              f"Search: {summary['method']}, {summary['evaluations']} candidates scored in {summary['seconds']:.1f} s "
              f"on held-out pydocs; budget {summary['budget']} (50% of the teacher's FLOPs at {seq_len} tokens). "
              f"Best: `{summary['best']['arch']}` (held-out relation loss {summary['best']['loss']:.5f}).",
-             f"Fine-tuning: rotten_tomatoes, {FINETUNE_STEPS} steps each. Latency: median CPU "
+             f"Fine-tuning: rotten_tomatoes, {finetune_steps} steps each. Latency: median CPU "
              f"forward of a batch of 32 x 64 tokens, {torch.get_num_threads()} threads. Encoder FLOPs per "
              f"{seq_len}-token sequence.", "",
              "| model | architecture | params | GFLOPs | CPU ms / batch | accuracy |", "|---|---|---|---|---|---|"]
