@@ -77,13 +77,13 @@ def _checkpoint_step(output_dir) -> int:
 def test_sigterm_sigint_and_a_kill_lose_no_step_and_log_each_step_once(tmp_path):
     """SIGTERM, resume, SIGINT, resume, SIGKILL (steps logged after the last checkpoint), resume: the
     parameters are bit-equal to an uninterrupted run's and the log is that run's log, line for line."""
-    straight = tmp_path / "straight"
+    from concurrent.futures import ThreadPoolExecutor
+
+    straight, chain = tmp_path / "straight", tmp_path / "chain"
     (tmp_path / "straight.yaml").write_text(json.dumps(_unlabeled(tmp_path, "straight")))
-    code, stderr = _distill(tmp_path / "straight.yaml", straight)
-    assert code == 0, stderr[-3000:]
-    chain = tmp_path / "chain"
     path = tmp_path / "chain.yaml"
-    path.write_text(json.dumps(_unlabeled(tmp_path, "chain")))
+    path.write_text(json.dumps(_unlabeled(tmp_path, "chain")))  # (re)writes the teacher and data: before any run
+    uninterrupted = ThreadPoolExecutor(1).submit(_distill, tmp_path / "straight.yaml", straight)  # beside the chain
 
     code, stderr = _distill(path, chain, stop_at=3, signum=signal.SIGTERM)
     first = _checkpoint_step(chain)
@@ -100,6 +100,8 @@ def test_sigterm_sigint_and_a_kill_lose_no_step_and_log_each_step_once(tmp_path)
     assert code == -signal.SIGKILL and _checkpoint_step(chain) == periodic < _last_logged_step(chain / "log.jsonl")
 
     assert _distill(path, chain)[0] == 0
+    code, stderr = uninterrupted.result()
+    assert code == 0, stderr[-3000:]
     expected, resumed = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (straight, chain))
     assert expected.keys() == resumed.keys()
     for key in expected:
