@@ -1,4 +1,5 @@
-"""pykd.mi_lower_bound: fused C++ and Triton paths against the float64 vbmi-notebook reference."""
+"""pykd.mi_lower_bound: fused C++ and Triton paths against the float64 reference at moderate scores
+(tests/test_mi_confident.py checks every path against a 90-digit evaluation at confident critics)."""
 import math
 
 import pytest
