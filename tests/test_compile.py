@@ -173,3 +173,32 @@ def test_compiled_under_autocast_follows_eager_under_autocast(rng):
         eager = run(*leaves, "auto")
         compiled = torch.compile(run, fullgraph=True)(*leaves, "auto")
     assert rel_err(compiled, eager) <= FUSED_TOL
+
+
+def opcheck_cases(rng):
+    t = torch.randn(2, 5, 8, generator=rng)
+    s_a, s_b = (torch.randn(2, 5, 4, generator=rng).requires_grad_() for _ in range(2))
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    a, b = (torch.randn(6, 4, generator=rng).requires_grad_() for _ in range(2))
+    log_q = torch.randn(6, generator=rng).requires_grad_()
+    x, experts_w = torch.randn(7, 6, generator=rng).requires_grad_(), torch.randn(2, 5, 6, generator=rng).requires_grad_()
+    alpha, experts_b = torch.rand(5, 2, generator=rng).requires_grad_(), torch.randn(2, 5, generator=rng).requires_grad_()
+    ops = torch.ops.pykd
+    return {
+        "relation_cpp": (ops.attention_relation_cpp, (t, t, s_a, s_b, mask, 2, 0, 0.5, 0.5, False, True)),
+        "relation_triton": (ops.attention_relation_triton, (t, t, s_a, s_b, mask, 2, 2, 0.5, 0.5, False)),
+        "token_counts": (ops.relation_token_counts, (t, t, s_a.detach(), s_b.detach(), mask, True)),
+        "mi_cpp": (ops.mi_bound_cpp, (a, b, log_q, 4, 0.5, 1.0, 0, True)),
+        "mi_triton": (ops.mi_bound_triton, (a, b, log_q, 4, 0.5, 1.0, 0)),
+        "routed_cpp": (ops.routed_linear_cpp, (x, experts_w, alpha, experts_b, 5)),
+        "routed_triton": (ops.routed_linear_triton, (x, experts_w, alpha, experts_b, 5)),
+    }
+
+
+@pytest.mark.parametrize("name", ("relation_cpp", "relation_triton", "token_counts", "mi_cpp", "mi_triton",
+                                  "routed_cpp", "routed_triton"))
+def test_custom_ops_pass_torch_opcheck(name, rng):
+    """Schema, fake shapes against real outputs, autograd registration and AOT dispatch with
+    dynamic shapes (torch.library.opcheck), for each custom op the public functions call."""
+    op, args = opcheck_cases(rng)[name]
+    torch.library.opcheck(op, args)

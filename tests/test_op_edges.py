@@ -78,7 +78,7 @@ def padded_relation_inputs(rng, poison: float):
     return clean, poisoned, mask
 
 
-@pytest.mark.parametrize("poison", (float("nan"), float("inf"), float("-inf")))
+@pytest.mark.parametrize("poison", (float("nan"), float("-inf")))
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("backend", PATHS)
 def test_nan_or_inf_under_padding_changes_nothing(backend, loss, poison, rng):

@@ -1,4 +1,4 @@
-"""Fused ops: autograd Functions over the C++ (CPU) and Triton (GPU) kernels, each with a reference."""
+"""Fused ops: custom ops (torch.library) over the C++ (CPU) and Triton (GPU) kernels, each with a reference."""
 from .attention_relation import attention_relation_loss, attention_relation_loss_reference
 from .mi_bound import mi_lower_bound, mi_lower_bound_reference
 from .routed_linear import routed_linear, routed_linear_reference

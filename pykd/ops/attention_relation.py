@@ -264,16 +264,11 @@ def _cpp_setup_context(ctx, inputs, output):
 
 
 def _cpp_backward(ctx, grad_loss, _grad_a, _grad_b):
-    grads = [_scaled(grad, grad_loss, dtype) if ctx.needs_input_grad[k] else None
+    # Always scaled: skipping the product when grad_loss == 1 would read a value, which tracing
+    # (torch.compile, torch.export) cannot, and the product costs one pass over (B, L, D_s).
+    grads = [(grad * grad_loss).to(dtype) if ctx.needs_input_grad[k] else None
              for k, grad, dtype in zip((2, 3), ctx.saved_tensors, ctx.dtypes)]
     return (None, None, *grads) + (None,) * 7
-
-
-def _scaled(grad: Tensor, grad_loss: Tensor, dtype) -> Tensor:
-    # loss.backward() passes 1: eager hands over the saved gradient without another pass over it.
-    if not torch.compiler.is_compiling() and bool(grad_loss == 1):
-        return grad.to(dtype)
-    return (grad * grad_loss).to(dtype)
 
 
 _cpp_loss.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
