@@ -91,7 +91,11 @@ def run_path(path, a, b, log_q, bound, alpha, scale):
 def check_against_exact(path, layout, sep, dtype, bound, alpha, with_q, seed=0):
     a, b, log_q, scale = layout_inputs(layout, N, sep, dtype, seed)
     log_q = log_q if with_q else None
-    ref = exact(layout, sep, dtype, bound, alpha, with_q, seed)
+    assert_matches_exact(path, a, b, log_q, scale, dtype, bound, alpha,
+                         exact(layout, sep, dtype, bound, alpha, with_q, seed))
+
+
+def assert_matches_exact(path, a, b, log_q, scale, dtype, bound, alpha, ref):
     value, grads = run_path(path, a, b, log_q, bound, alpha, scale)
 
     u = UNIT_ROUNDOFF[torch.float64 if path == "reference64" else torch.float32]
@@ -110,7 +114,7 @@ def check_against_exact(path, layout, sep, dtype, bound, alpha, with_q, seed=0):
     g = ref.grad_scores
     expected = [scale * g @ b64, scale * g.T @ a64]
     magnitude = [scale * g.abs() @ b64.abs(), scale * g.abs().T @ a64.abs()]
-    if with_q:
+    if log_q is not None:
         expected.append(ref.grad_log_q)
         magnitude.append(ref.grad_log_q_terms)
     for name, grad, want, size in zip(("a", "b", "log_q"), grads, expected, magnitude):
@@ -161,3 +165,20 @@ def test_leave_one_out_bound_never_exceeds_log_n(path, sep):
         value, grads = run_path(path, a, b, None, "alpha", 1.0, scale)
         assert value <= math.log(N), (layout, value)
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("path", ("reference64", "reference", "cpp", "triton"))
+@pytest.mark.parametrize("bound, alpha, with_q", [("alpha", 0.9, True), ("alpha", 1.0, False), ("infonce", 0.9, False)],
+                         ids=["alpha-a0.9-q", "alpha-a1.0-noq", "infonce"])
+def test_duplicate_pairs_tie_the_top_negative(path, bound, alpha, with_q):
+    """A batch holding the same pair three times: rows 1 to 3 see their positive's score twice among
+    their negatives (two top negatives tied with each other and with the positive), every other row
+    three equal negatives."""
+    if path == "triton":
+        pytest.importorskip("triton")
+    sep, seed = 40, 3
+    a, b, log_q, scale = layout_inputs("confident", N, sep, torch.float32, seed)
+    a[2:4], b[2:4] = a[1], b[1]
+    log_q = log_q if with_q else None
+    assert_matches_exact(path, a, b, log_q, scale, torch.float32, bound, alpha,
+                         exact_bound(exact_scores(a, b, scale), log_q, bound, alpha))
