@@ -7,6 +7,7 @@ ValueError listing its reasons; "auto" tries the fused paths, then the reference
 anything, and warns when a fused path for the inputs' device declined them (the reference
 materialises what the fused paths stream).
 """
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -79,4 +80,6 @@ def no_limits(backend: str) -> list[str]:
 def autocast_off(x: torch.Tensor):
     """The fused paths run with autocast off: their kernels read every float dtype and accumulate in
     fp32 themselves, and autocast would otherwise lower the C++ path's internal GEMMs to fp16/bf16."""
-    return torch.autocast(x.device.type, enabled=False)
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()  # entering torch.autocast costs ~10 us a call
