@@ -166,6 +166,7 @@ class NasProxy:
 class NasConfig:
     space: str = "autodistil"  # autodistil (K sub-spaces scaled to the teacher) | custom (nas.custom_space)
     k: int = 3  # sub-spaces of the autodistil space; 1 = one-shot, one SuperLM over the union
+    layerwise: bool = False  # per-layer heads and FFN ratios (HAT / MoS spaces; search with evolution or nsga2)
     custom_space: dict | None = None  # SearchSpace.from_dict form, used when space is custom
     sandwich_random: int = 2  # M: random sub-networks per step beside the largest and the smallest
     relations: list = field(default_factory=lambda: ["qq", "kk", "vv"])
@@ -242,8 +243,13 @@ NON_NEGATIVE = ("train.weight_decay", "train.clip_norm")
 # saved when, never what an optimiser step computes. Every other key is part of what a checkpoint
 # depends on (see resume_conflicts). train.steps is here because the learning-rate schedule is a function
 # of it: a run resumed with more steps continues the same weights on a stretched schedule, as asked.
+# The nas keys only `pykd nas search` (or where runs are written) depends on: a SuperLM's training never reads them.
+NAS_SEARCH_KEYS = frozenset({"nas.search", "nas.seq_len", "nas.eval_batches", "nas.output"} | {
+    f"nas.{section}.{f.name}" for section, cls in (("budget", NasBudget), ("latency", NasLatency),
+                                                   ("evolution", NasEvolution), ("nsga2", NasNsga2),
+                                                   ("proxy", NasProxy)) for f in dataclasses.fields(cls)})
 RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                            "train.progress", "train.output_dir", "train.resume"})
+                            "train.progress", "train.output_dir", "train.resume"}) | NAS_SEARCH_KEYS
 
 
 def _convert(value, hint, key: str):
