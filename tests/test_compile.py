@@ -1,11 +1,12 @@
-"""torch.compile(fullgraph=True) and autocast with the ops: one graph, the values and gradients of eager.
+"""torch.compile(fullgraph=True) and autocast with the ops: one graph, the values and gradients of eager;
+torch.library.opcheck on every custom op.
 
 Compiled, a fused path runs the same kernel on the same inputs as eager, so values and gradients
 agree to the rounding of the few ops around it (casts, the constant of the MI bound): a relative
-error of 8 fp32 unit roundoffs (8 u = 4.8e-7). The reference path runs in float64 here; Inductor
-may reorder its sums of at most a few hundred terms, each reordering moving the result by
-gamma_n = n u64 relative to the sum of magnitudes; 1e-11 allows that for a condition number up to
-about 100. The training step compares parameter updates after fp32 steps through Linear layers
+error of 8 fp32 unit roundoffs (8 u = 4.8e-7). The reference path runs in float64 here, traced
+by AOT autograd without Inductor's code generation, so the same ATen ops run, possibly decomposed
+into reductions of at most a few hundred terms in another order: gamma_n = n u64 relative to the
+sum of magnitudes, which 1e-11 allows for a condition number up to about 100. The training step compares parameter updates after fp32 steps through Linear layers
 that Inductor fuses differently from eager: 1e-4 covers gamma_n (n <= 100, 6e-6) times the
 loss's condition (below 20 at these sizes).
 """
