@@ -344,9 +344,7 @@ def nsga2_search(evaluator: Evaluator, settings, seed: int) -> list[dict]:
 
     def objective(trial):
         subspace = space.subspaces[names.index(trial.suggest_categorical("subspace", names))]
-        genes = {gene: trial.suggest_categorical(f"{subspace.name}.{gene}", list(choices))
-                 for gene, choices in genes_of(subspace).items()}
-        arch = arch_from_genes(subspace, genes)
+        arch = arch_from_genes(subspace, _suggest_genes(trial, subspace))
         if arch is None or not subspace.contains(arch) or not evaluator.feasible(arch):
             raise optuna.TrialPruned()
         row = evaluator.score(arch)
@@ -357,6 +355,24 @@ def nsga2_search(evaluator: Evaluator, settings, seed: int) -> list[dict]:
     study.optimize(objective, n_trials=settings.trials)
     evaluator.history = [{"trials": len(study.trials), "evaluations": evaluator.evaluations}]
     return list(evaluator.results.values())
+
+
+def _suggest_genes(trial, subspace) -> dict:
+    """One value per gene; head genes draw only from the counts dividing the drawn hidden size (a
+    parameter per hidden size, so Optuna's distributions stay fixed), which spares most prunings."""
+    choices = genes_of(subspace)
+    hidden = trial.suggest_categorical(f"{subspace.name}.hidden", list(choices["hidden"])) \
+        if "hidden" in choices else None
+    genes = {}
+    for gene, values in choices.items():
+        dividing = [h for h in values if hidden and hidden % h == 0] if gene.startswith("heads") else []
+        if gene == "hidden":
+            genes[gene] = hidden
+        elif dividing:
+            genes[gene] = trial.suggest_categorical(f"{subspace.name}.{gene}|hidden={hidden}", dividing)
+        else:
+            genes[gene] = trial.suggest_categorical(f"{subspace.name}.{gene}", list(values))
+    return genes
 
 
 def pareto_front(rows: list[dict], cost: str) -> list[dict]:
