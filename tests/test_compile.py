@@ -203,3 +203,16 @@ def test_custom_ops_pass_torch_opcheck(name, rng):
     dynamic shapes (torch.library.opcheck), for each custom op the public functions call."""
     op, args = opcheck_cases(rng)[name]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("path", ("cpp", "reference"))
+def test_compiled_code_keeps_the_checks_that_read_values(path, rng):
+    torch._dynamo.reset()
+    t, s = torch.randn(2, 4, 8, generator=rng), torch.randn(2, 4, 4, generator=rng)
+    compiled = torch.compile(lambda t, s, mask, check: pykd.attention_relation_loss(
+        t, t, s, s, 2, mask=mask, backend=path, check_inputs_finite=check), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"mask has no valid token in example\(s\) \[1\]"):
+        compiled(t, s, torch.tensor([[True] * 4, [False] * 4]), False)
+    s[0, 2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"s_a contains NaN or Inf at a valid token"):
+        compiled(t, s, torch.ones(2, 4, dtype=torch.bool), True)
