@@ -6,9 +6,10 @@ agree to the rounding of the few ops around it (casts, the constant of the MI bo
 error of 8 fp32 unit roundoffs (8 u = 4.8e-7). The reference path runs in float64 here, traced
 by AOT autograd without Inductor's code generation, so the same ATen ops run, possibly decomposed
 into reductions of at most a few hundred terms in another order: gamma_n = n u64 relative to the
-sum of magnitudes, which 1e-11 allows for a condition number up to about 100. The training step compares parameter updates after fp32 steps through Linear layers
-that Inductor fuses differently from eager: 1e-4 covers gamma_n (n <= 100, 6e-6) times the
-loss's condition (below 20 at these sizes).
+sum of magnitudes, which 1e-11 allows for a condition number up to about 100. The training
+step compares parameter updates after fp32 steps through Linear layers that Inductor fuses
+differently from eager: 1e-4 covers gamma_n (n <= 100, 6e-6) times the loss's condition (below
+20 at these sizes).
 """
 import copy
 
@@ -182,8 +183,9 @@ def opcheck_cases(rng):
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     a, b = (torch.randn(6, 4, generator=rng).requires_grad_() for _ in range(2))
     log_q = torch.randn(6, generator=rng).requires_grad_()
-    x, experts_w = torch.randn(7, 6, generator=rng).requires_grad_(), torch.randn(2, 5, 6, generator=rng).requires_grad_()
-    alpha, experts_b = torch.rand(5, 2, generator=rng).requires_grad_(), torch.randn(2, 5, generator=rng).requires_grad_()
+    x, experts_w = (torch.randn(*shape, generator=rng).requires_grad_() for shape in ((7, 6), (2, 5, 6)))
+    alpha = torch.rand(5, 2, generator=rng).requires_grad_()
+    experts_b = torch.randn(2, 5, generator=rng).requires_grad_()
     ops = torch.ops.pykd
     return {
         "relation_cpp": (ops.attention_relation_cpp, (t, t, s_a, s_b, mask, 2, 0, 0.5, 0.5, False, True)),
