@@ -17,11 +17,12 @@
 #include <cmath>
 #include <vector>
 
-#include "ids.h"
 #include "vec_math.h"
 
 namespace pykd {
 namespace {
+
+enum class Bound : int64_t { kInfoNCE = 0, kNWJ = 1, kTUBA = 2, kJS = 3, kAlpha = 4 };
 
 constexpr int64_t kBlockScores = 1 << 15;
 
@@ -226,16 +227,28 @@ RowResult alpha_row(float* s, float* scratch, int64_t n, int64_t i, float q, con
   // e^{s_k + log_second} = e^{s_k - u_ii} (1 - w_ii), the marginal term's part.
   const float log_first = log_scale - top.b.u;
   const float log_second = k.log_one_minus_alpha + q - 2.f * own.u;
-  for_each_vec_except(s, n, i, off.top, [&](const Vec& v, int64_t j, int lanes) {
-    Vec g(0.f);
-    if (has_loo) {
-      const Vec others = v_max(Vec(v_sum) - Vec::loadu(scratch + j, lanes), Vec(0.f));
-      g = v_exp(v + Vec(log_first)) + v_exp(v - Vec(top_score)) * others;
-    }
-    if (has_baseline) g = g + v_exp(v + Vec(log_second));
-    (Vec(-inv_pairs) * g).store(s + j, lanes);
-  });
-  s[off.top] = -inv_pairs * (v_sum + (has_baseline ? std::exp(top_score + log_second) : 0.f));
+  const float first_at_top = has_loo ? std::exp(top_score + log_first) : 0.f;
+  const float second_at_top = has_baseline ? std::exp(top_score + log_second) : 0.f;
+  auto others = [&](int64_t j, int lanes) {
+    return has_loo ? v_max(Vec(v_sum) - Vec::loadu(scratch + j, lanes), Vec(0.f)) : Vec(0.f);
+  };
+  if (first_at_top <= 1.f && second_at_top <= 1e30f) {
+    // Both terms are e^{s_k - s_top} times a row constant that fits fp32: one exp per score.
+    const Vec at_top(first_at_top + second_at_top);
+    for_each_vec_except(s, n, i, off.top, [&](const Vec& v, int64_t j, int lanes) {
+      (Vec(-inv_pairs) * v_exp(v - Vec(top_score)) * (at_top + others(j, lanes))).store(s + j, lanes);
+    });
+  } else {
+    // The top negative dominates the positive by tens of nats (or q lies far below it): each
+    // exponent on its own, as the product e^{s_k - s_top} e^{s_top + ...} could overflow.
+    for_each_vec_except(s, n, i, off.top, [&](const Vec& v, int64_t j, int lanes) {
+      Vec g(0.f);
+      if (has_loo) g = v_exp(v + Vec(log_first)) + v_exp(v - Vec(top_score)) * others(j, lanes);
+      if (has_baseline) g = g + v_exp(v + Vec(log_second));
+      (Vec(-inv_pairs) * g).store(s + j, lanes);
+    });
+  }
+  s[off.top] = -inv_pairs * (v_sum + second_at_top);
   s[i] = (horizontal_sum(sum_g_diag) + top.g_diag) * inv_pairs;
   const double joint = static_cast<double>(horizontal_sum(sum_joint)) + (diag - top.b.u);
   const float marginal_q = has_baseline ? std::exp(off.log_off + log_second) : 0.f;  // M_i (1 - w_ii)
@@ -275,7 +288,7 @@ RowResult bound_row(const BoundInputs& in, float* s, float* scratch, int64_t n, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
     const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& log_q_in, int64_t bound_id,
     double alpha, double scale, bool need_grad, int64_t diag_offset) {
-  TORCH_CHECK(known_id(kBoundNames, bound_id), "unknown bound id ", bound_id);
+  TORCH_CHECK(bound_id >= 0 && bound_id <= 4, "unknown bound id ", bound_id);
   const at::Tensor a = a_in.detach().to(at::kFloat).contiguous();
   const at::Tensor b = b_in.detach().to(at::kFloat).contiguous();
   const at::Tensor log_q = log_q_in.has_value() ? log_q_in->detach().to(at::kFloat).contiguous() : at::Tensor();
