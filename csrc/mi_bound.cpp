@@ -17,12 +17,11 @@
 #include <cmath>
 #include <vector>
 
+#include "ids.h"
 #include "vec_math.h"
 
 namespace pykd {
 namespace {
-
-enum class Bound : int64_t { kInfoNCE = 0, kNWJ = 1, kTUBA = 2, kJS = 3, kAlpha = 4 };
 
 constexpr int64_t kBlockScores = 1 << 15;
 
@@ -288,7 +287,7 @@ RowResult bound_row(const BoundInputs& in, float* s, float* scratch, int64_t n, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mi_bound_forward(
     const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& log_q_in, int64_t bound_id,
     double alpha, double scale, bool need_grad, int64_t diag_offset) {
-  TORCH_CHECK(bound_id >= 0 && bound_id <= 4, "unknown bound id ", bound_id);
+  TORCH_CHECK(known_id(kBoundNames, bound_id), "unknown bound id ", bound_id);
   const at::Tensor a = a_in.detach().to(at::kFloat).contiguous();
   const at::Tensor b = b_in.detach().to(at::kFloat).contiguous();
   const at::Tensor log_q = log_q_in.has_value() ? log_q_in->detach().to(at::kFloat).contiguous() : at::Tensor();

@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from .attention_relation import NUM_WARPS, block_sizes, dot_precision
+from .ids import MI_BOUND_IDS
 
-INFONCE, NWJ, TUBA, JS, ALPHA = 0, 1, 2, 3, 4
+INFONCE, NWJ, TUBA, JS, ALPHA = (MI_BOUND_IDS[name] for name in ("infonce", "nwj", "tuba", "js", "alpha"))
 MAX_EMBED = 256
 _INFONCE = tl.constexpr(INFONCE)
 _JS = tl.constexpr(JS)
