@@ -147,20 +147,26 @@ class Architecture:
     @classmethod
     def parse(cls, text: str) -> "Architecture":
         """From "layers=4,hidden=256,ffn_ratio=3,heads=8" (the form str() writes)."""
-        values = {}
-        for item in filter(None, (part.strip() for part in str(text).split(","))):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ValueError(f"cannot parse architecture {text!r}: expected key=value pairs such as "
-                                 f"'layers=4,hidden=256,ffn_ratio=3,heads=8', got {item!r}")
-            if key in values:
-                raise ValueError(f"architecture {text!r} gives {key!r} twice")
-            values[key] = _parse_number(key, value.strip(), text)
-        return cls.from_dict(values)
+        pairs = _key_value_pairs(text, "layers=4,hidden=256,ffn_ratio=3,heads=8")
+        return cls.from_dict({key: _parse_number(key, value, text) for key, value in pairs.items()})
 
     def __str__(self) -> str:
         return f"layers={self.layers},hidden={self.hidden},ffn_ratio={self.ffn_ratio:g},heads={self.heads}"
+
+
+def _key_value_pairs(text: str, example: str) -> dict[str, str]:
+    """The key=value items of an architecture string (each key once), values unparsed."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"cannot parse architecture {text!r}: expected key=value pairs such as "
+                             f"{example!r}, got {item!r}")
+        if key in pairs:
+            raise ValueError(f"architecture {text!r} gives {key!r} twice")
+        pairs[key] = value.strip()
+    return pairs
 
 
 def _parse_number(key: str, value: str, text: str):
@@ -259,14 +265,7 @@ class LayerwiseArchitecture:
     def parse(cls, text: str) -> "LayerwiseArchitecture":
         """From "layers=3,hidden=256,heads=8/8/4,ffn_ratio=3/2/4" (layers optional)."""
         values = {}
-        for item in filter(None, (part.strip() for part in str(text).split(","))):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ValueError(f"cannot parse architecture {text!r}: expected key=value pairs such as "
-                                 f"'hidden=256,heads=8/8/4,ffn_ratio=3/2/4', got {item!r}")
-            if key in values:
-                raise ValueError(f"architecture {text!r} gives {key!r} twice")
+        for key, value in _key_value_pairs(text, "hidden=256,heads=8/8/4,ffn_ratio=3/2/4").items():
             parts = [_parse_number(key, v.strip(), text) for v in value.split("/")]
             values[key] = parts if key in ("heads", "ffn_ratio") else parts[0] if len(parts) == 1 else parts
         return cls.from_dict(values)
