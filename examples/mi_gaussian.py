@@ -72,7 +72,7 @@ def train(name: str, steps_per_level: int, seed: int) -> list[float]:
             optimizer.zero_grad()
             (-estimate).backward()
             optimizer.step()
-            estimates.append(float(estimate))
+            estimates.append(float(estimate.detach()))
     return estimates
 
 
