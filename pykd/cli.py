@@ -188,6 +188,16 @@ def demo(output: str, overrides: list[str]) -> str:
     return path
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, waits for every rank to finish, then leaves the group. A rank that exits while
+    its peers still use the gloo group (rank 0 of `pykd hpo` summarises after the others are done)
+    aborted in gloo's destructors at interpreter exit ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     from .distill.datasets import FetchError  # needs numpy only
     from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
@@ -209,6 +219,7 @@ def main(argv=None) -> int:
             _pipeline_search(args)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
+        _leave_process_group()
     except TrainingInterrupted as stop:
         print(f"pykd {command}: {stop}", file=sys.stderr)
         return stop.exit_code
