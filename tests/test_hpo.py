@@ -353,3 +353,27 @@ def test_a_signal_fails_and_requeues_the_trial_and_propagates(tmp_path, monkeypa
     first, retry = study.get_trials(deepcopy=False)
     assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.WAITING
     assert retry.system_attrs["fixed_params"] == first.params and retry.user_attrs[hpo.RETRY_ATTR] == first.number
+
+
+def test_concurrent_summaries_into_one_directory_never_lose_a_file(tmp_path):
+    # Two workers of one study summarise into the same output; a partial name shared between them let one
+    # rename the other's partial away. Threads race the same way processes do.
+    import threading
+
+    target, errors = tmp_path / "trials.csv", []
+
+    def write_many(tag):
+        try:
+            for i in range(200):
+                hpo._replace_atomically(target, lambda partial: partial.write_text(f"{tag},{i}\n"))
+        except Exception as error:  # noqa: BLE001 - the test reports whatever the race raised
+            errors.append(error)
+
+    threads = [threading.Thread(target=write_many, args=(tag,)) for tag in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert target.read_text().split(",")[0] in ("a", "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trials.csv"]

@@ -457,10 +457,21 @@ def write_trial_config(values: dict, directory: Path) -> Path:
     config = run_config.from_dict(values)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
-    partial = path.with_suffix(".yaml.partial")
-    partial.write_text(yaml.safe_dump(run_config.to_dict(config), sort_keys=False))
-    os.replace(partial, path)
+    _replace_atomically(path, lambda partial: partial.write_text(
+        yaml.safe_dump(run_config.to_dict(config), sort_keys=False)))
     return path
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """write(partial) then rename it onto `path`. The partial name carries the process and thread: workers
+    sharing one study summarise into the same output directory, and a shared partial name let one rename the
+    other's file away (FileNotFoundError in a two-worker run)."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class _Heartbeat:
@@ -626,8 +637,7 @@ def summarize(study, url: str, output: str, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     frame = study.trials_dataframe()
     csv_path = out / "trials.csv"
-    frame.to_csv(csv_path.with_suffix(".csv.partial"), index=False)
-    os.replace(csv_path.with_suffix(".csv.partial"), csv_path)
+    _replace_atomically(csv_path, lambda partial: frame.to_csv(partial, index=False))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = write_plots(study, out, log) if complete else []
     best = None
@@ -657,7 +667,7 @@ def write_plots(study, out: Path, log=print) -> list[str]:
                 axes = draw(study)
             figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
             figure.tight_layout()
-            figure.savefig(path, dpi=110)
+            _replace_atomically(path, lambda partial: figure.savefig(partial, dpi=110))
             plt.close(figure)
             written.append(str(path))
         except Exception as error:  # noqa: BLE001 - optuna raises ValueError/RuntimeError on too few trials
