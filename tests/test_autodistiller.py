@@ -37,7 +37,7 @@ def table(tmp_path_factory):
     teacher = tiny_teacher(tmp)
     output = tmp / "kd_runs.csv"
     args = ["--datasets", ",".join(datasets), "--pipelines", PIPELINES, "--teacher", teacher,
-            "--student", TINY_STUDENT, "--finetune-steps", "4", "--distill-steps", "3", "--batch-size", "8",
+            "--students", TINY_STUDENT, "--max-train", "30,60", "--finetune-steps", "4", "--distill-steps", "3", "--batch-size", "8",
             "--max-length", "20", "--output", str(output), "--runs", str(tmp / "runs")]
     assert kd_runs_table.main(args) == 0
     return {"path": output, "datasets": datasets, "teacher": teacher, "tmp": tmp, "args": args}
@@ -45,8 +45,12 @@ def table(tmp_path_factory):
 
 def test_the_table_holds_every_run_with_its_meta_features_and_resumes(table):
     rows = list(csv.DictReader(open(table["path"])))
-    assert [(r["dataset"], r["pipeline"]) for r in rows] == [(d, p) for d in ("a_sentiment", "b_sentiment")
-                                                             for p in PIPELINES.split(",")]
+    settings = ("n=30 student=2x24", "n=60 student=2x24")
+    assert [(r["dataset"], r["setting"], r["pipeline"]) for r in rows] == [
+        (d, s, p) for d in ("a_sentiment", "b_sentiment") for s in settings for p in PIPELINES.split(",")]
+    for dataset in ("a_sentiment", "b_sentiment"):  # the settings' training sizes reach the meta-features
+        sizes = {r["setting"]: float(r["log_train_size"]) for r in rows if r["dataset"] == dataset}
+        assert sizes[settings[0]] < sizes[settings[1]]
     for row in rows:
         assert math.isclose(float(row["ratio"]), float(row["student_score"]) / float(row["teacher_score"]))
         assert 0 < float(row["capacity_ratio"]) < 1 and float(row["classes"]) == 2
@@ -95,9 +99,29 @@ def test_leave_one_dataset_out_recovers_an_interaction():
     assert [r["picked"] for r in rows] == ["mi", "mi", "plain", "plain", "mi"]
     assert all(r["regret"] == 0 and r["default_regret"] > 0 for r in rows)
     table = autodistiller.regret_markdown(rows)
-    assert "| d0 | mi | 0.9300 | 0.8800 | mi | 0.9300 | 0.0000 | 0.0500 |" in table
+    assert "| d0 |  | mi | 0.9300 | 0.8800 | mi | 0.9300 | 0.0000 | 0.0500 |" in table
     with pytest.raises(ValueError, match="at least 2 datasets"):
         autodistiller.leave_one_dataset_out(_synthetic_runs()[:3])
+
+
+def test_each_setting_of_the_held_out_dataset_is_scored_by_a_model_that_saw_none_of_it():
+    # Every dataset is distilled at a small and a large training size; the interaction flips the best pipeline.
+    runs = []
+    for index in range(4):
+        for setting, size in (("n=small", 2.0 + 0.1 * index), ("n=large", 4.0 + 0.1 * index)):
+            for run in _synthetic_runs()[:3]:  # the three pipelines of one dataset
+                meta = dict(run.meta, log_train_size=size)
+                ratio = {"plain": 0.8, "mi": 0.93, "default": 0.88}[run.pipeline] if size < 3.1 else \
+                    {"plain": 0.95, "mi": 0.85, "default": 0.88}[run.pipeline]
+                runs.append(autodistiller.Run(f"d{index}", run.pipeline, run.params, meta, ratio, {}, setting))
+    rows = autodistiller.leave_one_dataset_out(runs)
+    assert [(r["dataset"], r["setting"]) for r in rows] == [(f"d{i}", s) for i in range(4)
+                                                            for s in ("n=large", "n=small")]
+    assert [r["picked"] for r in rows] == ["plain", "mi"] * 4
+    assert all(r["regret"] == 0 for r in rows)
+    # A held-out setting must not leak into training: with one dataset left the model has nothing to learn from.
+    with pytest.raises(ValueError, match="at least 2 datasets"):
+        autodistiller.leave_one_dataset_out([r for r in runs if r.dataset == "d0"])
 
 
 def test_recommend_writes_top_k_configs_that_distill_runs(table, tmp_path):

@@ -181,13 +181,15 @@ def encode_config(config) -> dict:
 
 @dataclass
 class Run:
-    """One row of the KD runs table."""
+    """One row of the KD runs table. `setting` names the run's training size and student when a dataset
+    was distilled under several (e.g. "n=500 student=2x192"); it is "" in tables without the column."""
     dataset: str
     pipeline: str
     params: dict
     meta: dict
     ratio: float
     row: dict
+    setting: str = ""
 
 
 def read_table(path: str) -> list[Run]:
@@ -203,7 +205,8 @@ def read_table(path: str) -> list[Run]:
             if not math.isfinite(float(row["ratio"])):  # a teacher scoring 0 leaves the ratio undefined
                 continue
             runs.append(Run(row["dataset"], row["pipeline"], json.loads(row["params"]),
-                            {k: float(row[k]) for k in META_FEATURES}, float(row["ratio"]), row))
+                            {k: float(row[k]) for k in META_FEATURES}, float(row["ratio"]), row,
+                            row.get("setting", "")))
     if not runs:
         raise ValueError(f"KD runs table {path} has no rows with a finite ratio")
     return runs
@@ -320,33 +323,40 @@ def print_recommendations(results: list[dict]) -> None:
 # ---- leave one dataset out ----
 
 def leave_one_dataset_out(runs: list[Run], base_values: dict | None = None, default: str = "default") -> list[dict]:
-    """For each dataset: the model trained on the other datasets' runs picks a pipeline among those run
-    on it; its real ratio against the default pipeline's and the best one's (regret = best - picked)."""
+    """For each dataset: the model trained on the other datasets' runs (all their settings) picks, for each
+    setting of the held-out dataset, a pipeline among those run there; its real ratio against the default
+    pipeline's and the best one's (regret = best - picked)."""
     datasets = sorted({r.dataset for r in runs})
     if len(datasets) < 2:
         raise ValueError(f"leave-one-dataset-out needs runs on at least 2 datasets, the table has {datasets}")
     rows = []
     for held_out in datasets:
-        train = [r for r in runs if r.dataset != held_out]
-        test = {r.pipeline: r for r in runs if r.dataset == held_out}
-        model = RatioModel(base_values).fit(train)
-        meta = next(iter(test.values())).meta
-        picked, predicted = rank(model, meta, {name: r.params for name, r in test.items()})[0]
-        best = max(test.values(), key=lambda r: r.ratio)
-        default_ratio = test[default].ratio if default in test else float("nan")
-        rows.append({"dataset": held_out, "picked": picked, "predicted": predicted, "picked_ratio": test[picked].ratio,
-                     "default_ratio": default_ratio, "best": best.pipeline, "best_ratio": best.ratio,
-                     "regret": best.ratio - test[picked].ratio, "default_regret": best.ratio - default_ratio})
+        model = RatioModel(base_values).fit([r for r in runs if r.dataset != held_out])
+        for setting in sorted({r.setting for r in runs if r.dataset == held_out}):
+            test = {r.pipeline: r for r in runs if r.dataset == held_out and r.setting == setting}
+            rows.append(_held_out_row(model, held_out, setting, test, default))
     return rows
 
 
+def _held_out_row(model: RatioModel, dataset: str, setting: str, test: dict[str, Run], default: str) -> dict:
+    meta = next(iter(test.values())).meta
+    picked, predicted = rank(model, meta, {name: r.params for name, r in test.items()})[0]
+    best = max(test.values(), key=lambda r: r.ratio)
+    default_ratio = test[default].ratio if default in test else float("nan")
+    return {"dataset": dataset, "setting": setting, "picked": picked, "predicted": predicted,
+            "picked_ratio": test[picked].ratio, "default_ratio": default_ratio, "best": best.pipeline,
+            "best_ratio": best.ratio, "regret": best.ratio - test[picked].ratio,
+            "default_regret": best.ratio - default_ratio}
+
+
 def regret_markdown(rows: list[dict]) -> str:
-    lines = ["| held-out dataset | recommended | its ratio | default ratio | best pipeline | best ratio | regret "
-             "| default's regret |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| held-out dataset | setting | recommended | its ratio | default ratio | best pipeline | best ratio "
+             "| regret | default's regret |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['picked']} | {r['picked_ratio']:.4f} | {r['default_ratio']:.4f} | "
-                     f"{r['best']} | {r['best_ratio']:.4f} | {r['regret']:.4f} | {r['default_regret']:.4f} |")
+        lines.append(f"| {r['dataset']} | {r['setting']} | {r['picked']} | {r['picked_ratio']:.4f} | "
+                     f"{r['default_ratio']:.4f} | {r['best']} | {r['best_ratio']:.4f} | {r['regret']:.4f} | "
+                     f"{r['default_regret']:.4f} |")
     mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
-    lines.append(f"| mean | | {mean('picked_ratio'):.4f} | {mean('default_ratio'):.4f} | | {mean('best_ratio'):.4f} "
+    lines.append(f"| mean | | | {mean('picked_ratio'):.4f} | {mean('default_ratio'):.4f} | | {mean('best_ratio'):.4f} "
                  f"| {mean('regret'):.4f} | {mean('default_regret'):.4f} |")
     return "\n".join(lines) + "\n"
