@@ -56,6 +56,21 @@ def test_plan_of_a_hand_solved_case():
     np.testing.assert_allclose(flow, [[0.25, 0.25, 0.0], [0.0, 0.0, 0.5]], atol=1e-12)
 
 
+def test_plan_of_masses_spanning_eight_orders_whose_totals_differ_by_one_rounding():
+    # Teacher-layer weights a real run reached (chatterbot_topics, 3 x 6 layers): the totals differ by 1.1e-16
+    # and HiGHS' presolve called the full (rank-deficient) system infeasible.
+    a = np.array([0.2775065391356669, 0.2270529668197842, 0.49544049404454893])
+    b = np.array([0.9999073476710264, 8.992120636186056e-05, 2.60383459373577e-06, 6.365233723066536e-08,
+                  5.265057847696229e-08, 1.0985102219504978e-08])
+    cost = np.array([[0.0807, 0.1470, 0.2324, 0.3594, 0.4513, 0.5629], [0.0995, 0.1390, 0.2094, 0.3698, 0.4695, 0.6034],
+                     [0.2628, 0.2582, 0.2894, 0.3996, 0.3747, 0.4773]])
+    assert a.sum() != b.sum()
+    flow = transport_plan(a, b, cost)
+    assert (flow >= 0).all()
+    np.testing.assert_allclose(flow.sum(1), a, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(flow.sum(0), b, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("a, b, cost, message", [
     ([0.5, 0.5], [0.3, 0.3], [[1, 1], [1, 1]], "equal totals"),
     ([-0.5, 1.5], [1.0], [[1], [1]], "non-negative masses"),

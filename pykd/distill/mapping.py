@@ -118,11 +118,14 @@ def transport_plan(source, target, cost) -> np.ndarray:
         raise ValueError(f"transport_plan needs masses with equal totals, got {a.sum()} and {b.sum()}")
     m, n = d.shape
     rows = np.kron(np.eye(m), np.ones((1, n)))  # sum_j F_ij = a_i
-    columns = np.kron(np.ones((1, m)), np.eye(n))  # sum_i F_ij = b_j
-    result = linprog(d.ravel(), A_eq=np.vstack([rows, columns]), b_eq=np.concatenate([a, b]), bounds=(0, None),
-                     method="highs")
+    columns = np.kron(np.ones((1, m)), np.eye(n - 1, n))  # sum_i F_ij = b_j for j < n - 1
+    # The last column's constraint is implied by the others (the totals agree): kept, it makes the system
+    # rank-deficient and HiGHS' presolve declared masses whose totals differ by one rounding "infeasible".
+    result = linprog(d.ravel(), A_eq=np.vstack([rows, columns]), b_eq=np.concatenate([a, b[:-1]]),
+                     bounds=(0, None), method="highs")
     if result.status != 0:
-        raise RuntimeError(f"the transport linear program failed: {result.message}")
+        raise RuntimeError(f"the transport linear program failed: {result.message} (masses {a.tolist()}, "
+                           f"{b.tolist()}; costs {d.tolist()})")
     return np.clip(result.x, 0.0, None).reshape(m, n)
 
 
