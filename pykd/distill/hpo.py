@@ -588,7 +588,10 @@ def _next_trial(study, spec, base_values, trials, output):
             optuna.storages.fail_stale_trials(study)
     if _finished_or_running(study) >= trials:
         return None, None
-    trial = study.ask()
+    with warnings.catch_warnings():
+        # pykd beats the heart itself (_Heartbeat) around its ask/tell loop; optuna warns outside optimize().
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
     params = sample_pipeline(trial, spec.dimensions)
     directory = trial_directory(output, trial)
