@@ -360,12 +360,14 @@ def test_concurrent_summaries_into_one_directory_never_lose_a_file(tmp_path):
     # rename the other's partial away. Threads race the same way processes do.
     import threading
 
+    from pykd.distill.files import replace_atomically
+
     target, errors = tmp_path / "trials.csv", []
 
     def write_many(tag):
         try:
             for i in range(200):
-                hpo._replace_atomically(target, lambda partial: partial.write_text(f"{tag},{i}\n"))
+                replace_atomically(target, lambda partial: partial.write_text(f"{tag},{i}\n"))
         except Exception as error:  # noqa: BLE001 - the test reports whatever the race raised
             errors.append(error)
 

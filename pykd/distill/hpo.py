@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from . import config as run_config
+from .files import replace_atomically
 
 DEFAULT_SPACE = """
 study:
@@ -457,21 +458,9 @@ def write_trial_config(values: dict, directory: Path) -> Path:
     config = run_config.from_dict(values)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
-    _replace_atomically(path, lambda partial: partial.write_text(
+    replace_atomically(path, lambda partial: partial.write_text(
         yaml.safe_dump(run_config.to_dict(config), sort_keys=False)))
     return path
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """write(partial) then rename it onto `path`. The partial name carries the process and thread: workers
-    sharing one study summarise into the same output directory, and a shared partial name let one rename the
-    other's file away (FileNotFoundError in a two-worker run)."""
-    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class _Heartbeat:
@@ -640,7 +629,7 @@ def summarize(study, url: str, output: str, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     frame = study.trials_dataframe()
     csv_path = out / "trials.csv"
-    _replace_atomically(csv_path, lambda partial: frame.to_csv(partial, index=False))
+    replace_atomically(csv_path, lambda partial: frame.to_csv(partial, index=False))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     plots = write_plots(study, out, log) if complete else []
     best = None
@@ -670,7 +659,7 @@ def write_plots(study, out: Path, log=print) -> list[str]:
                 axes = draw(study)
             figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
             figure.tight_layout()
-            _replace_atomically(path, lambda partial: figure.savefig(partial, dpi=110))
+            replace_atomically(path, lambda partial: figure.savefig(partial, dpi=110))
             plt.close(figure)
             written.append(str(path))
         except Exception as error:  # noqa: BLE001 - optuna raises ValueError/RuntimeError on too few trials

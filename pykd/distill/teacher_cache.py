@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .files import replace_atomically
 
 FORMAT = 1
 BATCH = 64
@@ -70,9 +71,7 @@ def teacher_logits_cached(train_set, teacher, collate, device=None, root: Path |
     rows = [train_set[i] for i in range(len(train_set))]
     logits = teacher_logits(teacher, inputs, rows, BATCH, device or torch.device("cpu")).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
-    np.save(partial, logits)
-    os.replace(partial, path)  # concurrent workers write the same bytes; the last rename wins
+    replace_atomically(path, lambda partial: np.save(partial, logits))  # concurrent workers write the same bytes
     if log:
         log(f"[teacher-cache] computed the teacher's logits over {len(train_set)} training examples into {path}")
     return logits, path, False
