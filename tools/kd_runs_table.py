@@ -112,15 +112,17 @@ def run_dataset(args, dataset: str, pipelines: list[str], done: set) -> None:
             setting = setting_name(max_train, run_config.from_dict(base).student.__dict__)
             todo = [name for name in pipelines if (label, setting, name) not in done]
             if todo:
-                run_setting(base, root / setting.replace(" ", "_").replace("=", ""), label, setting, todo,
-                            metric, teacher_score, args)
+                run_setting(base, root, label, setting, todo, metric, teacher_score, args)
 
 
-def run_setting(base: dict, directory: Path, label: str, setting: str, pipelines: list[str], metric: str,
+def run_setting(base: dict, root: Path, label: str, setting: str, pipelines: list[str], metric: str,
                 teacher_score: float, args) -> None:
+    """Distils `pipelines` under one setting of the dataset whose runs live in `root` (its fine-tuned
+    teacher in root/teacher, each run in root/<setting>/<pipeline>)."""
     from pykd.distill.trainer import Trainer
 
-    base["teacher"]["finetuned"] = str(Path(args.runs) / label / "teacher" / "model")
+    directory = root / setting.replace(" ", "_").replace("=", "")
+    base["teacher"]["finetuned"] = str(root / "teacher" / "model")
     base["teacher"]["cache_logits"] = True
     base["train"].update(steps=args.distill_steps, lr=args.distill_lr)
     meta = autodistiller.meta_features(run_config.from_dict(base))
