@@ -25,7 +25,7 @@ from 2 to 6 layers) instead of taking the largest. Arms, each fine-tuned identic
   hand-*        three hand-designed shapes at the budget, distilled standalone likewise: fewer layers
                 (full width), narrower (full depth), both; head size 32 as the teacher's
   teacher       MiniLM-L6 itself (reference)
-Fine-tuning: 400 steps, batch 32, 64 tokens, 10% warmup; learning rate 1e-4 or 3e-4, the better on a
+Fine-tuning: 300 steps, batch 32, 64 tokens, 10% warmup; learning rate 1e-4 or 3e-4, the better on a
 500-example validation split (held out of the training split) with seed 0; seeds 1 and 2 at that rate;
 accuracy on the test split (2,000 examples): mean and standard error over the 3 seeds.
 
@@ -90,7 +90,7 @@ SUPERNETS = {"k3": {"space": SPACE, "subspaces": ("narrow", "medium", "wide"), "
              "mos-neuron": {"space": SPACE, "subspaces": ("medium",), "steps": 1,
                             "nas": {"experts": 2, "routing": "neuron"}}}
 SCALES = {  # steps: SuperLM per sub-space, standalone control, ranking students, fine-tuning
-    "full": {"superlm": 2000, "standalone": 2000, "ranking": 500, "finetune": 400, "train": 10000,
+    "full": {"superlm": 2000, "standalone": 2000, "ranking": 500, "finetune": 300, "train": 10000,
              "validation": 500, "test": 2000, "eval_batches": 16, "datasets": DATASETS, "budgets": BUDGETS,
              "ranking_archs": None},
     "smoke": {"superlm": 3, "standalone": 3, "ranking": 2, "finetune": 3, "train": 200, "validation": 40,
