@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from pykd import cli
+from tests.paths import REPO
 
 
 def test_the_modules_checked_are_the_kd_extra():
-    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     distributions = {re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].lower()
                      for spec in project["optional-dependencies"]["kd"]}
     assert set(cli.KD_MODULES.values()) == distributions

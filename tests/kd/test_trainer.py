@@ -10,7 +10,7 @@ import torch
 from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
-from kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
 from pykd.distill.trainer import Trainer  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def test_ddp_on_two_gloo_ranks_equals_one_process_on_the_global_batch(tmp_path):
     (the key biases) is rounding of terms of the others' scale. SGD keeps the update linear in the
     gradient; Adam divides such a component by its own size and so magnifies its rounding.
     """
-    from fp_bounds import UNIT_ROUNDOFF, gamma
+    from tests.fp_bounds import UNIT_ROUNDOFF, gamma
 
     dataset = tiny_csv(tmp_path)
     Trainer(run_config.from_dict(_values(tmp_path, dataset, "teacher")), "finetune").train()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from tests.paths import TOOLS, load_tool
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import distiller_findings  # noqa: E402
+distiller_findings = load_tool("distiller_findings")
 
 SCORES = {  # (dataset, setting) -> pipeline -> accuracy
     ("a", "n=500 student=2x192"): {"prediction_only": 0.70, "hidden_mse_skip": 0.72, "mi_alpha": 0.75,
@@ -84,7 +84,7 @@ def test_bad_arguments_are_named(tmp_path, capsys):
 def test_the_study_configs_in_tools_are_valid():
     from pykd.distill import hpo
 
-    configs = Path(__file__).resolve().parent.parent / "tools" / "configs"
+    configs = TOOLS / "configs"
     spec = hpo.load_space(str(configs / "hpo_space.yaml"))
     assert spec.study["name"] == "distiller-rotten-tomatoes" and spec.study["seed"] == 0
     base = hpo.load_base(str(configs / "hpo_rotten_tomatoes.yaml"), [])

@@ -20,8 +20,8 @@ import os
 
 import pytest
 import torch
-from conftest import triton_device
-from mi_exact import exact_bound, exact_scores
+from tests.ops.devices import triton_device
+from tests.ops.mi_exact import exact_bound, exact_scores
 
 import pykd
 

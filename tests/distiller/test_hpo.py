@@ -13,7 +13,7 @@ from pykd.distill import config as run_config
 
 optuna = pytest.importorskip("optuna")
 transformers = pytest.importorskip("transformers")
-from kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
 from pykd.distill import hpo  # noqa: E402
 from pykd.distill.trainer import Trainer  # noqa: E402
 

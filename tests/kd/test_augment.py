@@ -10,7 +10,7 @@ from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
-from kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
 from pykd.distill import augment  # noqa: E402
 
 SENTENCES = ["The film was good, and the actors were great.", "A dull plot; boring actors!",

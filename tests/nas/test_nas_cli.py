@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from nas_fixtures import nas_values  # noqa: E402
+from tests.nas.nas_fixtures import nas_values  # noqa: E402
 
 
 def _cli(*args):

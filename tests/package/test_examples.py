@@ -2,8 +2,9 @@
 import subprocess
 import sys
 from pathlib import Path
+from tests.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 
 
 def test_mi_gaussian_prints_every_estimator_and_saves_the_plot(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pykd
-from conftest import rel_err
+from tests.fp_bounds import rel_err
 
 FUSED_TOL = 8 * torch.finfo(torch.float32).eps / 2
 REFERENCE_TOL = 1e-11

@@ -1,7 +1,7 @@
 """Tiny teachers, texts and configs for the NAS loop's tests (train, search, CLI)."""
 import random
 
-from kd_fixtures import WORDS, tiny_teacher
+from tests.kd_fixtures import WORDS, tiny_teacher
 
 # 16 candidates inside the 4-layer / 48-hidden / 4-head / FFN-96 tiny teacher.
 TINY_SPACE = {"subspaces": [{"name": "s", "layers": [2, 4], "hidden": [24, 48], "ffn_ratio": [1.0, 2.0],

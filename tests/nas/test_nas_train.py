@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from nas_fixtures import TINY_SPACE, TWO_SUBSPACES, nas_values  # noqa: E402
+from tests.nas.nas_fixtures import TINY_SPACE, TWO_SUBSPACES, nas_values  # noqa: E402
 
 from pykd.distill import config as run_config  # noqa: E402
 from pykd.nas.space import SubSpace  # noqa: E402

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err, triton_device
+from tests.fp_bounds import rel_err
+from tests.ops.devices import triton_device
 
 import pykd
 

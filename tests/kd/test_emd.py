@@ -177,7 +177,7 @@ def test_mi_refuses_the_emd_mapping():
 
 def test_a_distillation_run_with_emd_mappings_trains_and_resumes(tmp_path):
     pytest.importorskip("transformers")
-    from kd_fixtures import tiny_csv, tiny_teacher
+    from tests.kd_fixtures import tiny_csv, tiny_teacher
 
     from pykd.distill.trainer import Trainer
 

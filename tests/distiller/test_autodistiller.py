@@ -12,15 +12,14 @@ import pytest
 import yaml
 
 from pykd.distill import config as run_config
+from tests.paths import load_tool
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
-from kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
 from pykd.distill import autodistiller, hpo  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import kd_runs_table  # noqa: E402
+kd_runs_table = load_tool("kd_runs_table")
 
 TINY_STUDENT = "layers=2,hidden=24,heads=2,ffn=40"
 PIPELINES = "default,prediction_only,mi_alpha"

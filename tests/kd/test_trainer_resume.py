@@ -12,7 +12,7 @@ import torch
 from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
-from kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
 from pykd.distill.trainer import Trainer, read_checkpoint  # noqa: E402
 
 STEPS = 40

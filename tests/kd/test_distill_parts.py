@@ -171,7 +171,7 @@ def test_soft_ce_refuses_regression():
 # ---- students ----
 
 def test_student_cut_from_the_teacher(tmp_path):
-    from kd_fixtures import tiny_teacher
+    from tests.kd_fixtures import tiny_teacher
     from pykd.distill.models import build_student, load_pretrained
 
     teacher = load_pretrained(tiny_teacher(tmp_path, layers=4, hidden=48, heads=4), "classification", 3)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pykd
-from fp_bounds import assert_normwise_close, gamma
+from tests.fp_bounds import assert_normwise_close, gamma
 
 WORLD = 2
 LOCAL = 7

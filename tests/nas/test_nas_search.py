@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from nas_fixtures import TWO_SUBSPACES, nas_values  # noqa: E402
+from tests.nas.nas_fixtures import TWO_SUBSPACES, nas_values  # noqa: E402
 
 from pykd.distill import config as run_config  # noqa: E402
 from pykd.nas import search  # noqa: E402
@@ -222,7 +222,7 @@ def test_per_layer_spaces_are_searched_reproducibly_within_the_budget(method):
 
 
 def test_task_proxy_fine_tunes_the_top_candidates_and_picks_by_accuracy(trained):
-    from kd_fixtures import tiny_csv
+    from tests.kd_fixtures import tiny_csv
 
     values = json.loads(json.dumps(trained))
     output = values["nas"]["output"]

@@ -1,7 +1,8 @@
 """pykd.routed_linear and the MoS modules: fused C++ and Triton paths against the float64 reference."""
 import pytest
 import torch
-from conftest import rel_err, triton_device
+from tests.fp_bounds import rel_err
+from tests.ops.devices import triton_device
 
 import pykd
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from pykd import _build_flags, _extension
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 EXT_SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
 
 
