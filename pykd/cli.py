@@ -199,7 +199,7 @@ def _leave_process_group() -> None:
 
 
 def main(argv=None) -> int:
-    from .distill.datasets import FetchError  # needs numpy only
+    from .distill.corpora import FetchError  # needs numpy only
     from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
 
     args = _parser().parse_args(argv)

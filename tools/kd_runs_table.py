@@ -50,9 +50,10 @@ COLUMNS = ("dataset", "setting", "pipeline", "params", *autodistiller.META_FEATU
 
 
 def dataset_values(args, dataset: str, output_dir: Path, max_train: int, student: str | None) -> dict:
-    from pykd.distill.datasets import KINDS
+    from pykd.distill.corpora import CORPORA
 
-    return {"teacher": {"path": args.teacher}, "data": {"dataset": dataset, "kind": KINDS.get(dataset, "classification"),
+    kind = CORPORA[dataset].kind if dataset in CORPORA else "classification"
+    return {"teacher": {"path": args.teacher}, "data": {"dataset": dataset, "kind": kind,
                                                         "max_length": args.max_length, "eval_fraction": 0.2,
                                                         "max_train_examples": max_train,
                                                         "max_eval_examples": args.max_eval},

@@ -117,13 +117,8 @@ def meta_features(config) -> dict:
     if not config.teacher.finetuned:
         raise ValueError("AutoDistiller's meta-features include the fine-tuned teacher's accuracy: set "
                          "teacher.finetuned (a `pykd finetune` output directory)")
-    corpus = data_module.load_corpus(config.data.dataset)
-    if "label" not in corpus.column_names:
-        raise ValueError(f"data.dataset {config.data.dataset!r} has no labels (columns {corpus.column_names}): "
-                         "AutoDistiller ranks pipelines by the student/teacher score on a labelled task")
-    prepared = data_module.prepare(corpus, config.data.kind, config.data.dataset)
-    train, evaluation = data_module.split(prepared.dataset, config.data.eval_fraction, config.train.seed,
-                                          config.data.max_train_examples, config.data.max_eval_examples)
+    splits = data_module.load_splits(config.data, config.train.seed)
+    train, evaluation = splits.train, splits.eval
     tokenizer = load_tokenizer(config.teacher.finetuned)
     texts = list(train["text"][:2000])
     words = np.array([len(t.split()) for t in texts])
@@ -132,7 +127,7 @@ def meta_features(config) -> dict:
     if config.data.kind == "regression":
         classes, entropy = 1, _entropy(np.histogram(labels, bins=10)[0])
     else:
-        classes = len(prepared.label_names)
+        classes = len(splits.label_names)
         entropy = _entropy(np.bincount(labels, minlength=classes))
     coverage, unknown = _vocabulary(tokenizer, texts)
     num_labels = 1 if config.data.kind == "regression" else classes
@@ -307,9 +302,9 @@ def recommend_cli(config_path, overrides, dataset, student, top_k, table, output
     for key, value in parse_student(student).items():
         values.setdefault("student", {})[key] = value
     if "kind" not in values.get("data", {}):
-        from .datasets import KINDS
+        from .corpora import CORPORA
 
-        values["data"]["kind"] = KINDS.get(dataset, "classification")
+        values["data"]["kind"] = CORPORA[dataset].kind if dataset in CORPORA else "classification"
     return recommend(values, table, top_k, output)
 
 

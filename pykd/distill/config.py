@@ -36,7 +36,7 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     # rotten_tomatoes | pydocs | healthtweets | wordnet_glosses | fortunes | reuters_grain | reuters_corn |
-    # chatterbot_topics | lee_pairs (pykd.distill.datasets) | a local csv/json/jsonl/txt file | a hub name
+    # chatterbot_topics | lee_pairs (pykd.distill.corpora) | a local csv/json/jsonl/txt file | a hub name
     dataset: str = "rotten_tomatoes"
     kind: str = "classification"  # classification | regression | unlabeled
     max_length: int = 64

@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from . import config as run_config
-from .files import replace_atomically
+from .cache import file_lock, replace_atomically
 
 DEFAULT_SPACE = """
 study:
@@ -326,27 +326,12 @@ def open_storage(url: str):
             # Workers wait for each other's writes instead of failing with "database is locked", and
             # the first one creates the schema alone (concurrent creation breaks on alembic's table).
             engine, lock = {"connect_args": {"timeout": 120}}, database.with_name(database.name + ".lock")
-        with _file_lock(lock), warnings.catch_warnings():
+        with file_lock(lock) if lock else contextlib.nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeats are marked experimental
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
                                               heartbeat_stale_trial_callback=_requeue_failed)
     except Exception as error:  # noqa: BLE001 - SQLAlchemy, drivers and the OS raise many types
         raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {error}") from None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path | None):
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _requeue_failed(study, trial) -> None:

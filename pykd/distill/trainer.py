@@ -294,13 +294,11 @@ class Trainer:
     def _load_data(self) -> None:
         config = self.config.data
         self.tokenizer = load_tokenizer(self.config.teacher.finetuned or self.config.teacher.path)
-        prepared = data_module.prepare(data_module.load_corpus(config.dataset), config.kind, config.dataset)
+        splits = data_module.load_splits(config, self.config.train.seed)
         if self.rank == 0:
-            for note in prepared.notes:
+            for note in splits.notes:
                 print(f"[{self.mode}] data.dataset {config.dataset!r}: {note}", file=sys.stderr, flush=True)
-        self.train_set, self.eval_set = data_module.split(prepared.dataset, config.eval_fraction,
-                                                          self.config.train.seed, config.max_train_examples,
-                                                          config.max_eval_examples)
+        self.train_set, self.eval_set = splits.train, splits.eval
         # Pearson and Spearman correlations need two points.
         least_eval = 2 if config.kind == "regression" else 1
         if len(self.eval_set) < least_eval:
@@ -308,7 +306,7 @@ class Trainer:
                              f"{least_eval}: raise data.eval_fraction ({config.eval_fraction}) or "
                              f"data.max_eval_examples ({config.max_eval_examples})")
         self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind)
-        self.label_names = prepared.label_names
+        self.label_names = splits.label_names
         self.num_labels = 1 if config.kind == "regression" else (len(self.label_names) if self.label_names else None)
 
     def _augment_train_set(self) -> None:

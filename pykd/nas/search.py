@@ -75,9 +75,7 @@ def arch_from_genes(subspace, genes: dict):
 def held_out_batches(config: RunConfig, tokenizer) -> list[dict]:
     """The eval split of data.dataset (the same split the trainer holds out), tokenized in batches."""
     data = config.data
-    prepared = data_module.prepare(data_module.load_corpus(data.dataset), "unlabeled", data.dataset)
-    _, evaluation = data_module.split(prepared.dataset, data.eval_fraction, config.train.seed,
-                                      data.max_train_examples, data.max_eval_examples)
+    evaluation = data_module.load_splits(data, config.train.seed, kind="unlabeled").eval
     collate = data_module.Collator(tokenizer, data.max_length, "unlabeled")
     size = config.train.batch_size
     batches = [collate([evaluation[i] for i in range(start, min(start + size, len(evaluation)))])

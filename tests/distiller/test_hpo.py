@@ -360,7 +360,7 @@ def test_concurrent_summaries_into_one_directory_never_lose_a_file(tmp_path):
     # rename the other's partial away. Threads race the same way processes do.
     import threading
 
-    from pykd.distill.files import replace_atomically
+    from pykd.distill.cache import replace_atomically
 
     target, errors = tmp_path / "trials.csv", []
 

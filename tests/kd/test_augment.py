@@ -1,5 +1,6 @@
 """Distiller's augmentation stage: token operations, masked-LM substitution, the cached teacher-labelled
 set, mixup of word embeddings, and the KD trainer with both."""
+import copy
 import collections
 
 import numpy as np
@@ -145,7 +146,16 @@ def test_augmented_set_is_teacher_labelled_and_cached(tmp_path, monkeypatch):
                                         teacher, collate, "classification", log=lambda _: None)
     assert again["text"][:] == extended["text"][:]
     assert len(list((tmp_path / "augmented").iterdir())) == 2  # the set and its lock file
-    assert augment.fingerprint(train, _config(seed=5), teacher, 24) != augment.fingerprint(train, _config(), teacher, 24)
+    fingerprints = {augment.fingerprint(train, _config(seed=5), teacher, collate, "classification"),
+                    augment.fingerprint(train, _config(), teacher, collate, "classification"),
+                    augment.fingerprint(train, _config(), teacher, data.Collator(tokenizer, 24, "regression"), "regression"),
+                    augment.fingerprint(train, _config(), teacher, data.Collator(tokenizer, 20, "classification"),
+                                        "classification")}
+    other_words = copy.deepcopy(tokenizer)
+    other_words.add_tokens(["zzqxv"])
+    fingerprints.add(augment.fingerprint(train, _config(), teacher, data.Collator(other_words, 24, "classification"),
+                                         "classification"))
+    assert len(fingerprints) == 5  # the seed, the task kind, max_length and the tokenizer each change the set
 
 
 def test_mixup_doubles_the_batch_with_mixed_word_embeddings(tmp_path):

