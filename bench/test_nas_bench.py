@@ -39,7 +39,7 @@ def _setup():
     from pykd.distill.config import RunConfig
     from pykd.distill.models import load_pretrained
     from pykd.nas import SearchSpace, SuperLM
-    from pykd.nas.train import SandwichStep
+    from pykd.nas.sandwich import SandwichStep
 
     teacher = load_pretrained("minilm-l6", "unlabeled").eval()
     space = SearchSpace.autodistil(teacher.config, k=3)
@@ -68,7 +68,7 @@ def _sandwich(step, batch):
 
 def _components(step, batch, teacher_per_member=False):
     """The same teacher forward and sub-network passes, written out without the step module."""
-    from pykd.nas.train import relation_loss, sandwich
+    from pykd.nas.sandwich import sandwich
 
     torch.manual_seed(0)
     step.train()
@@ -77,7 +77,7 @@ def _components(step, batch, teacher_per_member=False):
         if teacher is None or teacher_per_member:
             teacher = step.teacher_view(batch)
         _, qkv = step.sub_network_forward(arch, batch)
-        loss = relation_loss(teacher["qkv"], qkv, teacher["mask"], step.relation)
+        loss = step.relation(teacher["qkv"], qkv, teacher["mask"])
         loss.backward()
         total += float(loss.detach())
     step.zero_grad(set_to_none=True)
@@ -118,13 +118,13 @@ def test_sandwich_report_and_target():
 def _search_setup():
     from kd_step import kd_batch
 
-    from pykd.nas.train import RelationSpec
+    from pykd.distill.losses import RelationTerms
 
     step, space, _ = _state()
     batches = [kd_batch(BATCH, LENGTH, seed=1 + i) for i in range(EVAL_BATCHES)]
     candidates = space.candidates()
     spread = candidates[:: max(1, len(candidates) // SPREAD)][:SPREAD]
-    spec = RelationSpec(("qq", "kk", "vv"), 12, "mse_prob")
+    spec = RelationTerms(("qq", "kk", "vv"), 12, "mse_prob")
     return step, space, batches, spread, spec
 
 

@@ -107,7 +107,7 @@ def _pipeline_search_parsers(commands) -> None:
 def _pipeline_search(args) -> None:
     if args.command == "hpo":
         from .distill import hpo
-        from .distill.trainer import init_distributed
+        from .distill.distributed import init_distributed
 
         spec = hpo.load_space(args.space)
         for key, value in (("storage", args.storage), ("name", args.study_name), ("output", args.output),
@@ -147,7 +147,7 @@ def _nas(args, run_config) -> None:
         return
     config = run_config.load(args.config, args.overrides)
     if args.nas_command == "train":
-        from .distill.trainer import init_distributed
+        from .distill.distributed import init_distributed
         from .nas.train import train_supernets
 
         init_distributed()
@@ -163,7 +163,8 @@ def _nas(args, run_config) -> None:
 
 
 def _train(mode: str, config) -> None:
-    from .distill.trainer import Trainer, init_distributed
+    from .distill.distributed import init_distributed
+    from .distill.trainer import Trainer
 
     init_distributed()
     Trainer(config, mode).train()

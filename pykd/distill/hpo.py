@@ -43,6 +43,8 @@ import yaml
 
 from . import config as run_config
 from .cache import file_lock, replace_atomically
+from .callbacks import TrainerCallback
+from .distributed import broadcast, world
 
 DEFAULT_SPACE = """
 study:
@@ -474,44 +476,33 @@ class _Heartbeat:
         self.stop.set()
 
 
-def _broadcast(value):
-    """rank 0's value on every rank (itself when not distributed)."""
-    import torch.distributed as dist
+class TrialReporter(TrainerCallback):
+    """Reports each intermediate evaluation of a trial's training to its Optuna trial (rank 0, which holds
+    it) and stops the run with optuna.TrialPruned when the pruner says so; under torchrun rank 0's
+    decision is broadcast, so every rank stops at the same evaluation."""
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric = trial, metric
 
+    def on_evaluate(self, trainer, metrics: dict, final: bool) -> None:
+        import optuna
 
-def _trial_trainer(values: dict, on_eval):
-    """A distillation Trainer whose intermediate evaluations go to `on_eval(step, metrics)`."""
-    from .trainer import Trainer
-
-    class TrialTrainer(Trainer):
-        def _log(self, record: dict) -> None:
-            super()._log(record)
-            if "eval" in record and not record.get("final"):
-                on_eval(record["step"], record["eval"])
-
-    return TrialTrainer(run_config.from_dict(values), "distill")
+        if final:
+            return
+        prune = False
+        if self.trial is not None:
+            self.trial.report(_metric(metrics, self.metric), trainer.step)
+            prune = self.trial.should_prune()
+        if broadcast(prune):
+            raise optuna.TrialPruned(f"pruned at step {trainer.step}")
 
 
 def run_trial(values: dict, metric: str, trial=None) -> float:
     """Trains one trial (every rank); rank 0 reports to `trial` and prunes. Returns the final metric."""
-    import optuna
+    from .trainer import Trainer
 
-    def on_eval(step: int, metrics: dict) -> None:
-        prune = False
-        if trial is not None:
-            trial.report(_metric(metrics, metric), step)
-            prune = trial.should_prune()
-        if _broadcast(prune):
-            raise optuna.TrialPruned(f"pruned at step {step}")
-
-    history = _trial_trainer(values, on_eval).train()
-    final = [r for r in history if r.get("final")]
+    trainer = Trainer(run_config.from_dict(values), "distill", callbacks=[TrialReporter(trial, metric)])
+    final = [r for r in trainer.train() if r.get("final")]
     return _metric(final[-1]["eval"], metric)
 
 
@@ -529,11 +520,9 @@ def run_study(base_values: dict, spec: SearchSpec, trials: int, log=print) -> di
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"--trials must be an integer >= 1, got {trials!r}")
-    from .trainer import _world
-
     base = run_config.from_dict(base_values)  # a bad base config fails before any trial
     metric, output = metric_name(spec, base), spec.study["output"]
-    rank, _ = _world()
+    rank, _ = world()
     study = url = None
     if rank == 0:
         study, url = open_study(spec, base_values)
@@ -542,7 +531,7 @@ def run_study(base_values: dict, spec: SearchSpec, trials: int, log=print) -> di
             log(f"[hpo] re-queued trial(s) {recovered} of dead workers on this machine")
     while True:
         trial, job = _next_trial(study, spec, base_values, trials, output) if rank == 0 else (None, None)
-        job = _broadcast(job)
+        job = broadcast(job)
         if job is None:
             break
         _run_one(study, trial, job, metric, log)

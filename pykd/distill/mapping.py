@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import world
+
 MAPPINGS = ("skip", "uniform", "last", "pairs", "emd")
 
 
@@ -154,7 +156,7 @@ class EarthMoverMapping(nn.Module):
             raise ValueError(f"EMD costs must be (student layers, teacher layers) = "
                              f"{(self.student_weights.numel(), self.teacher_weights.numel())}, got {tuple(costs.shape)}")
         shared = costs.detach().double()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world()[1] > 1:
             # Every rank solves the same problem, so the flows and the weights stay identical across ranks.
             shared = shared.clone()
             dist.all_reduce(shared)

@@ -40,8 +40,9 @@ import torch
 
 from ..distill import data as data_module
 from ..distill.config import RunConfig
-from .train import SUPERNET_FILE, RelationSpec, build_space, last_layer_qkv, relation_loss, \
-    supernet_options
+from ..distill.losses import RelationTerms, layer_qkv
+from .superlm import SUPERNET_FILE
+from .train import build_space, supernet_options
 
 UNIFORM_GENES = ("layers", "hidden", "ffn_ratio", "heads")
 COSTS = ("params", "flops", "latency")
@@ -97,7 +98,7 @@ class TeacherCache:
 
         with capture(self.teacher) as recorded:
             self.teacher(**batch)
-        return last_layer_qkv(recorded[-1])
+        return layer_qkv(recorded[-1])
 
     def __iter__(self):
         for index, batch in enumerate(self.batches):
@@ -105,14 +106,14 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def held_out_loss(supernet, arch, cache: TeacherCache, spec: RelationSpec) -> float:
+def held_out_loss(supernet, arch, cache: TeacherCache, spec: RelationTerms) -> float:
     """The mean relation loss of sub-network `arch` over the held-out batches."""
     supernet.set_active(arch)
     return model_loss(supernet, cache, spec)
 
 
 @torch.no_grad()
-def model_loss(model, cache: TeacherCache, spec: RelationSpec) -> float:
+def model_loss(model, cache: TeacherCache, spec: RelationTerms) -> float:
     """The mean relation loss of any capturable encoder (a SuperLM, a plain student) over the held-out batches."""
     from ..capture import capture
 
@@ -121,8 +122,7 @@ def model_loss(model, cache: TeacherCache, spec: RelationSpec) -> float:
     for batch, teacher_qkv in cache:
         with capture(model) as recorded:
             model(**batch)
-        total += float(relation_loss(teacher_qkv, last_layer_qkv(recorded[-1]), batch["attention_mask"].bool(),
-                                     spec))
+        total += float(spec(teacher_qkv, layer_qkv(recorded[-1], spec.letters), batch["attention_mask"].bool()))
         count += 1
     return total / count
 
@@ -199,7 +199,7 @@ class Evaluator:
     space: object
     supernets: dict  # sub-space name -> SuperLM
     cache: TeacherCache
-    spec: RelationSpec
+    spec: RelationTerms
     budget: Budget
     seq_len: int
     latency_config: object
@@ -433,8 +433,8 @@ def build_evaluator(config: RunConfig, cached: bool = True, supernets: dict | No
         supernets = {s.name: load_supernet(subspace_run_config(config, s.name).train.output_dir, teacher, space, nas)
                      for s in space.subspaces}
     cache = TeacherCache(teacher, held_out_batches(config, tokenizer), cached=cached)
-    spec = RelationSpec(tuple(nas.relations), nas.relation_heads or teacher.config.num_attention_heads,
-                        nas.relation_loss)
+    spec = RelationTerms(tuple(nas.relations), nas.relation_heads or teacher.config.num_attention_heads,
+                         nas.relation_loss)
     teacher_costs = {"params": space.teacher_params(), "flops": space.teacher_flops(nas.seq_len), "latency": None}
     if nas.budget.latency is not None:
         teacher_costs["latency"] = measure_latency_ms(teacher, nas.latency.batch_size, nas.latency.seq_len,

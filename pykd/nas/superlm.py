@@ -42,6 +42,7 @@ from .elastic import ActiveLayers, ElasticEmbedding, ElasticLayerNorm, ElasticLi
 from .mos import ENCODING, ROUTINGS, LayerRouter, RoutedElasticLinear, arch_encoding
 from .space import Architecture, LayerwiseArchitecture, SearchSpace, TeacherShape
 
+SUPERNET_FILE = "supernet.pt"  # a trained SuperLM in its run's model directory: config, sub-space, weights
 _LAYER_INDEX = re.compile(r"(^|\.)layer\.(\d+)\.")
 # A layer's linears are hidden -> hidden except the FFN's (hidden -> ffn -> hidden); the
 # classification heads' output projections keep all their labels.

@@ -221,7 +221,7 @@ def test_cli_bad_augmentation_exits_2(tmp_path, capsys):
 
 
 def test_label_rows_keep_augmented_rows_out_of_the_hard_loss():
-    from pykd.distill.trainer import _gold_labels
+    from pykd.distill.steps import _gold_labels
 
     batch = {"labels": torch.tensor([1, 0, 1]), "gold": torch.tensor([True, False, True])}
     labels, rows = _gold_labels(batch, 6)  # mixup doubled the batch

@@ -13,7 +13,8 @@ from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
 from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distill.trainer import Trainer, read_checkpoint  # noqa: E402
+from pykd.distill.checkpoint import read_checkpoint  # noqa: E402
+from pykd.distill.trainer import Trainer  # noqa: E402
 
 STEPS = 40
 

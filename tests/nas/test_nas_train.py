@@ -13,7 +13,8 @@ from tests.nas.nas_fixtures import TINY_SPACE, TWO_SUBSPACES, nas_values  # noqa
 
 from pykd.distill import config as run_config  # noqa: E402
 from pykd.nas.space import SubSpace  # noqa: E402
-from pykd.nas.train import SuperLMTrainer, sandwich, subspace_run_config, train_supernets  # noqa: E402
+from pykd.nas.sandwich import sandwich, sandwich_names  # noqa: E402
+from pykd.nas.train import SuperLMTrainer, subspace_run_config, train_supernets  # noqa: E402
 
 
 def _subspace():
@@ -65,14 +66,12 @@ def test_sandwich_gradient_is_the_sum_of_the_members_gradients(tmp_path):
     terms, total = step(batch)
     fused = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
     step.zero_grad(set_to_none=True)
-    from pykd.nas.train import relation_loss, sandwich_names
-
     torch.manual_seed(0)
     teacher = step.teacher_view(batch)
     summed = 0
     for name, arch in zip(sandwich_names(1), sandwich(step.subspace, step.seed, 0, 1)):
         _, qkv = step.sub_network_forward(arch, batch)
-        summed = summed + relation_loss(teacher["qkv"], qkv, teacher["mask"], step.relation)
+        summed = summed + step.relation(teacher["qkv"], qkv, teacher["mask"])
     summed.backward()
     assert float(summed.detach()) == pytest.approx(float(total), rel=1e-6)
     for name, grad in fused.items():
