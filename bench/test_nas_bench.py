@@ -129,7 +129,7 @@ def _search_setup():
 
 
 def _score(space, supernet, cache, archs, spec):
-    from pykd.nas.search import held_out_loss
+    from pykd.nas.evaluate import held_out_loss
 
     started = time.perf_counter()
     losses = [held_out_loss(supernet, arch, cache, spec) for arch in archs]
@@ -137,7 +137,7 @@ def _score(space, supernet, cache, archs, spec):
 
 
 def test_search_scoring_rate_cached_vs_recomputed():
-    from pykd.nas.search import TeacherCache
+    from pykd.nas.evaluate import TeacherCache
 
     step, space, batches, spread, spec = _search_setup()
     started = time.perf_counter()
@@ -166,7 +166,8 @@ def test_search_scoring_rate_cached_vs_recomputed():
 def test_search_methods_evaluations_per_minute():
     """Issue 9: evaluations per minute of evolution and NSGA-II with the teacher's side cached."""
     from pykd.distill.config import NasEvolution, NasNsga2
-    from pykd.nas.search import Budget, Evaluator, TeacherCache, evolution_search, nsga2_search
+    from pykd.nas.algorithms import evolution_search, nsga2_search
+    from pykd.nas.evaluate import Budget, Evaluator, TeacherCache
 
     step, space, batches, _, spec = _search_setup()
     cache = TeacherCache(step.teacher, batches, cached=True)

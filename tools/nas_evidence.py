@@ -57,7 +57,7 @@ def _config(values: dict, **nas):
 
 def _trained(config, subspace_name: str):
     """Trains (or reuses) the SuperLM of one sub-space; returns it loaded."""
-    from pykd.nas.search import load_supernet, load_teacher_and_space
+    from pykd.nas.evaluate import load_supernet, load_teacher_and_space
     from pykd.nas.train import SuperLMTrainer, subspace_run_config
 
     teacher, space, _ = load_teacher_and_space(config)
@@ -95,7 +95,7 @@ def _spread(candidates: list, count: int, flops) -> list:
 
 
 def few_shot_vs_one_shot(values, output, steps, cache, spec) -> list[dict]:
-    from pykd.nas.search import held_out_loss
+    from pykd.nas.evaluate import held_out_loss
 
     k3 = _config(values, k=3, output=str(output / "k3"))
     k1 = _config(json.loads(json.dumps({**values, "train": {**values["train"], "steps": 3 * steps}})), k=1,
@@ -114,7 +114,7 @@ def few_shot_vs_one_shot(values, output, steps, cache, spec) -> list[dict]:
 
 
 def _space(config):
-    from pykd.nas.search import load_teacher_and_space
+    from pykd.nas.evaluate import load_teacher_and_space
 
     return load_teacher_and_space(config)[1]
 
@@ -123,7 +123,7 @@ def ranking_and_mos(values, output, steps, cache, spec) -> tuple[list[dict], lis
     from scipy.stats import kendalltau
 
     from pykd.distill.models import load_pretrained
-    from pykd.nas.search import held_out_loss, model_loss
+    from pykd.nas.evaluate import held_out_loss, model_loss
 
     space = _space(_config(values))
     small = space.subspace("small")
@@ -151,7 +151,8 @@ def ranking_and_mos(values, output, steps, cache, spec) -> tuple[list[dict], lis
 def search_methods(values, output, cache, spec) -> list[dict]:
     from pykd.distill import config as run_config
     from pykd.nas import SearchSpace
-    from pykd.nas.search import Evaluator, enumerate_search, evolution_search, nsga2_search, resolve_budget
+    from pykd.nas.algorithms import enumerate_search, evolution_search, nsga2_search
+    from pykd.nas.evaluate import Evaluator, resolve_budget
 
     config = _config(values, output=str(output / "k3"))
     full = _space(config)
@@ -200,15 +201,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="runs/nas-evidence")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from pykd.nas.search import TeacherCache, held_out_batches, load_teacher_and_space
-    from pykd.nas.train import RelationSpec
+    from pykd.nas.evaluate import TeacherCache, held_out_batches, load_teacher_and_space
+    from pykd.distill.losses import RelationTerms
 
     output = Path(args.output)
     values = base_values(output, args.steps)
     started = time.perf_counter()
     teacher, _, tokenizer = load_teacher_and_space(_config(values))
     cache = TeacherCache(teacher, held_out_batches(_config(values), tokenizer))
-    spec = RelationSpec(("qq", "kk", "vv"), 8, "mse_prob")
+    spec = RelationTerms(("qq", "kk", "vv"), 8, "mse_prob")
     print("[evidence] 1/4 K=3 vs K=1", flush=True)
     shots = few_shot_vs_one_shot(values, output, args.steps, cache, spec)
     print("[evidence] 2-3/4 standalone students, ranking, MoS", flush=True)

@@ -40,7 +40,8 @@ from torch import nn
 
 from .elastic import ActiveLayers, ElasticEmbedding, ElasticLayerNorm, ElasticLinear
 from .mos import ENCODING, ROUTINGS, LayerRouter, RoutedElasticLinear, arch_encoding
-from .space import Architecture, LayerwiseArchitecture, SearchSpace, TeacherShape
+from .architecture import Architecture, LayerwiseArchitecture
+from .space import SearchSpace, TeacherShape
 
 SUPERNET_FILE = "supernet.pt"  # a trained SuperLM in its run's model directory: config, sub-space, weights
 _LAYER_INDEX = re.compile(r"(^|\.)layer\.(\d+)\.")

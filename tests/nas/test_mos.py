@@ -6,7 +6,7 @@ import pykd
 from pykd.nas import Architecture, SearchSpace, SuperLM, save_student
 from pykd.nas.elastic import ElasticLinear
 from pykd.nas.mos import LayerRouter, RoutedElasticLinear, arch_encoding
-from pykd.nas.space import LayerwiseArchitecture
+from pykd.nas.architecture import LayerwiseArchitecture
 from tests.nas.test_superlm import make_batch, make_teacher, valid
 
 ARCHS = [Architecture(2, 24, 1.5, 3), Architecture(3, 40, 0.5, 4), Architecture(4, 48, 2.0, 4)]

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from tests.nas.nas_fixtures import TWO_SUBSPACES, nas_values  # noqa: E402
 
 from pykd.distill import config as run_config  # noqa: E402
-from pykd.nas import search  # noqa: E402
+from pykd.nas import algorithms, evaluate, search  # noqa: E402
 from pykd.nas.space import SearchSpace, TeacherShape  # noqa: E402
 
 TEACHER = TeacherShape("bert", layers=6, hidden=96, heads=8, intermediate=384, vocab_size=1000,
@@ -28,7 +28,7 @@ LAYERWISE = {"subspaces": [{"name": "w", "layers": [2, 4, 6], "hidden": [48, 64,
                             "heads": [2, 4, 8], "layerwise": True}]}
 
 
-class SyntheticEvaluator(search.Evaluator):
+class SyntheticEvaluator(evaluate.Evaluator):
     """The Evaluator with a synthetic loss (no SuperLM): smaller and oddly shaped models lose more."""
 
     def __init__(self, space, budget):
@@ -48,7 +48,7 @@ class SyntheticEvaluator(search.Evaluator):
 
 def _evaluator(budget=None, layerwise=False):
     space = SearchSpace.from_dict(LAYERWISE if layerwise else SMALL, TEACHER)
-    return SyntheticEvaluator(space, budget or search.Budget(flops=0.5 * space.teacher_flops(16)))
+    return SyntheticEvaluator(space, budget or evaluate.Budget(flops=0.5 * space.teacher_flops(16)))
 
 
 def _settings(**changes):
@@ -62,10 +62,10 @@ def test_evolution_is_reproducible_by_seed_and_never_scores_a_violator():
     runs = []
     for seed in (3, 3, 4):
         evaluator = _evaluator()
-        rows = search.evolution_search(evaluator, _settings(), random.Random(seed))
+        rows = algorithms.evolution_search(evaluator, _settings(), random.Random(seed))
         runs.append(([r["arch"] for r in rows], evaluator.history))
         assert rows and all(r["feasible"] for r in rows)
-        assert all(evaluator.space.subspace_of(search._parse(evaluator.space, r["arch"])) for r in rows)
+        assert all(evaluator.space.subspace_of(evaluator.space.parse(r["arch"])) for r in rows)
         # parents + children per generation, never a duplicate in the population
         assert len({r["arch"] for r in rows}) == len(rows)
     assert runs[0] == runs[1]
@@ -74,9 +74,9 @@ def test_evolution_is_reproducible_by_seed_and_never_scores_a_violator():
 
 def test_evolution_finds_the_enumerated_best_with_fewer_evaluations():
     everything = _evaluator()
-    best = min((r for r in search.enumerate_search(everything) if r["feasible"]), key=lambda r: r["loss"])
+    best = min((r for r in algorithms.enumerate_search(everything) if r["feasible"]), key=lambda r: r["loss"])
     evaluator = _evaluator()
-    rows = search.evolution_search(evaluator, _settings(generations=10), random.Random(0))
+    rows = algorithms.evolution_search(evaluator, _settings(generations=10), random.Random(0))
     found = min(rows, key=lambda r: r["loss"])
     assert found["arch"] == best["arch"]
     assert evaluator.evaluations < everything.evaluations
@@ -85,21 +85,21 @@ def test_evolution_finds_the_enumerated_best_with_fewer_evaluations():
 
 
 def test_evolution_rejects_all_violators_and_reports_the_cheapest_cost():
-    evaluator = _evaluator(search.Budget(params=10.0))
+    evaluator = _evaluator(evaluate.Budget(params=10.0))
     with pytest.raises(ValueError, match=r"no candidate meets the budget \(max params 10\): the cheapest candidate "
                                          r"layers=1,hidden=32,ffn_ratio=1,heads=2 has"):
-        search.evolution_search(evaluator, _settings(), random.Random(0))
+        algorithms.evolution_search(evaluator, _settings(), random.Random(0))
 
 
 def test_parameter_window_keeps_every_scored_candidate_inside_it():
     space = SearchSpace.from_dict(SMALL, TEACHER)
     params = sorted(space.params(a) for a in space.candidates())
     low, high = params[len(params) // 4], params[len(params) // 2]
-    evaluator = _evaluator(search.Budget(params=high, min_params=low))
-    rows = search.evolution_search(evaluator, _settings(), random.Random(1))
+    evaluator = _evaluator(evaluate.Budget(params=high, min_params=low))
+    rows = algorithms.evolution_search(evaluator, _settings(), random.Random(1))
     assert rows and all(low <= r["params"] <= high for r in rows)
     with pytest.raises(ValueError, match="min params"):
-        search.evolution_search(_evaluator(search.Budget(min_params=params[-1] + 1)), _settings(), random.Random(1))
+        algorithms.evolution_search(_evaluator(evaluate.Budget(min_params=params[-1] + 1)), _settings(), random.Random(1))
 
 
 def _dominated(row, rows, cost):
@@ -110,7 +110,7 @@ def _dominated(row, rows, cost):
 def test_pareto_front_is_exactly_the_non_dominated_rows():
     rng = random.Random(0)
     rows = [{"loss": rng.choice([0.1, 0.2, 0.3, 0.4]), "flops": rng.choice([1, 2, 3, 4, 5])} for _ in range(60)]
-    front = search.pareto_front(rows, "flops")
+    front = algorithms.pareto_front(rows, "flops")
     assert all(not _dominated(r, rows, "flops") for r in front)
     assert all(_dominated(r, rows, "flops") or r in front for r in rows)
 
@@ -118,17 +118,17 @@ def test_pareto_front_is_exactly_the_non_dominated_rows():
 def test_nsga2_returns_a_non_dominated_set_of_feasible_candidates():
     evaluator = _evaluator()
     settings = run_config.NasNsga2(trials=60, population=10, objective="params")
-    rows = search.nsga2_search(evaluator, settings, seed=0)
+    rows = algorithms.nsga2_search(evaluator, settings, seed=0)
     assert rows and all(r["feasible"] for r in rows)
-    front = search.pareto_front(rows, "params")
+    front = algorithms.pareto_front(rows, "params")
     assert len(front) >= 2
     assert all(not _dominated(r, rows, "params") for r in front)
-    again = search.nsga2_search(_evaluator(), settings, seed=0)
+    again = algorithms.nsga2_search(_evaluator(), settings, seed=0)
     assert [r["arch"] for r in again] == [r["arch"] for r in rows]
 
 
 def test_budget_fractions_are_relative_to_the_teacher():
-    budget = search.resolve_budget(run_config.NasBudget(params=0.5, flops=2e6, latency=None, min_params=0.1),
+    budget = evaluate.resolve_budget(run_config.NasBudget(params=0.5, flops=2e6, latency=None, min_params=0.1),
                                    {"params": 1000, "flops": 5e6, "latency": None})
     assert (budget.params, budget.flops, budget.latency, budget.min_params) == (500, 2e6, None, 100)
     assert budget.violations({"params": 600, "flops": 1e6, "latency": None}) == ["params 600 > 500"]
@@ -150,8 +150,8 @@ def trained(tmp_path_factory):
 
 def test_cached_teacher_scores_equal_recomputed_ones(trained):
     config = run_config.from_dict(trained)
-    cached = search.build_evaluator(config)
-    fresh = search.build_evaluator(config, cached=False, supernets=cached.supernets)
+    cached = evaluate.build_evaluator(config)
+    fresh = evaluate.build_evaluator(config, cached=False, supernets=cached.supernets)
     for arch in cached.space.candidates()[::5]:
         assert cached.score(arch)["loss"] == fresh.score(arch)["loss"]
 
@@ -163,7 +163,7 @@ def test_enumerate_writes_every_candidate_the_front_and_the_best_under_budget(tr
     summary = search.run_search(config)
     directory = config.nas.output + "/search"
     rows = list(csv.DictReader(open(directory + "/candidates.csv")))
-    evaluator = search.build_evaluator(config)
+    evaluator = evaluate.build_evaluator(config)
     assert len(rows) == len(evaluator.space.candidates()) == summary["evaluations"]
     feasible = [r for r in rows if r["feasible"] == "True"]
     limit = 0.5 * evaluator.space.teacher_flops(config.nas.seq_len)
@@ -193,9 +193,9 @@ def test_export_writes_a_plain_model_equal_to_the_sub_network(trained, tmp_path)
     output = tmp_path / "student"
     search.export_candidate(config, arch, output)
     student = transformers.AutoModel.from_pretrained(output).eval()
-    evaluator = search.build_evaluator(config)
+    evaluator = evaluate.build_evaluator(config)
     supernet = evaluator.supernets["hi"]
-    supernet.set_active(search._parse(evaluator.space, arch))
+    supernet.set_active(evaluator.space.parse(arch))
     batch = evaluator.cache.batches[0]
     with torch.no_grad():
         expected, got = supernet(**batch).last_hidden_state, student(**batch).last_hidden_state
@@ -210,12 +210,12 @@ def test_per_layer_spaces_are_searched_reproducibly_within_the_budget(method):
     for _ in range(2):
         evaluator = _evaluator(layerwise=True)
         if method == "evolution":
-            rows = search.evolution_search(evaluator, _settings(generations=3), random.Random(0))
+            rows = algorithms.evolution_search(evaluator, _settings(generations=3), random.Random(0))
         else:
-            rows = search.nsga2_search(evaluator, run_config.NasNsga2(trials=30, population=6, objective="flops"), 0)
+            rows = algorithms.nsga2_search(evaluator, run_config.NasNsga2(trials=30, population=6, objective="flops"), 0)
         runs.append([r["arch"] for r in rows])
         subspace = evaluator.space.subspaces[0]
-        archs = [search._parse(evaluator.space, r["arch"]) for r in rows]
+        archs = [evaluator.space.parse(r["arch"]) for r in rows]
         assert rows and all(r["feasible"] for r in rows) and all(subspace.contains(a) for a in archs)
         assert any(len(set(a.heads)) > 1 or len(set(a.ffn_ratio)) > 1 for a in archs)  # layers do differ
     assert runs[0] == runs[1]
@@ -235,7 +235,7 @@ def test_task_proxy_fine_tunes_the_top_candidates_and_picks_by_accuracy(trained)
     assert proxy["best"]["arch"] in proxy["pareto_accuracy_flops"]
     import transformers
 
-    from pykd.nas.space import Architecture
+    from pykd.nas.architecture import Architecture
 
     for row in proxy["candidates"]:
         folder = row["arch"].replace(",", "_").replace("=", "")

@@ -234,8 +234,8 @@ def test_flops_rejects_bad_seq_len():
 
 # ---- per-layer architectures and sub-spaces (HAT / Mixture-of-Supernets) ----
 
-from pykd.nas.space import (LayerwiseArchitecture, LayerwiseSubSpace, architecture_from_dict,  # noqa: E402
-                            parse_architecture)
+from pykd.nas.architecture import LayerwiseArchitecture, architecture_from_dict, parse_architecture  # noqa: E402
+from pykd.nas.space import LayerwiseSubSpace  # noqa: E402
 
 
 def test_layerwise_architecture_round_trips_and_errors():
