@@ -165,7 +165,7 @@ def test_search_scoring_rate_cached_vs_recomputed():
 
 def test_search_methods_evaluations_per_minute():
     """Issue 9: evaluations per minute of evolution and NSGA-II with the teacher's side cached."""
-    from pykd.distill.config import NasEvolution, NasNsga2
+    from pykd.nas.config import NasEvolution, NasNsga2
     from pykd.nas.algorithms import evolution_search, nsga2_search
     from pykd.nas.evaluate import Budget, Evaluator, TeacherCache
 

@@ -151,6 +151,7 @@ def ranking_and_mos(values, output, steps, cache, spec) -> tuple[list[dict], lis
 def search_methods(values, output, cache, spec) -> list[dict]:
     from pykd.distill import config as run_config
     from pykd.nas import SearchSpace
+    from pykd.nas import config as nas_config
     from pykd.nas.algorithms import enumerate_search, evolution_search, nsga2_search
     from pykd.nas.evaluate import Evaluator, resolve_budget
 
@@ -158,7 +159,7 @@ def search_methods(values, output, cache, spec) -> list[dict]:
     full = _space(config)
     space = SearchSpace([full.subspace("small")], full.teacher)
     supernet = _trained(config, "small")
-    budget = resolve_budget(run_config.NasBudget(flops=0.1), {"params": space.teacher_params(),
+    budget = resolve_budget(nas_config.NasBudget(flops=0.1), {"params": space.teacher_params(),
                                                                "flops": space.teacher_flops(64), "latency": None})
 
     def evaluator():
@@ -169,9 +170,9 @@ def search_methods(values, output, cache, spec) -> list[dict]:
     ranking = [r["arch"] for r in sorted(everything, key=lambda r: r["loss"])]
     rows = [{"method": "enumerate", "seed": "-", "evaluations": len(everything), "best": ranking[0],
              "best_loss": min(r["loss"] for r in everything), "rank_of_found": 1, "evaluations_to_found": len(everything)}]
-    evolution = run_config.NasEvolution(population=16, parents=4, mutations=6, crossovers=6, mutation_prob=0.3,
+    evolution = nas_config.NasEvolution(population=16, parents=4, mutations=6, crossovers=6, mutation_prob=0.3,
                                         generations=8)
-    nsga2 = run_config.NasNsga2(trials=96, population=8, objective="flops")
+    nsga2 = nas_config.NasNsga2(trials=96, population=8, objective="flops")
     for seed in (0, 1, 2):
         for method in ("evolution", "nsga2"):
             scorer = evaluator()

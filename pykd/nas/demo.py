@@ -43,7 +43,7 @@ def _cut_student(config, arch, output: Path) -> str:
     """The same architecture sliced out of the teacher with no SuperLM training."""
     from .evaluate import load_teacher_and_space
     from .superlm import SuperLM, save_student
-    from .train import supernet_options
+    from .config import supernet_options
 
     if not output.exists():
         teacher, space, tokenizer = load_teacher_and_space(config)

@@ -28,7 +28,7 @@ from ..distill import data as data_module
 from ..distill.losses import RelationTerms, layer_qkv
 from .space import COSTS, format_cost
 from .superlm import SUPERNET_FILE
-from .train import build_space, supernet_options
+from .config import build_space, supernet_dir, supernet_options
 
 
 # ---- held-out data and the teacher's cached side ----
@@ -224,16 +224,14 @@ def load_teacher_and_space(config):
 
     source = config.teacher.finetuned or config.teacher.path
     teacher = load_pretrained(source, "unlabeled").eval()
-    return teacher, build_space(config, teacher.config), load_tokenizer(source)
+    return teacher, build_space(config.nas, teacher.config), load_tokenizer(source)
 
 
 def build_evaluator(config, cached: bool = True, supernets: dict | None = None) -> Evaluator:
-    from .train import subspace_run_config
-
     nas = config.nas
     teacher, space, tokenizer = load_teacher_and_space(config)
     if supernets is None:
-        supernets = {s.name: load_supernet(subspace_run_config(config, s.name).train.output_dir, teacher, space, nas)
+        supernets = {s.name: load_supernet(supernet_dir(nas, s.name), teacher, space, nas)
                      for s in space.subspaces}
     cache = TeacherCache(teacher, held_out_batches(config, tokenizer), cached=cached)
     spec = RelationTerms(tuple(nas.relations), nas.relation_heads or teacher.config.num_attention_heads,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..distill.config import RunConfig
 from .algorithms import pareto_front, raise_no_candidate, search
+from .config import supernet_dir
 from .evaluate import Evaluator, build_evaluator, load_supernet, load_teacher_and_space
 from .space import COSTS
 
@@ -140,7 +141,6 @@ def print_summary(summary: dict) -> None:
 def export_candidate(config: RunConfig, arch_text: str, output) -> str:
     """Writes the sub-network `arch_text` of its trained SuperLM to the new directory `output`."""
     from .architecture import Architecture
-    from .train import subspace_run_config
 
     from .superlm import save_student
 
@@ -151,6 +151,6 @@ def export_candidate(config: RunConfig, arch_text: str, output) -> str:
     teacher, space, tokenizer = load_teacher_and_space(config)
     space.validate(arch)
     subspace = space.subspace_of(arch)
-    supernet = load_supernet(subspace_run_config(config, subspace.name).train.output_dir, teacher, space, config.nas)
+    supernet = load_supernet(supernet_dir(config.nas, subspace.name), teacher, space, config.nas)
     save_student(supernet.export(arch), tokenizer, output)
     return str(output)

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 
 from ..distill.callbacks import TrainerCallback
 from ..distill.config import RunConfig
 from ..distill.trainer import Trainer
+from .config import build_space, supernet_dir, supernet_options
 from .sandwich import SandwichStep
-
-
-def build_space(config: RunConfig, teacher_config):
-    """The search space the nas section describes, scaled to (or checked against) the teacher."""
-    from .space import SearchSpace
-
-    if config.nas.space == "custom":
-        return SearchSpace.from_dict(config.nas.custom_space, teacher_config)
-    return SearchSpace.autodistil(teacher_config, k=config.nas.k, layerwise=config.nas.layerwise)
 
 
 class SandwichSchedule(TrainerCallback):
@@ -49,24 +40,16 @@ def _sandwich_step(trainer: SuperLMTrainer) -> SandwichStep:
 
     config, index = trainer.config, trainer.subspace_index
     teacher = load_pretrained(config.teacher.finetuned or config.teacher.path, config.data.kind, trainer.num_labels)
-    space = build_space(config, teacher.config)
+    space = build_space(config.nas, teacher.config)
     if not 0 <= index < len(space.subspaces):
         raise ValueError(f"sub-space index {index} out of range: the space has {len(space.subspaces)} sub-space(s)")
     supernet = SuperLM.from_teacher(teacher, space, **supernet_options(config.nas))
     return SandwichStep(teacher, supernet, space.subspaces[index], config)
 
 
-def supernet_options(nas) -> dict:
-    """SuperLM.from_teacher's keyword arguments from the nas config section (none for plain sharing)."""
-    if nas.experts == 1 and not nas.route_attention:
-        return {}
-    return {"experts": nas.experts, "routing": nas.routing, "noise": nas.noise,
-            "route_attention": nas.route_attention}
-
-
 def subspace_run_config(config: RunConfig, name: str) -> RunConfig:
     """The config of one sub-space's training run: its own output directory under nas.output."""
-    train = dataclasses.replace(config.train, output_dir=str(Path(config.nas.output) / f"supernet-{name}"))
+    train = dataclasses.replace(config.train, output_dir=str(supernet_dir(config.nas, name)))
     return dataclasses.replace(config, train=train)
 
 
@@ -75,7 +58,7 @@ def train_supernets(config: RunConfig, stop_after: int | None = None) -> list[st
     from ..distill.models import load_pretrained
 
     teacher = load_pretrained(config.teacher.finetuned or config.teacher.path, "unlabeled")
-    space = build_space(config, teacher.config)
+    space = build_space(config.nas, teacher.config)
     del teacher
     directories = []
     for index, subspace in enumerate(space.subspaces):

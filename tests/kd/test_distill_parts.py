@@ -48,6 +48,54 @@ def test_bad_config_is_a_clear_error(overrides, message):
         run_config.load(None, overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["losses.hidden.mapping=skipp"], r"config key losses.hidden.mapping must be one of \('skip', 'uniform', 'last', "
+                                      r"'pairs', 'emd'\), got 'skipp'"),
+    (["losses.relation.mapping=lats"], r"losses.relation.mapping must be one of"),
+    (["losses.mi.mapping=uniformm"], r"losses.mi.mapping must be one of"),
+    (["losses.hidden.mapping=pairs"], r"losses.hidden.pairs is given exactly when losses.hidden.mapping is 'pairs'"),
+    (["losses.relation.pairs=[[0, 1]]"], r"losses.relation.pairs is given exactly when"),
+    (["losses.hidden.mapping=pairs", "losses.hidden.pairs=[[0, 1, 2]]"], r"losses.hidden.pairs takes \[\[student"),
+    (["losses.mi.bound=alpha-ish"], r"losses.mi.bound must be one of \('infonce', 'nwj', 'tuba', 'js', 'alpha', 'none'\)"),
+    (["augment.word_fraction=.nan"], r"augment.word_fraction must lie in \(0, 1\], got nan"),
+    (["nas.noise=.nan"], r"nas.noise must be >= 0, got nan"),
+    (["nas.budget.flops=.nan"], r"nas.budget.flops must be > 0 or null, got nan"),
+    (["nas.relations=[]"], r"nas.relations takes a non-empty list of relations from"),
+])
+def test_every_key_is_checked_when_the_config_loads(overrides, message):
+    """Layer mappings (a typo once failed only after data and models had loaded), NaN against every range."""
+    with pytest.raises(ValueError, match=message):
+        run_config.load(None, overrides)
+
+
+def test_ranges_are_declared_beside_their_fields():
+    import dataclasses
+
+    from pykd.distill.options import Range
+
+    def ranged(section, prefix=""):
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if dataclasses.is_dataclass(value):
+                yield from ranged(value, f"{prefix}{field.name}.")
+            elif isinstance(field.metadata.get("range"), Range):
+                yield prefix + field.name
+
+    keys = set(ranged(run_config.DEFAULT))
+    # the counts, periods and rates checked before this layout, from the tables it replaced
+    assert {"train.steps", "train.batch_size", "train.grad_accum", "train.eval_every", "train.log_every",
+            "train.checkpoint_every", "data.max_length", "data.max_train_examples", "data.max_eval_examples",
+            "train.lr", "losses.prediction.temperature", "train.weight_decay", "train.clip_norm",
+            "data.eval_fraction", "train.warmup_fraction", "nas.k", "nas.sandwich_random", "nas.experts",
+            "nas.seq_len", "nas.latency.batch_size", "nas.latency.seq_len", "nas.latency.repeats",
+            "nas.evolution.population", "nas.evolution.parents", "nas.evolution.mutations",
+            "nas.evolution.crossovers", "nas.evolution.generations", "nas.nsga2.trials", "nas.nsga2.population",
+            "nas.proxy.top_k", "nas.proxy.steps", "nas.relation_heads", "nas.budget.params", "nas.budget.flops",
+            "nas.budget.latency", "nas.budget.min_params", "nas.evolution.mutation_prob", "nas.noise",
+            "augment.copies", "augment.mlm_top_k", "augment.batch_size", "augment.word_fraction",
+            "augment.mixup_alpha"} <= keys
+
+
 def test_resume_conflicts_name_every_key_a_checkpoint_depends_on():
     saved = run_config.to_dict(run_config.load(None, []))
     allowed = run_config.load(None, ["train.log_every=1", "train.eval_every=7", "train.checkpoint_every=3",

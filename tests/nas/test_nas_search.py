@@ -13,6 +13,7 @@ from tests.nas.nas_fixtures import TWO_SUBSPACES, nas_values  # noqa: E402
 
 from pykd.distill import config as run_config  # noqa: E402
 from pykd.nas import algorithms, evaluate, search  # noqa: E402
+from pykd.nas import config as nas_config  # noqa: E402
 from pykd.nas.space import SearchSpace, TeacherShape  # noqa: E402
 
 TEACHER = TeacherShape("bert", layers=6, hidden=96, heads=8, intermediate=384, vocab_size=1000,
@@ -52,7 +53,7 @@ def _evaluator(budget=None, layerwise=False):
 
 
 def _settings(**changes):
-    settings = run_config.NasEvolution(population=20, parents=5, mutations=8, crossovers=8, generations=6)
+    settings = nas_config.NasEvolution(population=20, parents=5, mutations=8, crossovers=8, generations=6)
     for name, value in changes.items():
         setattr(settings, name, value)
     return settings
@@ -117,7 +118,7 @@ def test_pareto_front_is_exactly_the_non_dominated_rows():
 
 def test_nsga2_returns_a_non_dominated_set_of_feasible_candidates():
     evaluator = _evaluator()
-    settings = run_config.NasNsga2(trials=60, population=10, objective="params")
+    settings = nas_config.NasNsga2(trials=60, population=10, objective="params")
     rows = algorithms.nsga2_search(evaluator, settings, seed=0)
     assert rows and all(r["feasible"] for r in rows)
     front = algorithms.pareto_front(rows, "params")
@@ -128,7 +129,7 @@ def test_nsga2_returns_a_non_dominated_set_of_feasible_candidates():
 
 
 def test_budget_fractions_are_relative_to_the_teacher():
-    budget = evaluate.resolve_budget(run_config.NasBudget(params=0.5, flops=2e6, latency=None, min_params=0.1),
+    budget = evaluate.resolve_budget(nas_config.NasBudget(params=0.5, flops=2e6, latency=None, min_params=0.1),
                                    {"params": 1000, "flops": 5e6, "latency": None})
     assert (budget.params, budget.flops, budget.latency, budget.min_params) == (500, 2e6, None, 100)
     assert budget.violations({"params": 600, "flops": 1e6, "latency": None}) == ["params 600 > 500"]
@@ -212,7 +213,7 @@ def test_per_layer_spaces_are_searched_reproducibly_within_the_budget(method):
         if method == "evolution":
             rows = algorithms.evolution_search(evaluator, _settings(generations=3), random.Random(0))
         else:
-            rows = algorithms.nsga2_search(evaluator, run_config.NasNsga2(trials=30, population=6, objective="flops"), 0)
+            rows = algorithms.nsga2_search(evaluator, nas_config.NasNsga2(trials=30, population=6, objective="flops"), 0)
         runs.append([r["arch"] for r in rows])
         subspace = evaluator.space.subspaces[0]
         archs = [evaluator.space.parse(r["arch"]) for r in rows]
