@@ -85,7 +85,7 @@ def _at_least_one(text: str) -> int:
 
 
 def _pipeline_search_parsers(commands) -> None:
-    hpo = commands.add_parser("hpo", help="Optuna search over the KD pipeline (pykd.distill.hpo)")
+    hpo = commands.add_parser("hpo", help="Optuna search over the KD pipeline (pykd.distiller.hpo)")
     hpo.add_argument("config", nargs="?", help="base run configuration (teacher, student, data, train)")
     hpo.add_argument("--trials", type=_at_least_one, required=True, help="finished trials the study should hold")
     hpo.add_argument("--space", help="space file (study and space sections; default: the embedded space)")
@@ -106,8 +106,9 @@ def _pipeline_search_parsers(commands) -> None:
 
 def _pipeline_search(args) -> None:
     if args.command == "hpo":
-        from .distill import hpo
+        from .distill.config import load_values
         from .distill.distributed import init_distributed
+        from .distiller import hpo
 
         spec = hpo.load_space(args.space)
         for key, value in (("storage", args.storage), ("name", args.study_name), ("output", args.output),
@@ -115,11 +116,11 @@ def _pipeline_search(args) -> None:
             if value is not None:
                 spec.study[key] = value
         init_distributed()
-        result = hpo.run_study(hpo.load_base(args.config, args.overrides), spec, args.trials)
+        result = hpo.run_study(load_values(args.config, args.overrides), spec, args.trials)
         if result:
             hpo.print_summary(result)
         return
-    from .distill import autodistiller
+    from .distiller import autodistiller
 
     autodistiller.print_recommendations(autodistiller.recommend_cli(
         args.config, args.overrides, args.data, args.student, args.top_k, args.table, args.output))

@@ -17,7 +17,7 @@ from tests.paths import load_tool
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distill import autodistiller, hpo  # noqa: E402
+from pykd.distiller import autodistiller, pipeline  # noqa: E402
 
 kd_runs_table = load_tool("kd_runs_table")
 
@@ -72,7 +72,7 @@ def test_vocabulary_coverage_counts_whole_non_unknown_words():
 
 
 def test_pipeline_encodings_tell_the_pipelines_apart():
-    encoded = {name: autodistiller.encode_config(run_config.from_dict(hpo.pipeline_values({}, params)))
+    encoded = {name: pipeline.encode_config(run_config.from_dict(pipeline.pipeline_values({}, params)))
                for name, params in kd_runs_table.PIPELINES.items()}
     assert len({json.dumps(e, sort_keys=True) for e in encoded.values()}) == len(encoded)
     assert encoded["default"]["hidden_mse"] == 1 and encoded["default"]["relation"] == 1

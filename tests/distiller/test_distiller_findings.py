@@ -82,10 +82,26 @@ def test_bad_arguments_are_named(tmp_path, capsys):
 
 
 def test_the_study_configs_in_tools_are_valid():
-    from pykd.distill import hpo
+    from pykd.distill import config as run_config
+    from pykd.distiller import hpo
 
     configs = TOOLS / "configs"
     spec = hpo.load_space(str(configs / "hpo_space.yaml"))
     assert spec.study["name"] == "distiller-rotten-tomatoes" and spec.study["seed"] == 0
-    base = hpo.load_base(str(configs / "hpo_rotten_tomatoes.yaml"), [])
+    base = run_config.load_values(str(configs / "hpo_rotten_tomatoes.yaml"), [])
     assert base["teacher"]["finetuned"] == "runs/kd_runs/rotten_tomatoes/teacher/model"
+
+
+def test_the_tools_speak_the_package_vocabulary():
+    """One vocabulary (pykd.distiller.pipeline) for hpo, the recommender and the evidence tools."""
+    from pykd.distiller import pipeline
+
+    kd_runs_table = load_tool("kd_runs_table")
+    assert distiller_findings.STAGES is pipeline.STAGES and kd_runs_table.PIPELINES is pipeline.PIPELINES
+    assert distiller_findings.INTERMEDIATE_PIPELINES is pipeline.INTERMEDIATE_PIPELINES
+    staged = [name for members in pipeline.STAGES.values() for name in members]
+    assert sorted(staged) == sorted(pipeline.DIMENSIONS)  # every dimension in exactly one stage
+    assert set(pipeline.INTERMEDIATE_PIPELINES) <= set(pipeline.PIPELINES)
+    for params in pipeline.PIPELINES.values():
+        assert set(params) <= set(pipeline.DIMENSIONS)
+        assert all(params[k] in pipeline.CHOICES[k] for k in params if k in pipeline.CHOICES)

@@ -1,4 +1,4 @@
-"""pykd.distill.hpo (Optuna search over the KD pipeline) and the teacher-logit cache, on tiny models."""
+"""pykd.distiller.hpo (Optuna search over the KD pipeline) and the teacher-logit cache, on tiny models."""
 import json
 import os
 import signal
@@ -14,7 +14,7 @@ from pykd.distill import config as run_config
 optuna = pytest.importorskip("optuna")
 transformers = pytest.importorskip("transformers")
 from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distill import hpo  # noqa: E402
+from pykd.distiller import hpo, pipeline  # noqa: E402
 from pykd.distill.trainer import Trainer  # noqa: E402
 
 TINY_SPACE = {"study": {"sampler": "random", "pruner": "none", "seed": 0},
@@ -80,7 +80,7 @@ def test_run_config_keys_are_dimensions_and_pipelines_map_to_valid_configs(base)
     for _ in range(60):
         trial = study.ask()
         params = hpo.sample_pipeline(trial, spec.dimensions)
-        config = run_config.from_dict(hpo.pipeline_values(base, params))  # every draw is a valid config
+        config = run_config.from_dict(pipeline.pipeline_values(base, params))  # every draw is a valid config
         seen.add(params["intermediate"])
         losses = config.losses
         active = [losses.hidden.type != "none", bool(losses.relation.relations), losses.mi.bound != "none"]
@@ -90,9 +90,9 @@ def test_run_config_keys_are_dimensions_and_pipelines_map_to_valid_configs(base)
         if params["intermediate"] == "mi":
             assert losses.mi.bound == params["mi_bound"] and losses.mi.mapping == params["mi_mapping"]
         study.tell(trial, 0.0)
-    assert seen == set(hpo.INTERMEDIATE)
+    assert seen == set(pipeline.INTERMEDIATE)
     extra = hpo.parse_dimensions({"train.batch_size": {"choices": [4, 8]}})
-    assert hpo.pipeline_values(base, {"train.batch_size": 4})["train"]["batch_size"] == 4 and extra[0].choices == [4, 8]
+    assert pipeline.pipeline_values(base, {"train.batch_size": 4})["train"]["batch_size"] == 4 and extra[0].choices == [4, 8]
 
 
 def test_study_runs_writes_reloadable_trial_configs_csv_and_plots(base, tmp_path):

@@ -7,9 +7,9 @@ A search is a run config (the base: teacher, student, data, train) plus a *space
             direction, seed, startup_trials, output
     space:  dimension -> {choices: [...]} | {low: a, high: b, log: bool, int: bool}
 
-Dimensions are the pipeline's named choices (PIPELINE_DIMENSIONS: augmentation policy, prediction
-loss and temperature, hard-label weight, intermediate loss with its mapping, MI bound and alpha,
-loss weights, learning rate) or any run-config key written with dots (`train.batch_size`).
+Dimensions are the pipeline's named choices (pykd.distiller.pipeline.DIMENSIONS: augmentation policy,
+prediction loss and temperature, hard-label weight, intermediate loss with its mapping, MI bound and
+alpha, loss weights, learning rate) or any run-config key written with dots (`train.batch_size`).
 Conditional dimensions (temperature needs prediction; mapping, mi_* and intermediate_weight need
 intermediate) are drawn only when their parent's value uses them, and need their parent in the space.
 
@@ -41,10 +41,12 @@ from pathlib import Path
 
 import yaml
 
-from . import config as run_config
-from .cache import file_lock, replace_atomically
-from .callbacks import TrainerCallback
-from .distributed import broadcast, world
+from ..distill import config as run_config
+from ..distill.augment import OPERATIONS
+from ..distill.cache import file_lock, replace_atomically
+from ..distill.callbacks import TrainerCallback
+from ..distill.distributed import broadcast, world
+from . import pipeline
 
 DEFAULT_SPACE = """
 study:
@@ -72,33 +74,6 @@ space:
   lr: {low: 1.0e-5, high: 1.0e-3, log: true}
 """
 
-INTERMEDIATE = ("none", "mse", "cosine", "pkd", "relation", "mi")
-HIDDEN_TYPES = ("mse", "cosine", "pkd")
-# name -> (parent dimension, the parent values under which it is drawn); None: always drawn.
-PIPELINE_DIMENSIONS = {
-    "augment": None,
-    "augment_copies": ("augment", None),  # None: any value but "none"
-    "mixup": None,
-    "prediction": None,
-    "temperature": ("prediction", ("soft_ce",)),
-    "prediction_weight": None,
-    "hard_weight": None,
-    "intermediate": None,
-    "intermediate_weight": ("intermediate", ("mse", "cosine", "pkd", "relation", "mi")),
-    "mapping": ("intermediate", ("mse", "cosine", "pkd", "relation")),
-    "mi_mapping": ("intermediate", ("mi",)),
-    "mi_bound": ("intermediate", ("mi",)),
-    "mi_alpha": ("mi_bound", ("alpha",)),
-    "lr": None,
-}
-CATEGORICAL_VALUES = {
-    "prediction": ("soft_ce", "mse"),
-    "intermediate": INTERMEDIATE,
-    "mapping": ("skip", "uniform", "last", "emd"),
-    "mi_mapping": ("skip", "uniform", "last"),
-    "mi_bound": ("alpha", "infonce", "nwj", "tuba", "js"),
-    "mixup": (False, True),
-}
 STUDY_KEYS = {"name": str, "storage": (str, type(None)), "sampler": str, "pruner": str, "metric": (str, type(None)),
               "direction": str, "seed": (int, type(None)), "startup_trials": int, "output": str}
 STUDY_CHOICES = {"sampler": ("tpe", "random"), "pruner": ("median", "hyperband", "none"),
@@ -178,13 +153,13 @@ def parse_dimensions(space: dict) -> list[Dimension]:
     defaults = run_config.flatten(run_config.to_dict(run_config.DEFAULT))
     dimensions = []
     for name, spec in space.items():
-        if name not in PIPELINE_DIMENSIONS and name not in defaults:
+        if name not in pipeline.DIMENSIONS and name not in defaults:
             raise ValueError(f"unknown hpo dimension space.{name}: it is neither a pipeline dimension "
-                             f"{sorted(PIPELINE_DIMENSIONS)} nor a run-config key (section.key, e.g. train.batch_size)")
+                             f"{sorted(pipeline.DIMENSIONS)} nor a run-config key (section.key, e.g. train.batch_size)")
         dimensions.append(_dimension(name, spec))
     names = {d.name for d in dimensions}
     for dimension in dimensions:
-        parent = PIPELINE_DIMENSIONS.get(dimension.name)
+        parent = pipeline.DIMENSIONS.get(dimension.name)
         if parent is not None and parent[0] not in names:
             raise ValueError(f"hpo dimension space.{dimension.name} is drawn only for some values of "
                              f"{parent[0]}, so space.{parent[0]} must be in the space too")
@@ -210,100 +185,31 @@ def _dimension(name: str, spec) -> Dimension:
     integer = bool(spec.get("int", False))
     if integer and not (float(low).is_integer() and float(high).is_integer()):
         raise ValueError(f"hpo dimension space.{name} is int, so low and high must be integers, got {low}, {high}")
-    if name in CATEGORICAL_VALUES or name == "augment":
+    if name in pipeline.CHOICES or name == "augment":
         raise ValueError(f"hpo dimension space.{name} is categorical: give it choices, got {spec!r}")
     return Dimension(name, low=low, high=high, log=bool(spec.get("log", False)), integer=integer)
 
 
 def _check_choices(name: str, choices: list) -> None:
     if name == "augment":
-        from .augment import OPERATIONS
-
         for policy in choices:
-            ops = [] if policy == "none" else str(policy).split("+")
-            bad = [op for op in ops if op not in OPERATIONS]
+            bad = [op for op in pipeline.augment_operations(policy) if op not in OPERATIONS]
             if bad:
                 raise ValueError(f"hpo dimension space.augment: policy {policy!r} has unknown operation(s) {bad}; "
                                  f"policies are none or operations from {OPERATIONS} joined by '+'")
-    elif name in CATEGORICAL_VALUES:
-        bad = [c for c in choices if c not in CATEGORICAL_VALUES[name]]
+    elif name in pipeline.CHOICES:
+        bad = [c for c in choices if c not in pipeline.CHOICES[name]]
         if bad:
-            raise ValueError(f"hpo dimension space.{name} takes choices from {CATEGORICAL_VALUES[name]}, got {bad}")
+            raise ValueError(f"hpo dimension space.{name} takes choices from {pipeline.CHOICES[name]}, got {bad}")
 
 
-# ---- a pipeline (named dimension values) as config values ----
-
-def _applies(name: str, params: dict) -> bool:
-    parent = PIPELINE_DIMENSIONS.get(name)
-    if parent is None:
-        return True
-    value = params.get(parent[0])
-    if parent[1] is None:
-        return value not in (None, "none")
-    return value in parent[1]
-
-
-def pipeline_values(base: dict, params: dict) -> dict:
-    """The run-config values of `base` with the pipeline `params` ({dimension: value}) applied.
-
-    `intermediate` picks exactly one intermediate loss (Distiller's single intermediate stage):
-    the others are switched off; relation keeps the base config's relations (qk, vv by default).
-    """
-    values = copy.deepcopy(base)
-    section = lambda *path: _section(values, path)  # noqa: E731
-    for name, value in params.items():
-        if "." in name:
-            *path, key = name.split(".")
-            section(*path)[key] = value
-    if "augment" in params:
-        section("augment")["policy"] = [] if params["augment"] == "none" else params["augment"].split("+")
-    simple = {"augment_copies": ("augment", "copies"), "mixup": ("augment", "mixup"),
-              "prediction": ("losses", "prediction", "type"), "temperature": ("losses", "prediction", "temperature"),
-              "prediction_weight": ("losses", "prediction", "weight"),
-              "hard_weight": ("losses", "prediction", "hard_weight"), "lr": ("train", "lr")}
-    for name, (*path, key) in simple.items():
-        if name in params:
-            section(*path)[key] = params[name]
-    if "intermediate" in params:
-        _set_intermediate(section, params)
-    return values
-
-
-def _set_intermediate(section, params: dict) -> None:
-    choice = params["intermediate"]
-    hidden, relation, mi = section("losses", "hidden"), section("losses", "relation"), section("losses", "mi")
-    hidden["type"] = choice if choice in HIDDEN_TYPES else "none"
-    if choice != "relation":
-        relation["relations"] = []
-    elif not relation.get("relations"):
-        relation["relations"] = list(run_config.DEFAULT.losses.relation.relations)
-    mi["bound"] = params.get("mi_bound", "alpha") if choice == "mi" else "none"
-    term = {"mse": hidden, "cosine": hidden, "pkd": hidden, "relation": relation, "mi": mi}.get(choice)
-    if term is None:
-        return
-    if "intermediate_weight" in params:
-        term["weight"] = params["intermediate_weight"]
-    if choice == "mi":
-        if "mi_mapping" in params:
-            mi["mapping"] = params["mi_mapping"]
-        if "mi_alpha" in params:
-            mi["alpha"] = params["mi_alpha"]
-    elif "mapping" in params:
-        term["mapping"] = params["mapping"]
-
-
-def _section(values: dict, path) -> dict:
-    node = values
-    for part in path:
-        node = node.setdefault(part, {})
-    return node
-
+# ---- drawing a pipeline ----
 
 def sample_pipeline(trial, dimensions: list[Dimension]) -> dict:
     """Define-by-run: a dimension is suggested only when its parent's value uses it."""
     params = {}
     for dimension in dimensions:
-        if _applies(dimension.name, params):
+        if pipeline.applies(dimension.name, params):
             params[dimension.name] = dimension.suggest(trial)
     return params
 
@@ -440,16 +346,6 @@ def trial_directory(output: str, trial) -> Path:
     return Path(output) / "trials" / f"trial-{number:04d}"
 
 
-def write_trial_config(values: dict, directory: Path) -> Path:
-    """The trial's full run config as YAML; `pykd distill` re-runs it (it resumes or starts in `directory`)."""
-    config = run_config.from_dict(values)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.yaml"
-    replace_atomically(path, lambda partial: partial.write_text(
-        yaml.safe_dump(run_config.to_dict(config), sort_keys=False)))
-    return path
-
-
 class _Heartbeat:
     """Records a trial's heartbeat every interval (RDB storages; the journal has none)."""
 
@@ -499,7 +395,7 @@ class TrialReporter(TrainerCallback):
 
 def run_trial(values: dict, metric: str, trial=None) -> float:
     """Trains one trial (every rank); rank 0 reports to `trial` and prunes. Returns the final metric."""
-    from .trainer import Trainer
+    from ..distill.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(values), "distill", callbacks=[TrialReporter(trial, metric)])
     final = [r for r in trainer.train() if r.get("final")]
@@ -558,10 +454,10 @@ def _next_trial(study, spec, base_values, trials, output):
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
     params = sample_pipeline(trial, spec.dimensions)
     directory = trial_directory(output, trial)
-    values = pipeline_values(base_values, params)
+    values = pipeline.pipeline_values(base_values, params)
     values.setdefault("train", {})["output_dir"] = str(directory)
     values.setdefault("teacher", {}).setdefault("cache_logits", True)
-    write_trial_config(values, directory)
+    run_config.write_run_config(values, directory)
     return trial, {"number": trial.number, "values": values}
 
 
@@ -570,7 +466,7 @@ def _run_one(study, trial, job: dict, metric: str, log) -> None:
     re-queued, so the next worker resumes it from its checkpoint; other errors fail it and propagate."""
     import optuna
 
-    from .stopping import TrainingInterrupted
+    from ..distill.stopping import TrainingInterrupted
 
     heartbeat = _Heartbeat(study, trial) if trial is not None else None
     state, value = optuna.trial.TrialState.FAIL, None
@@ -639,17 +535,6 @@ def write_plots(study, out: Path, log=print) -> list[str]:
         except Exception as error:  # noqa: BLE001 - optuna raises ValueError/RuntimeError on too few trials
             log(f"[hpo] {name} plot skipped: {error}")
     return written
-
-
-def load_base(path: str | None, overrides: list[str]) -> dict:
-    """The base run config's values (YAML plus --set overrides), checked."""
-    values = {}
-    if path is not None:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
-    values = run_config.apply_overrides(values, list(overrides))
-    run_config.from_dict(values)
-    return values
 
 
 def print_summary(result: dict, stream=sys.stdout) -> None:

@@ -13,11 +13,8 @@ accuracy, mean confidence (max probability) and mean normalised predictive entro
 the eval split (regression: Pearson r, 1 - MAE / label std, and 0), and the student/teacher
 parameter ratio.
 
-Pipeline encoding (`encode_config`): read off the run config the pipeline produces, so the default
-pipeline (hidden MSE and relations together) is encoded like any other: augmentation flags and
-copies, mixup, prediction type, log temperature, prediction and hard-label weights, one-hot hidden
-type, relation on, one-hot MI bound and alpha, one-hot mapping of the active intermediate term,
-log10 of the intermediate weight and of the learning rate.
+Pipeline encoding: pykd.distiller.pipeline.encode_config, read off the run config the pipeline
+produces (so the default pipeline, hidden MSE and relations together, is encoded like any other).
 
 The regressor is a Gaussian process (sklearn, constant x RBF + white noise on standardised
 features, hyper-parameters by marginal likelihood). The tables this machine can afford hold tens
@@ -36,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config as run_config
-from . import hpo
+from ..distill import config as run_config
+from .pipeline import encode_config, pipeline_values
 
 META_FEATURES = ("log_train_size", "classes", "label_entropy", "mean_words", "std_words", "mean_tokens",
                  "truncated_fraction", "vocab_coverage", "unk_fraction", "teacher_score", "teacher_confidence",
@@ -74,8 +71,8 @@ def _vocabulary(tokenizer, texts: list[str]) -> tuple[float, float]:
 
 
 def _teacher_statistics(teacher, collate, rows: list[dict], kind: str) -> tuple[float, float, float]:
-    from .augment import teacher_logits
-    from .data import Collator
+    from ..distill.augment import teacher_logits
+    from ..distill.data import Collator
 
     logits = teacher_logits(teacher, Collator(collate.tokenizer, collate.max_length, "unlabeled"), rows, 64,
                             _device())
@@ -110,8 +107,8 @@ def require_labels(config) -> None:
 
 def meta_features(config) -> dict:
     """The dataset's meta-features (META_FEATURES) for this teacher (teacher.finetuned) and student."""
-    from . import data as data_module
-    from .models import build_student, load_pretrained, load_tokenizer
+    from ..distill import data as data_module
+    from ..distill.models import build_student, load_pretrained, load_tokenizer
 
     require_labels(config)
     if not config.teacher.finetuned:
@@ -143,36 +140,7 @@ def meta_features(config) -> dict:
             "teacher_entropy": teacher_entropy, "capacity_ratio": _parameters(student) / _parameters(teacher)}
 
 
-# ---- pipelines ----
-
-def encode_config(config) -> dict:
-    """The pipeline part of a run config as numbers (see the module docstring)."""
-    from .augment import OPERATIONS
-
-    losses, augment = config.losses, config.augment
-    features = {f"augment_{op}": float(op in augment.policy) for op in OPERATIONS}
-    features["augment_copies"] = float(augment.copies if augment.policy else 0)
-    features["mixup"] = float(augment.mixup)
-    prediction = losses.prediction
-    features["prediction_mse"] = float(prediction.type == "mse")
-    features["log_temperature"] = math.log(prediction.temperature) if prediction.type == "soft_ce" else 0.0
-    features["prediction_weight"], features["hard_weight"] = prediction.weight, prediction.hard_weight
-    for kind in hpo.HIDDEN_TYPES:
-        features[f"hidden_{kind}"] = float(losses.hidden.type == kind)
-    relation_on = bool(losses.relation.relations)
-    features["relation"] = float(relation_on)
-    for bound in ("alpha", "infonce", "nwj", "tuba", "js"):
-        features[f"mi_{bound}"] = float(losses.mi.bound == bound)
-    features["mi_alpha"] = losses.mi.alpha if losses.mi.bound == "alpha" else 0.0
-    active = [(losses.hidden.type != "none", losses.hidden), (relation_on, losses.relation),
-              (losses.mi.bound != "none", losses.mi)]
-    for mapping in ("skip", "uniform", "last", "emd"):
-        features[f"mapping_{mapping}"] = float(sum(on and term.mapping == mapping for on, term in active))
-    weights = [term.weight for on, term in active if on]
-    features["log_intermediate_weight"] = math.log10(sum(weights)) if weights and sum(weights) > 0 else -3.0
-    features["log_lr"] = math.log10(config.train.lr)
-    return features
-
+# ---- the KD runs table and the ratio model ----
 
 @dataclass
 class Run:
@@ -208,7 +176,7 @@ def read_table(path: str) -> list[Run]:
 
 
 def _features(meta: dict, params: dict, base_values: dict) -> list[float]:
-    encoded = encode_config(run_config.from_dict(hpo.pipeline_values(base_values, params)))
+    encoded = encode_config(run_config.from_dict(pipeline_values(base_values, params)))
     return [meta[k] for k in META_FEATURES] + [encoded[k] for k in sorted(encoded)]
 
 
@@ -289,20 +257,20 @@ def recommend(base_values: dict, table: str, top_k: int, output: str, log=print)
     for position, (name, predicted) in enumerate(ranked, 1):
         params = candidate_pipelines(runs)[name]
         directory = Path(output) / f"rank-{position}"
-        values = hpo.pipeline_values(base_values, params)
+        values = pipeline_values(base_values, params)
         values.setdefault("train", {})["output_dir"] = str(directory / "run")
-        path = hpo.write_trial_config(values, directory)
+        path = run_config.write_run_config(values, directory)
         results.append({"rank": position, "pipeline": name, "predicted_ratio": predicted, "params": params,
                         "config": str(path)})
     return results
 
 
 def recommend_cli(config_path, overrides, dataset, student, top_k, table, output) -> list[dict]:
-    values = hpo.load_base(config_path, list(overrides) + [f"data.dataset={json.dumps(dataset)}"])
+    values = run_config.load_values(config_path, list(overrides) + [f"data.dataset={json.dumps(dataset)}"])
     for key, value in parse_student(student).items():
         values.setdefault("student", {})[key] = value
     if "kind" not in values.get("data", {}):
-        from .corpora import CORPORA
+        from ..distill.corpora import CORPORA
 
         values["data"]["kind"] = CORPORA[dataset].kind if dataset in CORPORA else "classification"
     return recommend(values, table, top_k, output)
