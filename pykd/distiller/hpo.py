@@ -4,7 +4,7 @@ A search is a run config (the base: teacher, student, data, train) plus a *space
 `DEFAULT_SPACE`) with two sections:
 
     study:  name, storage, sampler (tpe | random), pruner (median | hyperband | none), metric,
-            direction, seed, startup_trials, output
+            direction, seed, startup_trials, max_retries, output
     space:  dimension -> {choices: [...]} | {low: a, high: b, log: bool, int: bool}
 
 Dimensions are the pipeline's named choices (pykd.distiller.pipeline.DIMENSIONS: augmentation policy,
@@ -14,13 +14,17 @@ Conditional dimensions (temperature needs prediction; mapping, mi_* and intermed
 intermediate) are drawn only when their parent's value uses them, and need their parent in the space.
 
 Storage: SQLite in the output directory by default, any SQLAlchemy URL (`postgresql://...`), or a
-journal file (`journal:PATH`). Finished trials are in the storage the moment they are told, so a
-killed worker loses only the trial it was running; that trial is failed and re-queued with the same
-parameters (and resumes from its checkpoint) by the next worker that starts on the same machine
-(a dead process id), or, for RDB storages, by any worker once its heartbeat is stale. Workers on
-one machine or many share a study by pointing at the same storage and study name. Under torchrun,
-rank 0 talks to the study and broadcasts each trial's config and pruning decisions; every rank
-trains the same trial.
+journal file (`journal:PATH`). Trials run through Optuna's `Study.optimize`, which stops once the
+study holds `--trials` finished or running trials (`MaxTrialsCallback`). Finished trials are in the
+storage the moment they are told, so a killed worker loses only the trial it was running; that
+trial is failed and re-queued with the same parameters, at most study.max_retries times, and the
+re-run resumes from its checkpoint (it trains in the directory of the trial it re-runs,
+`trial_directory`). For RDB storages Optuna's heartbeat does it (`RetryHeartbeatStaleTrialCallback`,
+by any worker once the dead one's heartbeat is stale); Optuna has nothing for a journal file, and
+waits for the grace period, so the next worker started on the same machine also re-queues the
+RUNNING trials whose process is gone (`recover_dead_workers`). Workers on one machine or many share
+a study by pointing at the same storage and study name. Under torchrun, rank 0 talks to the study
+and broadcasts each trial's config and pruning decisions; every rank trains the same trial.
 
 The space and the base config are fingerprinted into the study's user attrs; resuming a study with
 another space or base config is refused.
@@ -28,13 +32,11 @@ another space or base config is refused.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
 import socket
 import sys
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ study:
   direction: maximize  # maximize | minimize
   seed: null           # sampler seed; give parallel workers different seeds (or null)
   startup_trials: 5    # random trials before TPE models, and trials before the median pruner prunes
+  max_retries: 3       # re-runs of a trial whose worker died or was stopped, at most
   output: runs/hpo
 space:
   augment: {choices: [none, swap, delete, synonym]}
@@ -75,12 +78,16 @@ space:
 """
 
 STUDY_KEYS = {"name": str, "storage": (str, type(None)), "sampler": str, "pruner": str, "metric": (str, type(None)),
-              "direction": str, "seed": (int, type(None)), "startup_trials": int, "output": str}
+              "direction": str, "seed": (int, type(None)), "startup_trials": int, "max_retries": int, "output": str}
 STUDY_CHOICES = {"sampler": ("tpe", "random"), "pruner": ("median", "hyperband", "none"),
                  "direction": ("maximize", "minimize")}
 SPEC_KEYS = {"choices", "low", "high", "log", "int"}
-RETRY_ATTR = "pykd_retry_of"
-WORKER_ATTR = "pykd_worker"
+RETRY_ATTR = "pykd_retry_of"  # user attr of a re-queued trial: the number of the trial it re-runs
+RETRIES_ATTR = "pykd_retries"  # user attr of a re-queued trial: the re-runs of that trial so far
+WORKER_ATTR = "pykd_worker"  # user attr of a trial: host:pid of the worker that runs it
+HEARTBEAT_INTERVAL, GRACE_PERIOD = 30, 120  # seconds (RDB storages)
+# The trials --trials counts: those finished (complete or pruned) or running (a failed one is re-queued or given up).
+COUNTED_STATES = ("COMPLETE", "PRUNED", "RUNNING")
 
 
 @dataclass
@@ -141,8 +148,9 @@ def _checked_study(study: dict) -> dict:
     for key, choices in STUDY_CHOICES.items():
         if study[key] not in choices:
             raise ValueError(f"hpo key study.{key} must be one of {choices}, got {study[key]!r}")
-    if study["startup_trials"] < 0:
-        raise ValueError(f"hpo key study.startup_trials must be >= 0, got {study['startup_trials']}")
+    for key in ("startup_trials", "max_retries"):
+        if study[key] < 0:
+            raise ValueError(f"hpo key study.{key} must be >= 0, got {study[key]}")
     return study
 
 
@@ -216,8 +224,14 @@ def sample_pipeline(trial, dimensions: list[Dimension]) -> dict:
 
 # ---- storage and study ----
 
-def open_storage(url: str):
-    """An Optuna storage for `url`: journal:PATH (a journal file) or an SQLAlchemy URL."""
+def open_storage(url: str, max_retries: int = 3, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                 grace_period: int = GRACE_PERIOD):
+    """An Optuna storage for `url`: journal:PATH (a journal file) or an SQLAlchemy URL.
+
+    An RDB storage records each running trial's heartbeat every heartbeat_interval seconds; a trial
+    without one for grace_period seconds is failed by the next worker and re-queued with the same
+    parameters (Optuna's RetryHeartbeatStaleTrialCallback), at most max_retries times.
+    """
     import optuna
 
     try:
@@ -235,17 +249,60 @@ def open_storage(url: str):
             # the first one creates the schema alone (concurrent creation breaks on alembic's table).
             engine, lock = {"connect_args": {"timeout": 120}}, database.with_name(database.name + ".lock")
         with file_lock(lock) if lock else contextlib.nullcontext(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeats are marked experimental
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
-                                              heartbeat_stale_trial_callback=_requeue_failed)
+            warnings.simplefilter("ignore")  # heartbeats and their retry callback are marked experimental
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
+                                              grace_period=grace_period, heartbeat_stale_trial_callback=retry)
     except Exception as error:  # noqa: BLE001 - SQLAlchemy, drivers and the OS raise many types
         raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {error}") from None
 
 
-def _requeue_failed(study, trial) -> None:
-    """A trial failed by a stale heartbeat (its worker died) runs again with the same parameters."""
-    origin = trial.user_attrs.get(RETRY_ATTR, trial.number)
-    study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: origin}, skip_if_exists=False)
+def original_trial(trial) -> int:
+    """The number of the trial that `trial` (a Trial or FrozenTrial) re-runs, through any chain of
+    re-runs; its own number when it is no re-run."""
+    import optuna
+
+    if RETRY_ATTR in trial.user_attrs:  # re-queued by pykd (a dead local worker, a signal)
+        return trial.user_attrs[RETRY_ATTR]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # marked experimental
+        retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
+    return trial.number if retried is None else retried
+
+
+def retries(trial) -> int:
+    """How many times the trial's original has been re-run before `trial` (pykd's and Optuna's re-queues)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # marked experimental
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial))
+    return trial.user_attrs.get(RETRIES_ATTR, 0) + len(history)
+
+
+def _frozen(trial):
+    """The FrozenTrial of a Trial (FrozenTrials as they are)."""
+    import optuna
+
+    if isinstance(trial, optuna.trial.FrozenTrial):
+        return trial
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def requeue(study, trial, max_retries: int, log=print) -> bool:
+    """Queues a re-run of `trial` with its parameters (it will train in the same trial directory and resume
+    from the checkpoint there), unless the trial has been re-run max_retries times already. Used where
+    Optuna's heartbeat retry does not reach: a worker stopped by a signal, a dead worker on a journal
+    storage. Optuna counts its own retries from the last of pykd's, so a trial alternating between both
+    ways runs at most about twice max_retries times. Returns whether it was queued."""
+    count = retries(trial) + 1
+    if count > max_retries:
+        log(f"[hpo] trial {trial.number} is not re-queued: trial {original_trial(trial)} has been re-run "
+            f"{count - 1} time(s) (study.max_retries {max_retries})")
+        return False
+    study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: original_trial(trial), RETRIES_ATTR: count},
+                        skip_if_exists=False)
+    return True
 
 
 def _sampler(study: dict):
@@ -256,7 +313,8 @@ def _sampler(study: dict):
     return optuna.samplers.TPESampler(seed=study["seed"], n_startup_trials=study["startup_trials"])
 
 
-def _pruner(study: dict, base):
+def pruner(study: dict, base):
+    """The study's pruner (study.pruner) for the base run config (Hyperband reads its steps and eval period)."""
     import optuna
 
     if study["pruner"] == "median":
@@ -278,10 +336,10 @@ def open_study(spec: SearchSpec, base_values: dict):
 
     base = run_config.from_dict(base_values)
     url = spec.study["storage"] or f"sqlite:///{Path(spec.study['output']).resolve() / 'study.db'}"
-    storage = open_storage(url)
+    storage = open_storage(url, spec.study["max_retries"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=spec.study["name"], storage=storage, sampler=_sampler(spec.study),
-                                pruner=_pruner(spec.study, base), direction=spec.study["direction"],
+                                pruner=pruner(spec.study, base), direction=spec.study["direction"],
                                 load_if_exists=True)
     expected = {"pykd_space": spec.fingerprint(), "pykd_base_config": _base_fingerprint(base_values)}
     for key, value in expected.items():
@@ -313,9 +371,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_dead_workers(study) -> list[int]:
+def recover_dead_workers(study, max_retries: int = 3, log=print) -> list[int]:
     """RUNNING trials of workers on this machine whose process is gone: failed and re-queued with the
-    same parameters (the re-run resumes from the dead trial's checkpoint). Returns their numbers."""
+    same parameters (the re-run resumes from the dead trial's checkpoint). Optuna's heartbeat does this
+    for RDB storages after its grace period; a journal storage has no heartbeat, and a worker restarted
+    on the same machine need not wait. Returns the numbers of the trials it failed."""
     import optuna
 
     host, recovered = socket.gethostname(), []
@@ -325,51 +385,23 @@ def recover_dead_workers(study) -> list[int]:
         if name != host or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        except Exception:  # noqa: BLE001 - another worker recovered it first
-            continue
-        _requeue_failed(study, trial)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker recovered it first
+        requeue(study, trial, max_retries, log)
         recovered.append(trial.number)
     return recovered
 
 
-def _finished_or_running(study) -> int:
+def _counted(study) -> int:
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-    return len(study.get_trials(deepcopy=False, states=states))
+    return len(study.get_trials(deepcopy=False, states=tuple(optuna.trial.TrialState[s] for s in COUNTED_STATES)))
 
 
 def trial_directory(output: str, trial) -> Path:
     """trials/trial-NNNN of the trial, or of the trial it re-runs (so the re-run resumes its checkpoint)."""
-    number = trial.user_attrs.get(RETRY_ATTR, trial.number)
-    return Path(output) / "trials" / f"trial-{number:04d}"
-
-
-class _Heartbeat:
-    """Records a trial's heartbeat every interval (RDB storages; the journal has none)."""
-
-    def __init__(self, study, trial):
-        from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        self.study, self.trial = study, trial
-        self.enabled = is_heartbeat_enabled(study._storage)
-        self.stop = threading.Event()
-
-    def __enter__(self):
-        if self.enabled:
-            self.study._storage.record_heartbeat(self.trial._trial_id)
-            self.thread = threading.Thread(target=self._beat, daemon=True)
-            self.thread.start()
-        return self
-
-    def _beat(self):
-        interval = self.study._storage.get_heartbeat_interval()
-        while not self.stop.wait(interval):
-            self.study._storage.record_heartbeat(self.trial._trial_id)
-
-    def __exit__(self, *exc):
-        self.stop.set()
+    return Path(output) / "trials" / f"trial-{original_trial(trial):04d}"
 
 
 class TrialReporter(TrainerCallback):
@@ -409,84 +441,80 @@ def _metric(metrics: dict, name: str) -> float:
     return float(metrics[name])
 
 
+class TrialObjective:
+    """Optuna's objective for one trial of the study (rank 0): draws the pipeline, writes the trial's run
+    config into its directory, hands it to the other torchrun ranks and trains it (run_trial).
+
+    A trial stopped by SIGINT/SIGTERM is re-queued (so the next worker resumes it from its checkpoint) and
+    the stop propagates; Optuna fails it. The metric is the study's; a NaN one fails the trial.
+    """
+
+    def __init__(self, spec: SearchSpec, base_values: dict, metric: str, log=print):
+        self.spec, self.base_values, self.metric, self.log = spec, base_values, metric, log
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from ..distill.stopping import TrainingInterrupted
+
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        directory = trial_directory(self.spec.study["output"], trial)
+        values = pipeline.pipeline_values(self.base_values, sample_pipeline(trial, self.spec.dimensions))
+        values.setdefault("train", {})["output_dir"] = str(directory)
+        values.setdefault("teacher", {}).setdefault("cache_logits", True)
+        run_config.write_run_config(values, directory)
+        broadcast({"number": trial.number, "values": values})
+        try:
+            return run_trial(values, self.metric, trial)
+        except optuna.TrialPruned:
+            raise
+        except TrainingInterrupted:
+            requeue(trial.study, trial, self.spec.study["max_retries"], self.log)
+            self.log(f"[hpo] trial {trial.number}: fail")
+            raise
+        except BaseException:
+            self.log(f"[hpo] trial {trial.number}: fail")
+            raise
+
+
 def run_study(base_values: dict, spec: SearchSpec, trials: int, log=print) -> dict:
     """Runs trials until the study holds `trials` finished (complete or pruned) or running ones.
 
-    Returns {"study": name, "storage": url, "best": {...} or None, "csv": path, "plots": [paths]}.
+    Under torchrun every rank calls it: rank 0 runs the study, the others train what it hands them.
+
+    Returns {"study": name, "storage": url, "best": {...} or None, "csv": path, "plots": [paths]} (rank 0; {}
+    on the others).
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"--trials must be an integer >= 1, got {trials!r}")
     base = run_config.from_dict(base_values)  # a bad base config fails before any trial
-    metric, output = metric_name(spec, base), spec.study["output"]
-    rank, _ = world()
-    study = url = None
-    if rank == 0:
-        study, url = open_study(spec, base_values)
-        recovered = recover_dead_workers(study)
-        if recovered:
-            log(f"[hpo] re-queued trial(s) {recovered} of dead workers on this machine")
-    while True:
-        trial, job = _next_trial(study, spec, base_values, trials, output) if rank == 0 else (None, None)
-        job = broadcast(job)
-        if job is None:
-            break
-        _run_one(study, trial, job, metric, log)
-    if rank != 0:
+    metric = metric_name(spec, base)
+    if world()[0] != 0:
+        while (job := broadcast(None)) is not None:
+            run_trial(job["values"], metric)
         return {}
-    return summarize(study, url, output, log)
-
-
-def _next_trial(study, spec, base_values, trials, output):
     import optuna
 
-    from optuna.storages._heartbeat import is_heartbeat_enabled
+    study, url = open_study(spec, base_values)
+    recovered = recover_dead_workers(study, spec.study["max_retries"], log)
+    if recovered:
+        log(f"[hpo] re-queued trial(s) {recovered} of dead workers on this machine")
+    if _counted(study) < trials:
+        enough = optuna.study.MaxTrialsCallback(trials, states=tuple(optuna.trial.TrialState[s]
+                                                                     for s in COUNTED_STATES))
 
-    if is_heartbeat_enabled(study._storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # marked experimental since optuna 2.9
-            optuna.storages.fail_stale_trials(study)
-    if _finished_or_running(study) >= trials:
-        return None, None
-    with warnings.catch_warnings():
-        # pykd beats the heart itself (_Heartbeat) around its ask/tell loop; optuna warns outside optimize().
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-        trial = study.ask()
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-    params = sample_pipeline(trial, spec.dimensions)
-    directory = trial_directory(output, trial)
-    values = pipeline.pipeline_values(base_values, params)
-    values.setdefault("train", {})["output_dir"] = str(directory)
-    values.setdefault("teacher", {}).setdefault("cache_logits", True)
-    run_config.write_run_config(values, directory)
-    return trial, {"number": trial.number, "values": values}
+        def told(study, trial) -> None:
+            value = f", {metric} {trial.value:.4f}" if trial.value is not None else ""
+            log(f"[hpo] trial {trial.number}: {trial.state.name.lower()}{value}")
 
-
-def _run_one(study, trial, job: dict, metric: str, log) -> None:
-    """Trains the trial and tells the study (rank 0). A trial stopped by SIGINT/SIGTERM is failed and
-    re-queued, so the next worker resumes it from its checkpoint; other errors fail it and propagate."""
-    import optuna
-
-    from ..distill.stopping import TrainingInterrupted
-
-    heartbeat = _Heartbeat(study, trial) if trial is not None else None
-    state, value = optuna.trial.TrialState.FAIL, None
-    try:
-        with heartbeat or contextlib.nullcontext():
-            value = run_trial(job["values"], metric, trial)
-        state = optuna.trial.TrialState.COMPLETE
-    except optuna.TrialPruned:
-        state = optuna.trial.TrialState.PRUNED
-    except TrainingInterrupted:
-        if trial is not None:
-            _requeue_failed(study, trial)
-        raise
-    finally:
-        if trial is not None:
-            if state == optuna.trial.TrialState.COMPLETE and value != value:  # NaN metric
-                state, value = optuna.trial.TrialState.FAIL, None
-            study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
-            log(f"[hpo] trial {job['number']}: {state.name.lower()}" +
-                (f", {metric} {value:.4f}" if value is not None else ""))
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported above, not as a warning
+        try:
+            study.optimize(TrialObjective(spec, base_values, metric, log), callbacks=[enough, told])
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+    broadcast(None)  # the other ranks: no more trials
+    return summarize(study, url, spec.study["output"], log)
 
 
 # ---- results ----

@@ -144,7 +144,7 @@ def test_intermediate_evaluations_are_reported_and_prune(base, tmp_path):
     with pytest.raises(ValueError, match="study.metric 'pearson' is not an evaluation metric"):
         hpo.run_trial(dict(values, train=dict(values["train"], output_dir=str(tmp_path / "m"))), "pearson")
     base_config = run_config.from_dict(base)
-    assert isinstance(hpo._pruner({"pruner": "hyperband", "startup_trials": 0}, base_config),
+    assert isinstance(hpo.pruner({"pruner": "hyperband", "startup_trials": 0}, base_config),
                       optuna.pruners.HyperbandPruner)
 
 
@@ -317,42 +317,79 @@ def test_running_trials_of_dead_local_workers_are_failed_and_requeued(tmp_path):
     assert hpo.trial_directory("out", rerun).name == f"trial-{numbers['dead']:04d}"  # resumes the dead one's run
 
 
-def test_a_stale_heartbeat_requeues_the_trial_on_rdb_storages(tmp_path):
+STALE_WORKER = """
+import sys, time
+import optuna
+from pykd.distiller import hpo
+
+storage = hpo.open_storage(sys.argv[1], max_retries=int(sys.argv[2]), heartbeat_interval=1, grace_period=1)
+study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
+
+def hang(trial):
+    trial.suggest_categorical("intermediate", ["mse", "mi"])
+    print("running", flush=True)
+    time.sleep(600)
+
+study.optimize(hang)
+"""
+
+
+def _killed_mid_trial(url, max_retries):
+    """A worker process running a trial under Study.optimize (which beats its heart), killed with SIGKILL."""
+    worker = subprocess.Popen([sys.executable, "-c", STALE_WORKER, url, str(max_retries)], stdout=subprocess.PIPE,
+                              text=True)
+    assert worker.stdout.readline().strip() == "running"
+    time.sleep(1.5)  # a heartbeat or two recorded
+    worker.kill()
+    worker.wait()
+    time.sleep(2.5)  # past the grace period
+
+
+@pytest.mark.parametrize("max_retries", [1, 0])
+def test_a_stale_heartbeat_requeues_the_trial_on_rdb_storages(tmp_path, max_retries):
+    """Optuna's heartbeat and RetryHeartbeatStaleTrialCallback, with pykd's retry limit; the re-run trains in
+    the dead trial's directory."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1,
-                                             heartbeat_stale_trial_callback=hpo._requeue_failed)
-    study = optuna.create_study(storage=storage, study_name="s")
-    trial = study.ask()
-    trial.suggest_categorical("intermediate", ["mse", "mi"])
-    storage.record_heartbeat(trial._trial_id)
-    time.sleep(2.5)
+    url = f"sqlite:///{tmp_path / 'hb.db'}"
+    _killed_mid_trial(url, max_retries)
+    study = optuna.load_study(study_name="s", storage=hpo.open_storage(url, max_retries, 1, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
-    assert study.get_trials(deepcopy=False)[1].user_attrs[hpo.RETRY_ATTR] == trial.number
+    trials = study.get_trials(deepcopy=False)
+    if max_retries == 0:
+        assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+        return
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert hpo.original_trial(trials[1]) == trials[0].number and trials[1].params == trials[0].params
+    assert hpo.trial_directory("out", trials[1]).name == "trial-0000" and hpo.retries(trials[1]) == 1
 
 
 def test_a_signal_fails_and_requeues_the_trial_and_propagates(tmp_path, monkeypatch):
     from pykd.distill.stopping import TrainingInterrupted
 
     study = _study(tmp_path)
-    trial = study.ask()
-    trial.suggest_float("lr", 1e-4, 1e-2)
+    spec = hpo.load_space(str(_spec(tmp_path)))
 
     def interrupted(values, metric, trial=None):
         raise TrainingInterrupted(signal.SIGTERM, 3, tmp_path / "checkpoint.pt")
 
     monkeypatch.setattr(hpo, "run_trial", interrupted)
+    objective = hpo.TrialObjective(spec, {}, "accuracy", log=lambda line: None)
     with pytest.raises(TrainingInterrupted):
-        hpo._run_one(study, trial, {"number": trial.number, "values": {}}, "accuracy", log=lambda line: None)
+        study.optimize(objective)
     first, retry = study.get_trials(deepcopy=False)
     assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.WAITING
     assert retry.system_attrs["fixed_params"] == first.params and retry.user_attrs[hpo.RETRY_ATTR] == first.number
+    # A trial stopped again and again is re-run at most study.max_retries times.
+    spec.study["max_retries"] = 2
+    with pytest.raises(TrainingInterrupted):
+        study.optimize(objective)  # the retry, stopped: re-queued a second time
+    with pytest.raises(TrainingInterrupted):
+        study.optimize(objective)  # the second retry, stopped: given up
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [optuna.trial.TrialState.FAIL] * 3 and hpo.retries(study.get_trials(deepcopy=False)[2]) == 2
 
 
 def test_concurrent_summaries_into_one_directory_never_lose_a_file(tmp_path):
