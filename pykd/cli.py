@@ -190,16 +190,6 @@ def demo(output: str, overrides: list[str]) -> str:
     return path
 
 
-def _leave_process_group() -> None:
-    """Under torchrun, waits for every rank to finish, then leaves the group. A rank that exits while
-    its peers still use the gloo group (rank 0 of `pykd hpo` summarises after the others are done)
-    aborted in gloo's destructors at interpreter exit ("terminate called without an active exception")."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> int:
     from .distill.corpora import FetchError  # needs numpy only
     from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
@@ -221,7 +211,9 @@ def main(argv=None) -> int:
             _pipeline_search(args)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
-        _leave_process_group()
+        from .distill.distributed import leave_process_group
+
+        leave_process_group()
     except TrainingInterrupted as stop:
         print(f"pykd {command}: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -231,7 +223,7 @@ def main(argv=None) -> int:
         print(f"pykd {command}: error: {MissingExtraError([_missing_kd_module(error)])}", file=sys.stderr)
         return 2
     except FetchError as error:  # the network or a package registry failed, not the input: exit 1
-        print(f"pykd {args.command}: error: {error}", file=sys.stderr)
+        print(f"pykd {command}: error: {error}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as error:
         print(f"pykd {command}: error: {error}", file=sys.stderr)

@@ -123,3 +123,17 @@ def test_cli_reports_a_failed_fetch_without_a_traceback(tmp_path, monkeypatch, c
     code = cli.main(["finetune", "--set", "data.dataset=chatterbot_topics", "--set", "teacher.path=minilm-l6"])
     error = capsys.readouterr().err
     assert code == 1 and "pykd finetune: error: cannot fetch the PyPI package chatterbot-corpus==1.3.3" in error
+
+
+def test_a_failed_fetch_names_the_subcommand(tmp_path, monkeypatch, capsys):
+    """`pykd nas ...` errors read "pykd nas train", not "pykd nas"."""
+    from pykd import cli
+
+    monkeypatch.setenv("PYKD_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    code = cli.main(["nas", "train", "--set", "data.dataset=chatterbot_topics", "--set", "data.kind=unlabeled",
+                     "--set", "losses.prediction.type=none", "--set", f"nas.output={tmp_path / 'nas'}"])
+    error = capsys.readouterr().err
+    assert code == 1 and "pykd nas train: error: cannot fetch the PyPI package chatterbot-corpus==1.3.3" in error
