@@ -191,7 +191,8 @@ def test_search_methods_evaluations_per_minute():
         rows.append({"method": method, "evaluations": evaluator.evaluations, "seconds": seconds,
                      "evaluations_per_min": 60 * evaluator.evaluations / seconds})
     lines = [f"Search methods with the teacher cached (MiniLM-L6 K=3 spaces, {EVAL_BATCHES} held-out batches of "
-             f"{BATCH} x {LENGTH}), fp32, CPU.", "", "| method | evaluations | s | evaluations/min |", "|---|---|---|---|"]
+             f"{BATCH} x {LENGTH}), fp32, CPU.", "", "| method | evaluations | s | evaluations/min |",
+             "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['evaluations']} | {r['seconds']:.1f} | {r['evaluations_per_min']:.1f} |"
               for r in rows]
     write_table("nas_search_methods", rows, "\n".join(lines) + "\n")

@@ -27,9 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchRouter",
     "RoutedLinear",
-    "capture",
     "attention_relation_loss",
     "attention_relation_loss_reference",
+    "capture",
     "mi_lower_bound",
     "mi_lower_bound_reference",
     "routed_linear",

@@ -149,7 +149,6 @@ def ranking_and_mos(values, output, steps, cache, spec) -> tuple[list[dict], lis
 
 
 def search_methods(values, output, cache, spec) -> list[dict]:
-    from pykd.distill import config as run_config
     from pykd.nas import SearchSpace
     from pykd.nas import config as nas_config
     from pykd.nas.algorithms import enumerate_search, evolution_search, nsga2_search
@@ -169,7 +168,8 @@ def search_methods(values, output, cache, spec) -> list[dict]:
     everything = [r for r in enumerate_search(evaluator()) if r["feasible"]]
     ranking = [r["arch"] for r in sorted(everything, key=lambda r: r["loss"])]
     rows = [{"method": "enumerate", "seed": "-", "evaluations": len(everything), "best": ranking[0],
-             "best_loss": min(r["loss"] for r in everything), "rank_of_found": 1, "evaluations_to_found": len(everything)}]
+             "best_loss": min(r["loss"] for r in everything), "rank_of_found": 1,
+             "evaluations_to_found": len(everything)}]
     evolution = nas_config.NasEvolution(population=16, parents=4, mutations=6, crossovers=6, mutation_prob=0.3,
                                         generations=8)
     nsga2 = nas_config.NasNsga2(trials=96, population=8, objective="flops")

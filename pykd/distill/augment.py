@@ -64,7 +64,7 @@ def _cased_like(original: str, replacement: str) -> str:
 
 
 def _count(words: list[str], fraction: float) -> int:
-    return max(1, int(round(fraction * len(words))))
+    return max(1, round(fraction * len(words)))
 
 
 @functools.lru_cache(maxsize=1)

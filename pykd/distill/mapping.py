@@ -47,7 +47,7 @@ MAPPINGS = ("skip", "uniform", "last", "pairs", "emd")
 
 def _pick(kind: str, position: int, student_layers: int, teacher_layers: int) -> int:
     exact = position * teacher_layers / student_layers
-    return int(exact) if kind == "skip" else int(round(exact))
+    return int(exact) if kind == "skip" else round(exact)
 
 
 def _checked_pairs(pairs, student_count: int, teacher_count: int, what: str) -> list[tuple[int, int]]:
@@ -153,8 +153,8 @@ class EarthMoverMapping(nn.Module):
 
     def forward(self, costs: torch.Tensor) -> torch.Tensor:
         if costs.shape != (self.student_weights.numel(), self.teacher_weights.numel()):
-            raise ValueError(f"EMD costs must be (student layers, teacher layers) = "
-                             f"{(self.student_weights.numel(), self.teacher_weights.numel())}, got {tuple(costs.shape)}")
+            layers = (self.student_weights.numel(), self.teacher_weights.numel())
+            raise ValueError(f"EMD costs must be (student layers, teacher layers) = {layers}, got {tuple(costs.shape)}")
         shared = costs.detach().double()
         if world()[1] > 1:
             # Every rank solves the same problem, so the flows and the weights stay identical across ranks.

@@ -187,7 +187,7 @@ class RatioModel:
         self.base_values = base_values or {}
         self.seed = seed
 
-    def fit(self, runs: list[Run]) -> "RatioModel":
+    def fit(self, runs: list[Run]) -> RatioModel:
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
         from sklearn.pipeline import make_pipeline
@@ -336,7 +336,10 @@ def regret_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['dataset']} | {r['setting']} | {r['picked']} | {r['picked_ratio']:.4f} | "
                      f"{r['default_ratio']:.4f} | {r['best']} | {r['best_ratio']:.4f} | {r['regret']:.4f} | "
                      f"{r['default_regret']:.4f} | {r['fixed']} | {r['fixed_regret']:.4f} |")
-    mean = lambda key: float(np.nanmean([r[key] for r in rows]))  # noqa: E731
+
+    def mean(key: str) -> float:
+        return float(np.nanmean([r[key] for r in rows]))
+
     lines.append(f"| mean | | | {mean('picked_ratio'):.4f} | {mean('default_ratio'):.4f} | | {mean('best_ratio'):.4f} "
                  f"| {mean('regret'):.4f} | {mean('default_regret'):.4f} | | {mean('fixed_regret'):.4f} |")
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ another space or base config is refused.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -557,7 +558,7 @@ def write_plots(study, out: Path, log=print) -> list[str]:
                 axes = draw(study)
             figure = (axes if hasattr(axes, "figure") else axes.flat[0]).figure
             figure.tight_layout()
-            replace_atomically(path, lambda partial: figure.savefig(partial, dpi=110))
+            replace_atomically(path, functools.partial(figure.savefig, dpi=110))
             plt.close(figure)
             written.append(str(path))
         except Exception as error:  # noqa: BLE001 - optuna raises ValueError/RuntimeError on too few trials

@@ -86,7 +86,7 @@ def _crossover(subspace, first, second, rng: random.Random):
 
 def evolution_search(evaluator: Evaluator, settings, rng: random.Random) -> list[dict]:
     """HAT/MoS evolutionary search; returns every row it scored, and records the best per generation."""
-    space, tries = evaluator.space, 50
+    tries = 50
     population: list = []
     taken: set = set()
     while len(population) < settings.population:
@@ -103,36 +103,43 @@ def evolution_search(evaluator: Evaluator, settings, rng: random.Random) -> list
         parents = ranked[: settings.parents]
         evaluator.history.append({"evaluations": evaluator.evaluations,
                                   "best_loss": evaluator.score(parents[0])["loss"], "best": str(parents[0])})
-        children, seen = [], {str(a) for a in parents}
-
-        def breed(make, count):
-            for _ in range(count):
-                for _ in range(tries):
-                    child = make()
-                    if child is not None and str(child) not in seen and _contained(space, child) is not None \
-                            and evaluator.feasible(child):
-                        children.append(child)
-                        seen.add(str(child))
-                        break
-
-        def mutant():
-            parent = rng.choice(parents)
-            return _mutate(space.subspace_of(parent), parent, rng, settings.mutation_prob)
-
-        def crossed():
-            first = rng.choice(parents)
-            mates = [p for p in parents if space.subspace_of(p).name == space.subspace_of(first).name]
-            return _crossover(space.subspace_of(first), first, rng.choice(mates), rng)
-
-        breed(mutant, settings.mutations)
-        breed(crossed, settings.crossovers)
-        population = parents + children
+        population = parents + _children(evaluator, parents, settings, rng, tries)
     for arch in population:
         evaluator.score(arch)
     best = min(population, key=lambda a: evaluator.score(a)["loss"])
     evaluator.history.append({"evaluations": evaluator.evaluations, "best_loss": evaluator.score(best)["loss"],
                               "best": str(best)})
     return list(evaluator.results.values())
+
+
+def _children(evaluator: Evaluator, parents: list, settings, rng: random.Random, tries: int) -> list:
+    """One generation's `mutations` mutants and `crossovers` crossed children of `parents` (each drawn up to
+    `tries` times until it is new, inside a sub-space and feasible)."""
+    space = evaluator.space
+    children, seen = [], {str(a) for a in parents}
+
+    def breed(make, count):
+        for _ in range(count):
+            for _ in range(tries):
+                child = make()
+                if child is not None and str(child) not in seen and _contained(space, child) is not None \
+                        and evaluator.feasible(child):
+                    children.append(child)
+                    seen.add(str(child))
+                    break
+
+    def mutant():
+        parent = rng.choice(parents)
+        return _mutate(space.subspace_of(parent), parent, rng, settings.mutation_prob)
+
+    def crossed():
+        first = rng.choice(parents)
+        mates = [p for p in parents if space.subspace_of(p).name == space.subspace_of(first).name]
+        return _crossover(space.subspace_of(first), first, rng.choice(mates), rng)
+
+    breed(mutant, settings.mutations)
+    breed(crossed, settings.crossovers)
+    return children
 
 
 def nsga2_search(evaluator: Evaluator, settings, seed: int) -> list[dict]:

@@ -83,7 +83,7 @@ class Architecture:
         return {name: getattr(self, name) for name in FACTORS}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Architecture":
+    def from_dict(cls, values: dict) -> Architecture:
         """From {"layers", "hidden", "ffn_ratio", "heads"}; unknown or missing keys raise ValueError."""
         if not isinstance(values, dict):
             raise TypeError(f"an architecture must be a dict of {FACTORS}, got {type(values).__name__}")
@@ -96,7 +96,7 @@ class Architecture:
         return cls(**values)
 
     @classmethod
-    def parse(cls, text: str) -> "Architecture":
+    def parse(cls, text: str) -> Architecture:
         """From "layers=4,hidden=256,ffn_ratio=3,heads=8" (the form str() writes)."""
         pairs = _key_value_pairs(text, "layers=4,hidden=256,ffn_ratio=3,heads=8")
         return cls.from_dict({key: _parse_number(key, value, text) for key, value in pairs.items()})
@@ -194,14 +194,14 @@ class LayerwiseArchitecture:
                 "ffn_ratio": list(self.ffn_ratio)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LayerwiseArchitecture":
+    def from_dict(cls, values: dict) -> LayerwiseArchitecture:
         """From {"hidden", "heads": [...], "ffn_ratio": [...]} (an optional "layers" must equal len(heads))."""
         if not isinstance(values, dict):
             raise TypeError(f"a per-layer architecture must be a dict, got {type(values).__name__}")
         keys = {"hidden", "heads", "ffn_ratio"}
         unknown, missing = sorted(set(values) - keys - {"layers"}), sorted(keys - set(values))
         if unknown or missing:
-            raise ValueError(f"per-layer architecture keys must be hidden, heads, ffn_ratio (and optionally layers): "
+            raise ValueError("per-layer architecture keys must be hidden, heads, ffn_ratio (and optionally layers): "
                              + "; ".join(filter(None, [f"unknown {unknown}" if unknown else "",
                                                        f"missing {missing}" if missing else ""])))
         heads, ratios = values["heads"], values["ffn_ratio"]
@@ -213,7 +213,7 @@ class LayerwiseArchitecture:
         return arch
 
     @classmethod
-    def parse(cls, text: str) -> "LayerwiseArchitecture":
+    def parse(cls, text: str) -> LayerwiseArchitecture:
         """From "layers=3,hidden=256,heads=8/8/4,ffn_ratio=3/2/4" (layers optional)."""
         values = {}
         for key, value in _key_value_pairs(text, "hidden=256,heads=8/8/4,ffn_ratio=3/2/4").items():

@@ -25,8 +25,9 @@ all-MiniLM-L6-v2 (6 layers, 384 hidden, 12 heads, FFN 1536):
 
 K = 1 (one-shot) is one sub-space, "all", over the union of the K = 3 sub-spaces' values.
 
-Per-layer spaces (HAT, Mixture-of-Supernets): :class:`LayerwiseSubSpace` lets each layer of a LayerwiseArchitecture pick
-its heads and FFN ratio from the sub-space's values (``SearchSpace.autodistil(teacher, layerwise=True)``). Costs sum over layers.
+Per-layer spaces (HAT, Mixture-of-Supernets): :class:`LayerwiseSubSpace` lets each layer of a
+LayerwiseArchitecture pick its heads and FFN ratio from the sub-space's values
+(``SearchSpace.autodistil(teacher, layerwise=True)``). Costs sum over layers.
 
 Costs. ``params(arch)`` counts exactly the parameters of the exported model (embeddings, every
 layer, the pooler when the teacher has one, the classification head when it has one).
@@ -88,7 +89,7 @@ class TeacherShape:
 
     @classmethod
     def from_config(cls, config, pooler: bool = True, num_labels: int | None = None,
-                    head_dense: bool = False) -> "TeacherShape":
+                    head_dense: bool = False) -> TeacherShape:
         """From a transformers config of a BERT-layout encoder (as `AutoModel` builds it: with a pooler)."""
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -103,7 +104,7 @@ class TeacherShape:
                    config.type_vocab_size, pooler, num_labels, head_dense)
 
     @classmethod
-    def from_model(cls, model) -> "TeacherShape":
+    def from_model(cls, model) -> TeacherShape:
         """From a bare encoder (AutoModel) or a *ForSequenceClassification model."""
         config = getattr(model, "config", None)
         if config is None:
@@ -213,7 +214,7 @@ class SubSpace:
         return {"name": self.name, **{factor: list(getattr(self, factor)) for factor in FACTORS}}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SubSpace":
+    def from_dict(cls, values: dict) -> SubSpace:
         """A SubSpace, or a LayerwiseSubSpace when values has "layerwise": true."""
         if not isinstance(values, dict):
             raise TypeError(f"a sub-space must be a dict, got {type(values).__name__}")
@@ -386,7 +387,7 @@ class SearchSpace:
                                  f"teacher's {limit}")
 
     @classmethod
-    def autodistil(cls, teacher, k: int = 3, layerwise: bool = False) -> "SearchSpace":
+    def autodistil(cls, teacher, k: int = 3, layerwise: bool = False) -> SearchSpace:
         """AutoDistil's K = 3 sub-spaces (tiny, small, base) scaled to the teacher, or K = 1 over their union.
 
         Args:
@@ -413,7 +414,7 @@ class SearchSpace:
         return cls(subspaces, shape)
 
     @classmethod
-    def from_dict(cls, values: dict, teacher) -> "SearchSpace":
+    def from_dict(cls, values: dict, teacher) -> SearchSpace:
         """A user space: {"subspaces": [{"name", "layers", "hidden", "ffn_ratio", "heads"}, ...]} (a
         "teacher" entry, as to_dict writes, must match the given teacher)."""
         if not isinstance(values, dict) or "subspaces" not in values:

@@ -100,7 +100,7 @@ class SuperLM(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, space: SearchSpace, experts: int = 1, routing: str = "layer",
-                     noise: float = 1e-3, route_attention: bool = False, router_hidden: int = 128) -> "SuperLM":
+                     noise: float = 1e-3, route_attention: bool = False, router_hidden: int = 128) -> SuperLM:
         """A SuperLM holding a deep copy of the teacher's weights (the teacher stays untouched).
 
         Args:
@@ -316,7 +316,7 @@ def _zero_padded(tensor: torch.Tensor, shape) -> torch.Tensor:
 
 def _make_elastic(model: nn.Module) -> None:
     """Replaces every Linear, Embedding and LayerNorm of the model by its elastic version, in place."""
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, ElasticLinear(child))

@@ -110,9 +110,9 @@ def test_gradient_checkpointing_adds_no_entries_and_gradients_flow():
 
 def test_unsupported_family_is_a_clear_error():
     model = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=30))
-    with pytest.raises(ValueError, match=r"supports the encoder families .*'bert'.* got model_type 'gpt2'"):
-        with pykd.capture(model):
-            pass
+    with pytest.raises(ValueError, match=r"supports the encoder families .*'bert'.* got model_type 'gpt2'"), \
+            pykd.capture(model):
+        pass
 
 
 def _tiny_bert(seed: int = 0, layers: int = 3):
@@ -207,17 +207,15 @@ def test_an_exception_inside_the_block_restores_the_model_and_later_captures_wor
         raise RuntimeError("layer 1 failed")
 
     failing = model.encoder.layer[1].register_forward_hook(fail)
-    with pytest.raises(RuntimeError, match="layer 1 failed"):
-        with pykd.capture(model) as broken:
-            model(**batch)  # raises after layer 0 and 1 recorded
+    with pytest.raises(RuntimeError, match="layer 1 failed"), pykd.capture(model) as broken:
+        model(**batch)  # raises after layer 0 and 1 recorded
     failing.remove()
     assert len(broken) == 2
     assert model.config._attn_implementation == "sdpa"
     assert not model._forward_pre_hooks and not model._forward_hooks
-    with pytest.raises(ValueError, match="raised in the block"):
-        with pykd.capture(model) as cap:
-            model(**batch)
-            raise ValueError("raised in the block")
+    with pytest.raises(ValueError, match="raised in the block"), pykd.capture(model) as cap:
+        model(**batch)
+        raise ValueError("raised in the block")
     assert model.config._attn_implementation == "sdpa" and len(cap) == 3
     with torch.no_grad(), pykd.capture(model) as again:
         model(**batch)

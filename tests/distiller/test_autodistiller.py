@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ from tests.paths import load_tool
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
-from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distiller import autodistiller, pipeline  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher
+from pykd.distiller import autodistiller, pipeline
 
 kd_runs_table = load_tool("kd_runs_table")
 
@@ -36,14 +35,15 @@ def table(tmp_path_factory):
     teacher = tiny_teacher(tmp)
     output = tmp / "kd_runs.csv"
     args = ["--datasets", ",".join(datasets), "--pipelines", PIPELINES, "--teacher", teacher,
-            "--students", TINY_STUDENT, "--max-train", "30,60", "--finetune-steps", "4", "--distill-steps", "3", "--batch-size", "8",
+            "--students", TINY_STUDENT, "--max-train", "30,60", "--finetune-steps", "4", "--distill-steps", "3",
+            "--batch-size", "8",
             "--max-length", "20", "--output", str(output), "--runs", str(tmp / "runs")]
     assert kd_runs_table.main(args) == 0
     return {"path": output, "datasets": datasets, "teacher": teacher, "tmp": tmp, "args": args}
 
 
 def test_the_table_holds_every_run_with_its_meta_features_and_resumes(table):
-    rows = list(csv.DictReader(open(table["path"])))
+    rows = list(csv.DictReader(Path(table["path"]).read_text().splitlines()))
     settings = ("n=30 student=2x24", "n=60 student=2x24")
     assert [(r["dataset"], r["setting"], r["pipeline"]) for r in rows] == [
         (d, s, p) for d in ("a_sentiment", "b_sentiment") for s in settings for p in PIPELINES.split(",")]
@@ -56,7 +56,7 @@ def test_the_table_holds_every_run_with_its_meta_features_and_resumes(table):
         assert 0 <= float(row["vocab_coverage"]) <= 1 and 0 <= float(row["label_entropy"]) <= 1
         assert json.loads(row["params"]) == kd_runs_table.PIPELINES[row["pipeline"]]
     assert kd_runs_table.main(table["args"]) == 0  # every row is there: nothing re-runs, nothing is added
-    assert len(list(csv.DictReader(open(table["path"])))) == len(rows)
+    assert len(list(csv.DictReader(Path(table["path"]).read_text().splitlines()))) == len(rows)
     assert Path(str(table["path"]).replace(".csv", "_regret.md")).read_text().startswith("| held-out dataset |")
 
 
@@ -83,7 +83,7 @@ def _synthetic_runs():
     """Ratios with a dataset x pipeline interaction: 'mi' wins on small data, 'plain' on large data."""
     runs = []
     for index, size in enumerate((2.0, 2.3, 4.0, 4.3, 3.0)):
-        meta = {k: 0.5 for k in autodistiller.META_FEATURES}
+        meta = dict.fromkeys(autodistiller.META_FEATURES, 0.5)
         meta["log_train_size"] = size
         small = size < 3.1
         for name, params in (("plain", {"intermediate": "none"}), ("mi", {"intermediate": "mi", "mi_bound": "alpha"}),

@@ -1,7 +1,6 @@
 """tools/distiller_findings.py on a planted table and a planted study."""
 import csv
 import math
-import sys
 from pathlib import Path
 
 import optuna
@@ -50,7 +49,7 @@ def test_the_three_tables_carry_the_planted_effects(tmp_path):
     assert distiller_findings.main(args) == 0
     text = output.read_text()
     stages = text.split("## (1)")[1].split("## (2)")[0]
-    row = [line for line in stages.splitlines() if line.startswith("| planted |")][0].split("|")
+    row = next(line for line in stages.splitlines() if line.startswith("| planted |")).split("|")
     columns = [c.strip() for c in stages.splitlines()[2].split("|")]
     cells = dict(zip(columns, (c.strip() for c in row)))
     assert float(cells["intermediate loss"]) > 0.9 and float(cells["optimisation"]) < 0.1

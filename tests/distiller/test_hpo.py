@@ -1,10 +1,12 @@
 """pykd.distiller.hpo (Optuna search over the KD pipeline) and the teacher-logit cache, on tiny models."""
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,9 +15,9 @@ from pykd.distill import config as run_config
 
 optuna = pytest.importorskip("optuna")
 transformers = pytest.importorskip("transformers")
-from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distiller import hpo, pipeline  # noqa: E402
-from pykd.distill.trainer import Trainer  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher
+from pykd.distiller import hpo, pipeline
+from pykd.distill.trainer import Trainer
 
 TINY_SPACE = {"study": {"sampler": "random", "pruner": "none", "seed": 0},
               "space": {"prediction": {"choices": ["soft_ce", "mse"]}, "temperature": {"low": 1.0, "high": 4.0},
@@ -92,14 +94,15 @@ def test_run_config_keys_are_dimensions_and_pipelines_map_to_valid_configs(base)
         study.tell(trial, 0.0)
     assert seen == set(pipeline.INTERMEDIATE)
     extra = hpo.parse_dimensions({"train.batch_size": {"choices": [4, 8]}})
-    assert pipeline.pipeline_values(base, {"train.batch_size": 4})["train"]["batch_size"] == 4 and extra[0].choices == [4, 8]
+    assert pipeline.pipeline_values(base, {"train.batch_size": 4})["train"]["batch_size"] == 4
+    assert extra[0].choices == [4, 8]
 
 
 def test_study_runs_writes_reloadable_trial_configs_csv_and_plots(base, tmp_path):
     spec = hpo.load_space(str(_spec(tmp_path, storage=f"journal:{tmp_path / 'hpo' / 'journal.log'}")))
     result = hpo.run_study(base, spec, trials=3, log=lambda line: None)
     assert result["trials"] == 3 and result["best"] is not None
-    rows = open(result["csv"]).read().splitlines()
+    rows = Path(result["csv"]).read_text().splitlines()
     assert len(rows) == 4 and "params_intermediate" in rows[0]
     assert {os.path.basename(p) for p in result["plots"]} == {"history.png", "importances.png",
                                                              "parallel_coordinates.png"}
@@ -233,7 +236,7 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_trial_resumes(base, tmp
     retry = after[2]
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["pykd_retry_of"] == 1
     assert retry.params == after[1].params
-    log = [json.loads(line) for line in open(second.parent / "log.jsonl")]
+    log = [json.loads(line) for line in Path(second.parent / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "eval" not in r] == list(range(5, 65, 5))  # resumed, each step logged once
 
 
@@ -276,7 +279,8 @@ def test_torchrun_ranks_train_the_trial_rank_0_drew(base, tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = _trials(url)
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2  # one study trial per trial, not per rank
+    # one study trial per trial, not per rank
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     import torch
 
     for trial in trials:
@@ -404,7 +408,7 @@ def test_concurrent_summaries_into_one_directory_never_lose_a_file(tmp_path):
     def write_many(tag):
         try:
             for i in range(200):
-                replace_atomically(target, lambda partial: partial.write_text(f"{tag},{i}\n"))
+                replace_atomically(target, functools.partial(Path.write_text, data=f"{tag},{i}\n"))
         except Exception as error:  # noqa: BLE001 - the test reports whatever the race raised
             errors.append(error)
 

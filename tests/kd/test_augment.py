@@ -11,8 +11,8 @@ from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
-from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distill import augment  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher
+from pykd.distill import augment
 
 SENTENCES = ["The film was good, and the actors were great.", "A dull plot; boring actors!",
              "one", "Quick brown foxes jump over the lazy dog near the old river bank today"]
@@ -25,7 +25,7 @@ def _config(**values):
 
 def test_swap_and_delete_keep_and_drop_words():
     rng = np.random.default_rng(0)
-    words = "a b c d e f g h".split()
+    words = ["a", "b", "c", "d", "e", "f", "g", "h"]
     swapped = augment.random_swap(words, rng, 0.25)
     assert sorted(swapped) == sorted(words) and swapped != words
     assert augment.random_swap(["alone"], rng, 0.5) == ["alone"]
@@ -37,7 +37,7 @@ def test_swap_and_delete_keep_and_drop_words():
 def test_synonyms_come_from_wordnet_and_keep_case_and_punctuation():
     table = augment.wordnet_synonyms()
     assert "movie" in table["film"] and "car" in table["automobile"]
-    words = "The film was good, and the actors were great.".split()
+    words = ["The", "film", "was", "good,", "and", "the", "actors", "were", "great."]
     replaced = augment.synonym_replacement(words, np.random.default_rng(2), 0.5)
     changed = [(a, b) for a, b in zip(words, replaced) if a != b]
     assert changed and len(changed) <= 5
@@ -109,7 +109,8 @@ def test_masked_lm_substitutes_whole_words(tmp_path):
         assert 1 <= len(changed) <= max(1, round(0.4 * len(before)))
         for old, new in changed:
             core = augment._split_affixes(new)[1]
-            assert core.isalpha() and core.lower() in vocabulary and core.lower() != augment._split_affixes(old)[1].lower()
+            assert core.isalpha() and core.lower() in vocabulary
+            assert core.lower() != augment._split_affixes(old)[1].lower()
     with pytest.raises(ValueError, match=r"augment.mlm_model '.*nowhere' is not a loadable masked language model"):
         augment.MaskedLanguageModel(str(tmp_path / "nowhere"))
 
@@ -148,7 +149,8 @@ def test_augmented_set_is_teacher_labelled_and_cached(tmp_path, monkeypatch):
     assert len(list((tmp_path / "augmented").iterdir())) == 2  # the set and its lock file
     fingerprints = {augment.fingerprint(train, _config(seed=5), teacher, collate, "classification"),
                     augment.fingerprint(train, _config(), teacher, collate, "classification"),
-                    augment.fingerprint(train, _config(), teacher, data.Collator(tokenizer, 24, "regression"), "regression"),
+                    augment.fingerprint(train, _config(), teacher, data.Collator(tokenizer, 24, "regression"),
+                                        "regression"),
                     augment.fingerprint(train, _config(), teacher, data.Collator(tokenizer, 20, "classification"),
                                         "classification")}
     other_words = copy.deepcopy(tokenizer)
@@ -172,7 +174,8 @@ def test_mixup_doubles_the_batch_with_mixed_word_embeddings(tmp_path):
     words = teacher.get_input_embeddings()(batch["input_ids"])
     expected = lam[:, None, None] * words + (1 - lam[:, None, None]) * words[perm]
     torch.testing.assert_close(inputs["inputs_embeds"][3:], expected)
-    assert torch.equal(inputs["attention_mask"][3:], torch.maximum(batch["attention_mask"], batch["attention_mask"][perm]))
+    mask = batch["attention_mask"]
+    assert torch.equal(inputs["attention_mask"][3:], torch.maximum(mask, mask[perm]))
     with torch.no_grad():
         doubled = teacher.eval()(**inputs).logits
         plain = teacher(**batch).logits
@@ -215,7 +218,7 @@ def test_cli_bad_augmentation_exits_2(tmp_path, capsys):
     for overrides, message in ((["augment.policy=[bogus]"], "augment.policy takes operations from"),
                                ([f"data.dataset={one_class}", "augment.policy=[swap]", "teacher.finetuned=minilm-l6"],
                                 "classification needs at least 2 classes")):
-        code = cli.main(["distill", *sum((["--set", o] for o in overrides), [])])  # in process: no import cost
+        code = cli.main(["distill", *(arg for o in overrides for arg in ("--set", o))])  # in process: no import cost
         error = capsys.readouterr().err
         assert code == 2 and "pykd distill: error: " in error and message in error, error
 

@@ -7,10 +7,10 @@ import torch
 from pykd.distill import config as run_config
 
 pytest.importorskip("transformers")
-from pykd.distill.callbacks import TrainerCallback  # noqa: E402
-from pykd.distill.steps import FinetuneStep, model_inputs  # noqa: E402
-from pykd.distill.trainer import Trainer  # noqa: E402
-from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
+from pykd.distill.callbacks import TrainerCallback
+from pykd.distill.steps import FinetuneStep, model_inputs
+from pykd.distill.trainer import Trainer
+from tests.kd_fixtures import tiny_csv, tiny_teacher
 
 
 class Recorder(TrainerCallback):
@@ -62,7 +62,8 @@ def test_events_fire_in_order_with_what_the_run_did(tmp_path):
     assert resumed.events[0] == ("train_begin", 2) and resumed.events[1] == ("step_begin", 2)
     assert resumed.events[-4:] == [("evaluate", 4, True, metrics), ("save", 4, "model", "model", True),
                                    ("save", 4, "checkpoint", "checkpoint.pt", True), ("train_end", 4)]
-    logged = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]  # JsonlLog: each step once
+    # JsonlLog: each step once
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], "eval" in r) for r in logged] == [(2, False), (2, True), (4, False), (4, True)]
 
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 pytest.importorskip("datasets")
-from pykd.distill import corpora, data  # noqa: E402
+from pykd.distill import corpora, data
 
 CLASSIFICATION = {
     # name: (rows, classes, largest class, smallest class, train rows, test rows)
@@ -43,13 +43,14 @@ def test_reuters_keeps_the_modapte_split_and_its_positives():
         train, evaluation = data.split(data.load_corpus(name), 0.1, seed=0)
         assert (sum(train["label"]), sum(evaluation["label"])) == (train_positives, test_positives)
     assert evaluation.features["label"].names == ["other", "corn"]
-    bahia = [t for t in train["text"] if t.startswith("BAHIA COCOA REVIEW Showers continued throughout the week in\nthe")]
+    first_words = "BAHIA COCOA REVIEW Showers continued throughout the week in\nthe"
+    bahia = [t for t in train["text"] if t.startswith(first_words)]
     assert len(bahia) == 1 and "\\" not in bahia[0]  # ARFF's \n escapes are newlines
 
 
 def test_fixed_splits_are_stratified():
     corpus = data.load_corpus("healthtweets")
-    train, evaluation = data.split(corpus, 0.1, seed=0)
+    _train, evaluation = data.split(corpus, 0.1, seed=0)
     total, held = collections.Counter(corpus["label"][:]), collections.Counter(evaluation["label"][:])
     assert all(held[label] == round(0.1 * count) for label, count in total.items())
 

@@ -56,7 +56,8 @@ def test_bad_config_is_a_clear_error(overrides, message):
     (["losses.hidden.mapping=pairs"], r"losses.hidden.pairs is given exactly when losses.hidden.mapping is 'pairs'"),
     (["losses.relation.pairs=[[0, 1]]"], r"losses.relation.pairs is given exactly when"),
     (["losses.hidden.mapping=pairs", "losses.hidden.pairs=[[0, 1, 2]]"], r"losses.hidden.pairs takes \[\[student"),
-    (["losses.mi.bound=alpha-ish"], r"losses.mi.bound must be one of \('infonce', 'nwj', 'tuba', 'js', 'alpha', 'none'\)"),
+    (["losses.mi.bound=alpha-ish"],
+     r"losses.mi.bound must be one of \('infonce', 'nwj', 'tuba', 'js', 'alpha', 'none'\)"),
     (["augment.word_fraction=.nan"], r"augment.word_fraction must lie in \(0, 1\], got nan"),
     (["nas.noise=.nan"], r"nas.noise must be >= 0, got nan"),
     (["nas.budget.flops=.nan"], r"nas.budget.flops must be > 0 or null, got nan"),
@@ -228,7 +229,8 @@ def test_student_cut_from_the_teacher(tmp_path):
     student = build_student(teacher, spec)
     assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 24
     t_layers, s_layers = teacher.bert.encoder.layer, student.bert.encoder.layer
-    torch.testing.assert_close(s_layers[1].attention.self.query.weight, t_layers[2].attention.self.query.weight[:24, :24])
+    torch.testing.assert_close(s_layers[1].attention.self.query.weight,
+                               t_layers[2].attention.self.query.weight[:24, :24])
     torch.testing.assert_close(s_layers[0].intermediate.dense.weight, t_layers[0].intermediate.dense.weight[:50, :24])
     torch.testing.assert_close(student.classifier.weight, teacher.classifier.weight[:, :24])
     torch.testing.assert_close(student.bert.embeddings.word_embeddings.weight,

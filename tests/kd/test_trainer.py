@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
-from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distill.trainer import Trainer  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher
+from pykd.distill.trainer import Trainer
 
 
 def _values(tmp_path, dataset, output, **sections):
@@ -41,9 +42,9 @@ def test_finetune_then_distil_logs_every_term(tmp_path):
     history = Trainer(run_config.from_dict(values), "distill").train()
     steps = [r for r in history if "eval" not in r]
     assert {"prediction", "hard_label", "hidden", "relation", "mi", "loss", "lr"} <= set(steps[-1])
-    final = [r for r in history if r.get("final")][0]["eval"]
+    final = next(r for r in history if r.get("final"))["eval"]
     assert set(final) == {"accuracy", "f1", "mcc"}
-    logged = [json.loads(line) for line in open(tmp_path / "student" / "log.jsonl")]
+    logged = [json.loads(line) for line in Path(tmp_path / "student" / "log.jsonl").read_text().splitlines()]
     assert logged == json.loads(json.dumps(history))
     saved = tmp_path / "student" / "model"
     student = transformers.AutoModelForSequenceClassification.from_pretrained(saved)
@@ -52,8 +53,8 @@ def test_finetune_then_distil_logs_every_term(tmp_path):
 
     from pykd.distill.report import write_report
 
-    report = open(write_report(tmp_path, run_config.from_dict(values), tmp_path / "teacher",
-                               tmp_path / "student")).read()
+    report = Path(write_report(tmp_path, run_config.from_dict(values), tmp_path / "teacher",
+                               tmp_path / "student")).read_text()
     assert "| model | accuracy | f1 | mcc | parameters | CPU ms / batch |" in report
     assert f"| student | {final['accuracy']:.4f} |" in report
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
@@ -98,7 +99,7 @@ def test_task_agnostic_kd_on_python_docs(tmp_path):
                      losses={"prediction": {"type": "none"}, "relation": {"relation_heads": 2,
                                                                           "relations": ["qq", "kk", "vv"]}})
     history = Trainer(run_config.from_dict(values), "distill").train()
-    final = [r for r in history if r.get("final")][0]["eval"]
+    final = next(r for r in history if r.get("final"))["eval"]
     assert set(final) == {"hidden", "relation", "loss"}
     assert transformers.AutoModel.from_pretrained(tmp_path / "agnostic" / "model").config.num_hidden_layers == 2
 
@@ -148,11 +149,11 @@ def test_ddp_on_two_gloo_ranks_equals_one_process_on_the_global_batch(tmp_path):
     steps = 3
     common = [f"train.steps={steps}", "train.eval_every=100", "train.optimizer=sgd", "train.lr=0.5"]
     single = _cli("distill", str(path), "--set", f"train.output_dir={tmp_path / 'one'}", "--set", "train.batch_size=8",
-                  *sum([["--set", c] for c in common], []), env=env)
+                  *(arg for c in common for arg in ("--set", c)), env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "pykd.cli", "distill", str(path), "--set", f"train.output_dir={tmp_path / 'two'}",
-                            "--set", "train.batch_size=4", *sum([["--set", c] for c in common], [])],
+                            "--set", "train.batch_size=4", *(arg for c in common for arg in ("--set", c))],
                            capture_output=True, text=True, env=env)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     one, two = _final_state(tmp_path / "one"), _final_state(tmp_path / "two")

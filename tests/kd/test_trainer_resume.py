@@ -1,4 +1,5 @@
 """The trainer loses nothing: signals, kills, refused resumes, safe checkpoints, checks before training."""
+import contextlib
 import json
 import os
 import signal
@@ -12,9 +13,9 @@ import torch
 from pykd.distill import config as run_config
 
 transformers = pytest.importorskip("transformers")
-from tests.kd_fixtures import tiny_csv, tiny_teacher  # noqa: E402
-from pykd.distill.checkpoint import read_checkpoint  # noqa: E402
-from pykd.distill.trainer import Trainer  # noqa: E402
+from tests.kd_fixtures import tiny_csv, tiny_teacher
+from pykd.distill.checkpoint import read_checkpoint
+from pykd.distill.trainer import Trainer
 
 STEPS = 40
 
@@ -37,10 +38,8 @@ def _records(log):
         return []
     records = []
     for line in lines:
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # the line being written
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written
-            pass
     return records
 
 
@@ -117,7 +116,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     """torchrun forwards the signal to each rank at its own moment; the ranks agree on one step."""
     path = tmp_path / "ddp.yaml"
     path.write_text(json.dumps(_unlabeled(tmp_path, "ddp", batch_size=4)))
-    code, stderr = _distill(path, tmp_path / "ddp", stop_at=3, signum=signal.SIGTERM, launcher=TORCHRUN)
+    _code, stderr = _distill(path, tmp_path / "ddp", stop_at=3, signum=signal.SIGTERM, launcher=TORCHRUN)
     step = _checkpoint_step(tmp_path / "ddp")
     assert stderr.count(f"stopped by SIGTERM after step {step};") == 2, stderr[-3000:]
     assert _distill(path, tmp_path / "ddp", launcher=TORCHRUN)[0] == 0

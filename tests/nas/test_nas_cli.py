@@ -4,11 +4,12 @@ import io
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from tests.nas.nas_fixtures import nas_values  # noqa: E402
+from tests.nas.nas_fixtures import nas_values
 
 
 def _cli(*args):
@@ -44,7 +45,7 @@ def test_train_search_export_chain(trained):
                 "--set", "nas.evolution.mutations=3", "--set", "nas.evolution.crossovers=3",
                 "--set", "nas.evolution.generations=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.load(open(tmp_path / "nas" / "search" / "summary.json"))
+    summary = json.loads(Path(tmp_path / "nas" / "search" / "summary.json").read_text())
     assert summary["method"] == "evolution" and "best:" in done.stdout
     output = tmp_path / "student"
     done = _cli("nas", "export", config, "--arch", summary["best"]["arch"], "--output", str(output))

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from tests.nas.nas_fixtures import TWO_SUBSPACES, nas_values  # noqa: E402
+from tests.nas.nas_fixtures import TWO_SUBSPACES, nas_values
 
-from pykd.distill import config as run_config  # noqa: E402
-from pykd.nas import algorithms, evaluate, search  # noqa: E402
-from pykd.nas import config as nas_config  # noqa: E402
-from pykd.nas.space import SearchSpace, TeacherShape  # noqa: E402
+from pykd.distill import config as run_config
+from pykd.nas import algorithms, evaluate, search
+from pykd.nas import config as nas_config
+from pykd.nas.space import SearchSpace, TeacherShape
 
 TEACHER = TeacherShape("bert", layers=6, hidden=96, heads=8, intermediate=384, vocab_size=1000,
                        max_position_embeddings=64, type_vocab_size=2)
@@ -100,7 +100,8 @@ def test_parameter_window_keeps_every_scored_candidate_inside_it():
     rows = algorithms.evolution_search(evaluator, _settings(), random.Random(1))
     assert rows and all(low <= r["params"] <= high for r in rows)
     with pytest.raises(ValueError, match="min params"):
-        algorithms.evolution_search(_evaluator(evaluate.Budget(min_params=params[-1] + 1)), _settings(), random.Random(1))
+        algorithms.evolution_search(_evaluator(evaluate.Budget(min_params=params[-1] + 1)), _settings(),
+                                    random.Random(1))
 
 
 def _dominated(row, rows, cost):
@@ -163,7 +164,7 @@ def test_enumerate_writes_every_candidate_the_front_and_the_best_under_budget(tr
     config = run_config.from_dict(values)
     summary = search.run_search(config)
     directory = config.nas.output + "/search"
-    rows = list(csv.DictReader(open(directory + "/candidates.csv")))
+    rows = list(csv.DictReader(Path(directory + "/candidates.csv").read_text().splitlines()))
     evaluator = evaluate.build_evaluator(config)
     assert len(rows) == len(evaluator.space.candidates()) == summary["evaluations"]
     feasible = [r for r in rows if r["feasible"] == "True"]
@@ -171,7 +172,7 @@ def test_enumerate_writes_every_candidate_the_front_and_the_best_under_budget(tr
     assert all(int(r["flops"]) <= limit for r in feasible) and len(feasible) < len(rows)
     assert summary["best"]["loss"] == min(float(r["loss"]) for r in feasible)
     assert summary["best"]["latency"] > 0
-    assert json.load(open(directory + "/candidates.json"))[0].keys() >= {"arch", "loss", "params", "flops"}
+    assert json.loads(Path(directory + "/candidates.json").read_text())[0].keys() >= {"arch", "loss", "params", "flops"}
     import os
 
     assert os.path.getsize(directory + "/pareto.png") > 0
@@ -213,7 +214,8 @@ def test_per_layer_spaces_are_searched_reproducibly_within_the_budget(method):
         if method == "evolution":
             rows = algorithms.evolution_search(evaluator, _settings(generations=3), random.Random(0))
         else:
-            rows = algorithms.nsga2_search(evaluator, nas_config.NasNsga2(trials=30, population=6, objective="flops"), 0)
+            settings = nas_config.NasNsga2(trials=30, population=6, objective="flops")
+            rows = algorithms.nsga2_search(evaluator, settings, 0)
         runs.append([r["arch"] for r in rows])
         subspace = evaluator.space.subspaces[0]
         archs = [evaluator.space.parse(r["arch"]) for r in rows]
@@ -230,7 +232,7 @@ def test_task_proxy_fine_tunes_the_top_candidates_and_picks_by_accuracy(trained)
     values["nas"]["proxy"] = {"top_k": 2, "dataset": tiny_csv(Path(output)), "steps": 2}
     summary = search.run_search(run_config.from_dict(values))
     proxy = summary["proxy"]
-    ranked = sorted(json.load(open(output + "/search/candidates.json")), key=lambda r: r["loss"])
+    ranked = sorted(json.loads(Path(output + "/search/candidates.json").read_text()), key=lambda r: r["loss"])
     assert [r["arch"] for r in proxy["candidates"]] == [r["arch"] for r in ranked[:2]]
     assert proxy["best"]["accuracy"] == max(r["accuracy"] for r in proxy["candidates"])
     assert proxy["best"]["arch"] in proxy["pareto_accuracy_flops"]

@@ -234,8 +234,8 @@ def test_flops_rejects_bad_seq_len():
 
 # ---- per-layer architectures and sub-spaces (HAT / Mixture-of-Supernets) ----
 
-from pykd.nas.architecture import LayerwiseArchitecture, architecture_from_dict, parse_architecture  # noqa: E402
-from pykd.nas.space import LayerwiseSubSpace  # noqa: E402
+from pykd.nas.architecture import LayerwiseArchitecture, architecture_from_dict, parse_architecture
+from pykd.nas.space import LayerwiseSubSpace
 
 
 def test_layerwise_architecture_round_trips_and_errors():

@@ -5,7 +5,8 @@ import pytest
 import torch
 from tests.fp_bounds import rel_err
 from tests.ops.devices import triton_device
-from tests.ops.relation_cases import MASKS, SHAPES, TRITON_SHAPE, reference_loss_and_grads, relation_inputs, students, token_mask
+from tests.ops.relation_cases import (MASKS, SHAPES, TRITON_SHAPE, reference_loss_and_grads, relation_inputs, students,
+                                     token_mask)
 
 import pykd
 

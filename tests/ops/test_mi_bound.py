@@ -138,7 +138,7 @@ def test_constants_get_no_gradient(rng):
 
 
 def test_infonce_never_exceeds_log_n(rng):
-    a, b, _ = inputs(37, False, torch.float32, rng)
+    a, _b, _ = inputs(37, False, torch.float32, rng)
     value = pykd.mi_lower_bound(a * 10, a * 10, bound="infonce")
     assert float(value) <= math.log(37) + 1e-5
 

@@ -120,7 +120,8 @@ def assert_matches_exact(path, a, b, log_q, scale, dtype, bound, alpha, ref):
     for name, grad, want, size in zip(("a", "b", "log_q"), grads, expected, magnitude):
         error = float((grad - want).norm())
         bound_on_error = (rho + (n + e) * u + out) * float(size.norm())
-        assert error <= bound_on_error, f"d/d{name}: error {error:.3e} > {bound_on_error:.3e} (|grad| {float(want.norm()):.3e})"
+        assert error <= bound_on_error, \
+            f"d/d{name}: error {error:.3e} > {bound_on_error:.3e} (|grad| {float(want.norm()):.3e})"
 
 
 @pytest.mark.parametrize("sep", SEPARATIONS)

@@ -118,7 +118,8 @@ def test_neuron_wise_router_computes_only_active_neurons():
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(alpha=torch.ones(3) / 3), ValueError, r"layer-wise alpha must have shape \(2,\) for 2 experts, got \(3,\)"),
+        (dict(alpha=torch.ones(3) / 3), ValueError,
+     r"layer-wise alpha must have shape \(2,\) for 2 experts, got \(3,\)"),
         (dict(alpha=torch.ones(5, 2) / 2, out_features=6), ValueError,
          r"neuron-wise alpha must have shape \(out_features, E\) = \(6, 2\), got \(5, 2\)"),
         (dict(out_features=12), ValueError, r"out_features must be an int in \[1, 10\] .* got 12"),

@@ -2,7 +2,6 @@
 import re
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 

@@ -1,7 +1,6 @@
 """The examples run end to end (a few steps each) and produce what they promise."""
 import subprocess
 import sys
-from pathlib import Path
 from tests.paths import REPO
 
 ROOT = REPO

@@ -82,11 +82,11 @@ def test_missing_sources_and_a_failed_build_are_clear_errors(monkeypatch, tmp_pa
         raise RuntimeError("Error building extension 'pykd_C': c++: not found")
 
     monkeypatch.setattr(cpp_extension, "load", failing_compiler)
-    with pytest.warns(RuntimeWarning, match="building the C\\+\\+ kernels into"):
-        with pytest.raises(_extension.ExtensionUnavailableError,
-                           match=r"undefined symbol.*building it just in time in .*cache.* failed: .*c\+\+: not "
-                                 r"found\. A C\+\+17 compiler and ninja"):
-            _extension._build_just_in_time(undefined)
+    with pytest.warns(RuntimeWarning, match="building the C\\+\\+ kernels into"), \
+            pytest.raises(_extension.ExtensionUnavailableError,
+                          match=r"undefined symbol.*building it just in time in .*cache.* failed: .*c\+\+: not "
+                                r"found\. A C\+\+17 compiler and ninja"):
+        _extension._build_just_in_time(undefined)
 
 
 def test_ninja_comes_from_the_ninja_package_when_not_on_path(monkeypatch, tmp_path):
