@@ -59,7 +59,8 @@ def test_the_build_cache_is_keyed_by_torch_python_isa_and_sources(monkeypatch, t
         patch.setattr(torch, "__version__", "9.9.9")
         keys.add(_extension.build_directory(sources))
     with monkeypatch.context() as patch:
-        patch.setattr(_build_flags, "cpu_capability", lambda: "AVX512")
+        other = "AVX2" if _build_flags.cpu_capability() == "AVX512" else "AVX512"  # an ISA this host does not report
+        patch.setattr(_build_flags, "cpu_capability", lambda: other)
         keys.add(_extension.build_directory(sources))
     (tmp_path / "csrc" / "a.h").write_text("// a changed header\n")
     keys.add(_extension.build_directory(sources))
