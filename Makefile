@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.pykd-installed
 
-.PHONY: test bench aot demo clean
+.PHONY: test lint bench aot demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(INSTALLED): $(BIN)/python requirements-dev.txt pyproject.toml setup.py pykd/_b
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests
+
+# ruff (pinned in requirements-dev.txt) with pyproject.toml's [tool.ruff]: the whole checkout.
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
 
 bench: $(INSTALLED)
 	$(BIN)/python -m pytest -q bench --benchmark-json=bench/results/raw/benchmark.json

@@ -16,7 +16,7 @@ def relation_inputs(batch, heads, head_dim, length, seed=0):
     return t_a, t_b, s_a.requires_grad_(), s_b.requires_grad_()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_reference(heads, head_dim):
     spec = RelationSpec(heads=heads, loss="kl", scale_t=head_dim**-0.5, scale_s=head_dim**-0.5)
     return torch.compile(lambda t_a, t_b, s_a, s_b: _reference(t_a, t_b, s_a, s_b, None, spec))
@@ -61,7 +61,7 @@ def mi_inputs(n, embed, seed=0):
     return a.requires_grad_(), b.requires_grad_(), log_q.requires_grad_()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_mi_reference(bound, alpha):
     from pykd.ops.mi_bound import BoundSpec
     from pykd.ops.mi_bound import _reference as mi_reference

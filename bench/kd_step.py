@@ -30,9 +30,9 @@ def _models():
 
 def kd_batch(batch: int, length: int, seed: int = 0) -> dict:
     """Real text: paragraphs of the Python docs, padded/truncated to `length` tokens, ragged masks."""
-    from pykd.distill.data import pydocs_paragraphs
+    from pykd.distill.data import load_corpus
 
-    paragraphs = pydocs_paragraphs()
+    paragraphs = load_corpus("pydocs")["text"][:]
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(paragraphs), (batch,), generator=gen).tolist()
     texts = [" ".join(paragraphs[(i + k) % len(paragraphs)] for k in range(8)) for i in picks]

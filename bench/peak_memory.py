@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import step_for  # noqa: E402
+from bench_cases import step_for
 
 
 def _status_mib(key: str) -> float:

@@ -32,7 +32,7 @@ def teacher():
     return load_pretrained("minilm-l6", "unlabeled").eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def supernet(experts: int = 1, routing: str = "layer"):
     model = teacher()
     options = {} if experts == 1 else {"experts": experts, "routing": routing}

@@ -37,7 +37,7 @@ def setting(tmp_path_factory):
     load_tokenizer("minilm-l6").save_pretrained(mlm_path)
     teacher = load_pretrained("minilm-l6", "classification", 2).eval()
     collate = data.Collator(load_tokenizer("minilm-l6"), 64, "unlabeled")
-    rows = [{"text": t} for t in data.rotten_tomatoes()["text"][:EXAMPLES]]
+    rows = [{"text": t} for t in data.load_corpus("rotten_tomatoes")["text"][:EXAMPLES]]
     return {"mlm_path": mlm_path, "teacher": teacher, "collate": collate, "rows": rows}
 
 

@@ -43,7 +43,8 @@ def test_kd_step_report_and_targets():
                      "loss": ours["loss"]})
     lines = ["KD step (MiniLM-L6 teacher fwd, 3-layer student fwd+bwd, QK+VV relations on the last layer, hidden "
              f"MSE), batch {BATCH}, fp32, CPU; extra peak memory of one step in a fresh process.", "",
-             "| L | pykd ms | peers ms | speedup | pykd MiB | peers MiB | memory ratio |", "|---|---|---|---|---|---|---|"]
+             "| L | pykd ms | peers ms | speedup | pykd MiB | peers MiB | memory ratio |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['L']} | {r['pykd_ms']:.0f} | {r['peers_ms']:.0f} | {r['speedup']:.2f}x | "
                      f"{r['pykd_peak_mib']:.0f} | {r['peers_peak_mib']:.0f} | {r['memory_ratio']:.2f}x |")

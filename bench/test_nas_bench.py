@@ -39,7 +39,7 @@ def _setup():
     from pykd.distill.config import RunConfig
     from pykd.distill.models import load_pretrained
     from pykd.nas import SearchSpace, SuperLM
-    from pykd.nas.train import SandwichStep
+    from pykd.nas.sandwich import SandwichStep
 
     teacher = load_pretrained("minilm-l6", "unlabeled").eval()
     space = SearchSpace.autodistil(teacher.config, k=3)
@@ -68,7 +68,7 @@ def _sandwich(step, batch):
 
 def _components(step, batch, teacher_per_member=False):
     """The same teacher forward and sub-network passes, written out without the step module."""
-    from pykd.nas.train import relation_loss, sandwich
+    from pykd.nas.sandwich import sandwich
 
     torch.manual_seed(0)
     step.train()
@@ -77,7 +77,7 @@ def _components(step, batch, teacher_per_member=False):
         if teacher is None or teacher_per_member:
             teacher = step.teacher_view(batch)
         _, qkv = step.sub_network_forward(arch, batch)
-        loss = relation_loss(teacher["qkv"], qkv, teacher["mask"], step.relation)
+        loss = step.relation(teacher["qkv"], qkv, teacher["mask"])
         loss.backward()
         total += float(loss.detach())
     step.zero_grad(set_to_none=True)
@@ -118,18 +118,18 @@ def test_sandwich_report_and_target():
 def _search_setup():
     from kd_step import kd_batch
 
-    from pykd.nas.train import RelationSpec
+    from pykd.distill.losses import RelationTerms
 
     step, space, _ = _state()
     batches = [kd_batch(BATCH, LENGTH, seed=1 + i) for i in range(EVAL_BATCHES)]
     candidates = space.candidates()
     spread = candidates[:: max(1, len(candidates) // SPREAD)][:SPREAD]
-    spec = RelationSpec(("qq", "kk", "vv"), 12, "mse_prob")
+    spec = RelationTerms(("qq", "kk", "vv"), 12, "mse_prob")
     return step, space, batches, spread, spec
 
 
 def _score(space, supernet, cache, archs, spec):
-    from pykd.nas.search import held_out_loss
+    from pykd.nas.evaluate import held_out_loss
 
     started = time.perf_counter()
     losses = [held_out_loss(supernet, arch, cache, spec) for arch in archs]
@@ -137,7 +137,7 @@ def _score(space, supernet, cache, archs, spec):
 
 
 def test_search_scoring_rate_cached_vs_recomputed():
-    from pykd.nas.search import TeacherCache
+    from pykd.nas.evaluate import TeacherCache
 
     step, space, batches, spread, spec = _search_setup()
     started = time.perf_counter()
@@ -165,8 +165,9 @@ def test_search_scoring_rate_cached_vs_recomputed():
 
 def test_search_methods_evaluations_per_minute():
     """Issue 9: evaluations per minute of evolution and NSGA-II with the teacher's side cached."""
-    from pykd.distill.config import NasEvolution, NasNsga2
-    from pykd.nas.search import Budget, Evaluator, TeacherCache, evolution_search, nsga2_search
+    from pykd.nas.config import NasEvolution, NasNsga2
+    from pykd.nas.algorithms import evolution_search, nsga2_search
+    from pykd.nas.evaluate import Budget, Evaluator, TeacherCache
 
     step, space, batches, _, spec = _search_setup()
     cache = TeacherCache(step.teacher, batches, cached=True)
@@ -190,7 +191,8 @@ def test_search_methods_evaluations_per_minute():
         rows.append({"method": method, "evaluations": evaluator.evaluations, "seconds": seconds,
                      "evaluations_per_min": 60 * evaluator.evaluations / seconds})
     lines = [f"Search methods with the teacher cached (MiniLM-L6 K=3 spaces, {EVAL_BATCHES} held-out batches of "
-             f"{BATCH} x {LENGTH}), fp32, CPU.", "", "| method | evaluations | s | evaluations/min |", "|---|---|---|---|"]
+             f"{BATCH} x {LENGTH}), fp32, CPU.", "", "| method | evaluations | s | evaluations/min |",
+             "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['evaluations']} | {r['seconds']:.1f} | {r['evaluations_per_min']:.1f} |"
               for r in rows]
     write_table("nas_search_methods", rows, "\n".join(lines) + "\n")

@@ -58,7 +58,8 @@ def _markdown(rows):
              "| reference MiB | dense MiB | bytes floor fused / dense (MB) |", "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['mixing']} | {fmt(r['fused_ms'])} | {fmt(r['reference_ms'])} "
-                     f"| {fmt(r['dense_ms'])} | {fmt(r['fused_vs_dense'], '.2f')} | {fmt(r['reference_speedup'], '.2f')} "
+                     f"| {fmt(r['dense_ms'])} | {fmt(r['fused_vs_dense'], '.2f')} "
+                     f"| {fmt(r['reference_speedup'], '.2f')} "
                      f"| {fmt(r['fused_peak_mib'])} | {fmt(r['reference_peak_mib'])} | {fmt(r['dense_peak_mib'])} "
                      f"| {r['floor_MB_fused']:.0f} / {r['floor_MB_dense']:.0f} |")
     return "\n".join(lines) + "\n"

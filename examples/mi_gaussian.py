@@ -118,8 +118,8 @@ def main() -> None:
         start = time.perf_counter()
         curves[name] = train(name, args.steps_per_level, args.seed)
         stats = summarise(curves[name], args.steps_per_level)
-        print(f"{name:16s}" + "".join(f"  {m:5.2f} ± {s:4.2f}" for m, s in stats) + f"  {time.perf_counter() - start:6.1f}",
-              flush=True)
+        columns = "".join(f"  {m:5.2f} ± {s:4.2f}" for m, s in stats)
+        print(f"{name:16s}{columns}  {time.perf_counter() - start:6.1f}", flush=True)
     plot(curves, args.steps_per_level, args.out)
     print(f"saved {args.out}")
 

@@ -1,4 +1,17 @@
-"""pykd: fused kernels for knowledge distillation and architecture search of transformer encoders."""
+"""pykd: fused kernels for knowledge distillation and architecture search of transformer encoders.
+
+The rooms, each importing only those below it:
+
+    pykd.cli                    the command line (pykd finetune | distill | demo | nas | hpo | recommend)
+    pykd.distiller              Distiller's meta layer: the pipeline vocabulary, HPO, AutoDistiller
+    pykd.nas                    architecture search: spaces, SuperLM, sandwich training, search
+    pykd.distill                the KD engine: config, data, losses, trainer
+    pykd.capture, pykd.moe      Q/K/V capture of HF encoders; routed linear layers
+    pykd.ops                    the fused ops (torch custom ops, each with a reference)
+    pykd.kernels, pykd._C       Triton kernels (kernels/ in a checkout), C++ kernels (csrc/)
+
+This module exports the ops, capture and the MoS layers; the engine's extras come with `pykd-distill[kd]`.
+"""
 from .capture import capture
 from .moe import ArchRouter, RoutedLinear
 from .ops import (
@@ -14,9 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchRouter",
     "RoutedLinear",
-    "capture",
     "attention_relation_loss",
     "attention_relation_loss_reference",
+    "capture",
     "mi_lower_bound",
     "mi_lower_bound_reference",
     "routed_linear",

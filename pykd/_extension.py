@@ -29,7 +29,7 @@ class ExtensionUnavailableError(RuntimeError):
     """The C++ CPU kernels could neither be imported nor built."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_extension():
     """The loaded C++ extension: pykd._C, or a just-in-time build of the same sources."""
     try:
@@ -121,7 +121,7 @@ def _build_just_in_time(import_error: ImportError):
                 extra_ldflags=_build_flags.link_flags(),
                 build_directory=str(build_dir),
             )
-    except Exception as build_error:  # noqa: BLE001 - any compiler failure ends in the same advice
+    except Exception as build_error:  # any compiler failure ends in the same advice
         raise ExtensionUnavailableError(
             f"pykd._C is not installed or does not load ({import_error}) and building it just in time in "
             f"{build_dir} failed: {build_error}. A C++17 compiler and ninja (`pip install ninja`) are needed."

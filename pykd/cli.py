@@ -85,7 +85,7 @@ def _at_least_one(text: str) -> int:
 
 
 def _pipeline_search_parsers(commands) -> None:
-    hpo = commands.add_parser("hpo", help="Optuna search over the KD pipeline (pykd.distill.hpo)")
+    hpo = commands.add_parser("hpo", help="Optuna search over the KD pipeline (pykd.distiller.hpo)")
     hpo.add_argument("config", nargs="?", help="base run configuration (teacher, student, data, train)")
     hpo.add_argument("--trials", type=_at_least_one, required=True, help="finished trials the study should hold")
     hpo.add_argument("--space", help="space file (study and space sections; default: the embedded space)")
@@ -106,8 +106,9 @@ def _pipeline_search_parsers(commands) -> None:
 
 def _pipeline_search(args) -> None:
     if args.command == "hpo":
-        from .distill import hpo
-        from .distill.trainer import init_distributed
+        from .distill.config import load_values
+        from .distill.distributed import init_distributed
+        from .distiller import hpo
 
         spec = hpo.load_space(args.space)
         for key, value in (("storage", args.storage), ("name", args.study_name), ("output", args.output),
@@ -115,11 +116,11 @@ def _pipeline_search(args) -> None:
             if value is not None:
                 spec.study[key] = value
         init_distributed()
-        result = hpo.run_study(hpo.load_base(args.config, args.overrides), spec, args.trials)
+        result = hpo.run_study(load_values(args.config, args.overrides), spec, args.trials)
         if result:
             hpo.print_summary(result)
         return
-    from .distill import autodistiller
+    from .distiller import autodistiller
 
     autodistiller.print_recommendations(autodistiller.recommend_cli(
         args.config, args.overrides, args.data, args.student, args.top_k, args.table, args.output))
@@ -147,7 +148,7 @@ def _nas(args, run_config) -> None:
         return
     config = run_config.load(args.config, args.overrides)
     if args.nas_command == "train":
-        from .distill.trainer import init_distributed
+        from .distill.distributed import init_distributed
         from .nas.train import train_supernets
 
         init_distributed()
@@ -163,7 +164,8 @@ def _nas(args, run_config) -> None:
 
 
 def _train(mode: str, config) -> None:
-    from .distill.trainer import Trainer, init_distributed
+    from .distill.distributed import init_distributed
+    from .distill.trainer import Trainer
 
     init_distributed()
     Trainer(config, mode).train()
@@ -188,18 +190,8 @@ def demo(output: str, overrides: list[str]) -> str:
     return path
 
 
-def _leave_process_group() -> None:
-    """Under torchrun, waits for every rank to finish, then leaves the group. A rank that exits while
-    its peers still use the gloo group (rank 0 of `pykd hpo` summarises after the others are done)
-    aborted in gloo's destructors at interpreter exit ("terminate called without an active exception")."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> int:
-    from .distill.datasets import FetchError  # needs numpy only
+    from .distill.corpora import FetchError  # needs numpy only
     from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
 
     args = _parser().parse_args(argv)
@@ -219,7 +211,9 @@ def main(argv=None) -> int:
             _pipeline_search(args)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
-        _leave_process_group()
+        from .distill.distributed import leave_process_group
+
+        leave_process_group()
     except TrainingInterrupted as stop:
         print(f"pykd {command}: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -229,7 +223,7 @@ def main(argv=None) -> int:
         print(f"pykd {command}: error: {MissingExtraError([_missing_kd_module(error)])}", file=sys.stderr)
         return 2
     except FetchError as error:  # the network or a package registry failed, not the input: exit 1
-        print(f"pykd {args.command}: error: {error}", file=sys.stderr)
+        print(f"pykd {command}: error: {error}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as error:
         print(f"pykd {command}: error: {error}", file=sys.stderr)

@@ -28,3 +28,9 @@ def assert_normwise_close(got: torch.Tensor, want: torch.Tensor, bound: float, w
     assert scale > 0, f"{what}: the reference is zero, the comparison would test nothing"
     error = float((got - want).norm())
     assert error <= bound * scale, f"{what}: ||got - want|| / ||want|| = {error / scale:.3e} > {bound:.3e}"
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))

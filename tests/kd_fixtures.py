@@ -4,7 +4,7 @@ import random
 
 import torch
 
-WORDS = "good bad great awful fine movie plot actor boring fun dull superb".split()
+WORDS = ["good", "bad", "great", "awful", "fine", "movie", "plot", "actor", "boring", "fun", "dull", "superb"]
 POSITIVE, NEGATIVE = {"good", "great", "fine", "fun", "superb"}, {"bad", "awful", "boring", "dull"}
 
 

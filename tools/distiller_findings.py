@@ -25,17 +25,10 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-STAGES = {
-    "augmentation": ("augment", "augment_copies", "mixup"),
-    "prediction loss": ("prediction", "temperature", "prediction_weight", "hard_weight"),
-    "intermediate loss": ("intermediate", "intermediate_weight", "mi_bound", "mi_alpha"),
-    "layer mapping": ("mapping", "mi_mapping"),
-    "optimisation": ("lr",),
-}
-# The table's pipelines that differ from prediction_only by their intermediate loss alone (or not at all).
-INTERMEDIATE_PIPELINES = ("prediction_only", "hidden_mse_skip", "hidden_cosine_uniform", "pkd_last",
-                          "relation_last", "hidden_mse_emd", "mi_infonce", "mi_alpha")
+from pykd.distiller.pipeline import INTERMEDIATE_PIPELINES, STAGES  # noqa: E402
+
 
 
 def read_rows(path: str) -> list[dict]:

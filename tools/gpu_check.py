@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import kernels  # noqa: E402
-import pykd  # noqa: E402
+import kernels
+import pykd
 
 # Uninstalled checkout: give kernels/ the name pyproject.toml installs it under.
 sys.modules.setdefault("pykd.kernels", kernels)

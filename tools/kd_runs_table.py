@@ -7,9 +7,10 @@
 
 For each dataset: fine-tune the teacher (packaged MiniLM-L6 by default) on up to --teacher-train
 examples, then for each setting (a training size of --max-train times a student of --students)
-compute the meta-features (pykd.distill.autodistiller), distil the student with every pipeline of
-PIPELINES and append one row per run: dataset, setting, pipeline, its params (hpo dimension
-values), meta-features, teacher and student scores (accuracy, or Pearson r for regression), ratio
+compute the meta-features (pykd.distiller.autodistiller), distil the student with every pipeline of
+PIPELINES (pykd.distiller.pipeline) and append one row per run: dataset, setting, pipeline, its
+params (pipeline dimension values), meta-features, teacher and student scores (accuracy, or
+Pearson r for regression), ratio
 = student / teacher, seconds. Rows already in the CSV are skipped, so a killed run resumes (its
 trainers resume from their checkpoints too). Then the leave-one-dataset-out evaluation is written
 to <output stem>_regret.md and printed.
@@ -26,33 +27,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pykd.distill import autodistiller, hpo  # noqa: E402
 from pykd.distill import config as run_config  # noqa: E402
+from pykd.distiller import autodistiller  # noqa: E402
+from pykd.distiller.pipeline import PIPELINES, pipeline_values  # noqa: E402
 
-# Distiller's stages, one pipeline each; params are pykd.distill.hpo dimension values ({}: pykd's default,
-# soft CE at T=2 with hidden MSE (skip mapping) plus QK/VV relations (last layer)).
-PIPELINES = {
-    "default": {},
-    "prediction_only": {"intermediate": "none"},
-    "logit_mse": {"prediction": "mse", "intermediate": "none"},
-    "hidden_mse_skip": {"intermediate": "mse", "mapping": "skip"},
-    "hidden_cosine_uniform": {"intermediate": "cosine", "mapping": "uniform"},
-    "pkd_last": {"intermediate": "pkd", "mapping": "last"},
-    "relation_last": {"intermediate": "relation", "mapping": "last"},
-    "hidden_mse_emd": {"intermediate": "mse", "mapping": "emd"},
-    "mi_alpha": {"intermediate": "mi", "mi_bound": "alpha", "mi_alpha": 0.9, "mi_mapping": "last"},
-    "mi_infonce": {"intermediate": "mi", "mi_bound": "infonce", "mi_mapping": "last"},
-    "augment_eda": {"augment": "swap+delete+synonym", "intermediate": "none"},
-}
 DATASETS = ("rotten_tomatoes", "chatterbot_topics", "reuters_grain", "fortunes")
 COLUMNS = ("dataset", "setting", "pipeline", "params", *autodistiller.META_FEATURES, "metric", "teacher_score",
            "student_score", "ratio", "eval_examples", "seconds")
 
 
 def dataset_values(args, dataset: str, output_dir: Path, max_train: int, student: str | None) -> dict:
-    from pykd.distill.datasets import KINDS
+    from pykd.distill.corpora import CORPORA
 
-    return {"teacher": {"path": args.teacher}, "data": {"dataset": dataset, "kind": KINDS.get(dataset, "classification"),
+    kind = CORPORA[dataset].kind if dataset in CORPORA else "classification"
+    return {"teacher": {"path": args.teacher}, "data": {"dataset": dataset, "kind": kind,
                                                         "max_length": args.max_length, "eval_fraction": 0.2,
                                                         "max_train_examples": max_train,
                                                         "max_eval_examples": args.max_eval},
@@ -127,7 +115,7 @@ def run_setting(base: dict, root: Path, label: str, setting: str, pipelines: lis
     base["train"].update(steps=args.distill_steps, lr=args.distill_lr)
     meta = autodistiller.meta_features(run_config.from_dict(base))
     for name in pipelines:
-        values = hpo.pipeline_values(base, PIPELINES[name])
+        values = pipeline_values(base, PIPELINES[name])
         values["train"]["output_dir"] = str(directory / name)
         started = time.perf_counter()
         trainer = Trainer(run_config.from_dict(values), "distill")

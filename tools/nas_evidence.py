@@ -57,7 +57,7 @@ def _config(values: dict, **nas):
 
 def _trained(config, subspace_name: str):
     """Trains (or reuses) the SuperLM of one sub-space; returns it loaded."""
-    from pykd.nas.search import load_supernet, load_teacher_and_space
+    from pykd.nas.evaluate import load_supernet, load_teacher_and_space
     from pykd.nas.train import SuperLMTrainer, subspace_run_config
 
     teacher, space, _ = load_teacher_and_space(config)
@@ -95,7 +95,7 @@ def _spread(candidates: list, count: int, flops) -> list:
 
 
 def few_shot_vs_one_shot(values, output, steps, cache, spec) -> list[dict]:
-    from pykd.nas.search import held_out_loss
+    from pykd.nas.evaluate import held_out_loss
 
     k3 = _config(values, k=3, output=str(output / "k3"))
     k1 = _config(json.loads(json.dumps({**values, "train": {**values["train"], "steps": 3 * steps}})), k=1,
@@ -114,7 +114,7 @@ def few_shot_vs_one_shot(values, output, steps, cache, spec) -> list[dict]:
 
 
 def _space(config):
-    from pykd.nas.search import load_teacher_and_space
+    from pykd.nas.evaluate import load_teacher_and_space
 
     return load_teacher_and_space(config)[1]
 
@@ -123,7 +123,7 @@ def ranking_and_mos(values, output, steps, cache, spec) -> tuple[list[dict], lis
     from scipy.stats import kendalltau
 
     from pykd.distill.models import load_pretrained
-    from pykd.nas.search import held_out_loss, model_loss
+    from pykd.nas.evaluate import held_out_loss, model_loss
 
     space = _space(_config(values))
     small = space.subspace("small")
@@ -149,15 +149,16 @@ def ranking_and_mos(values, output, steps, cache, spec) -> tuple[list[dict], lis
 
 
 def search_methods(values, output, cache, spec) -> list[dict]:
-    from pykd.distill import config as run_config
     from pykd.nas import SearchSpace
-    from pykd.nas.search import Evaluator, enumerate_search, evolution_search, nsga2_search, resolve_budget
+    from pykd.nas import config as nas_config
+    from pykd.nas.algorithms import enumerate_search, evolution_search, nsga2_search
+    from pykd.nas.evaluate import Evaluator, resolve_budget
 
     config = _config(values, output=str(output / "k3"))
     full = _space(config)
     space = SearchSpace([full.subspace("small")], full.teacher)
     supernet = _trained(config, "small")
-    budget = resolve_budget(run_config.NasBudget(flops=0.1), {"params": space.teacher_params(),
+    budget = resolve_budget(nas_config.NasBudget(flops=0.1), {"params": space.teacher_params(),
                                                                "flops": space.teacher_flops(64), "latency": None})
 
     def evaluator():
@@ -167,10 +168,11 @@ def search_methods(values, output, cache, spec) -> list[dict]:
     everything = [r for r in enumerate_search(evaluator()) if r["feasible"]]
     ranking = [r["arch"] for r in sorted(everything, key=lambda r: r["loss"])]
     rows = [{"method": "enumerate", "seed": "-", "evaluations": len(everything), "best": ranking[0],
-             "best_loss": min(r["loss"] for r in everything), "rank_of_found": 1, "evaluations_to_found": len(everything)}]
-    evolution = run_config.NasEvolution(population=16, parents=4, mutations=6, crossovers=6, mutation_prob=0.3,
+             "best_loss": min(r["loss"] for r in everything), "rank_of_found": 1,
+             "evaluations_to_found": len(everything)}]
+    evolution = nas_config.NasEvolution(population=16, parents=4, mutations=6, crossovers=6, mutation_prob=0.3,
                                         generations=8)
-    nsga2 = run_config.NasNsga2(trials=96, population=8, objective="flops")
+    nsga2 = nas_config.NasNsga2(trials=96, population=8, objective="flops")
     for seed in (0, 1, 2):
         for method in ("evolution", "nsga2"):
             scorer = evaluator()
@@ -200,15 +202,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="runs/nas-evidence")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from pykd.nas.search import TeacherCache, held_out_batches, load_teacher_and_space
-    from pykd.nas.train import RelationSpec
+    from pykd.nas.evaluate import TeacherCache, held_out_batches, load_teacher_and_space
+    from pykd.distill.losses import RelationTerms
 
     output = Path(args.output)
     values = base_values(output, args.steps)
     started = time.perf_counter()
     teacher, _, tokenizer = load_teacher_and_space(_config(values))
     cache = TeacherCache(teacher, held_out_batches(_config(values), tokenizer))
-    spec = RelationSpec(("qq", "kk", "vv"), 8, "mse_prob")
+    spec = RelationTerms(("qq", "kk", "vv"), 8, "mse_prob")
     print("[evidence] 1/4 K=3 vs K=1", flush=True)
     shots = few_shot_vs_one_shot(values, output, args.steps, cache, spec)
     print("[evidence] 2-3/4 standalone students, ranking, MoS", flush=True)

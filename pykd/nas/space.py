@@ -1,20 +1,7 @@
-r"""Search spaces of AutoDistil (arXiv 2201.12507): architectures, sub-spaces, exact costs.
+r"""Search spaces of AutoDistil (arXiv 2201.12507): sub-spaces of architectures over a teacher, exact costs.
 
-An :class:`Architecture` is a student whose layers are all alike: ``layers`` transformer layers
-of width ``hidden``, FFN width ``intermediate = round(hidden * ffn_ratio)`` and ``heads``
-attention heads.
-
-Heads and head size. A stock transformers BERT (5.x) computes its head size as
-``hidden_size / num_attention_heads`` and its attention width (the Q/K/V outputs) as
-``hidden_size``; the ``pruned_heads`` config that once let a checkpoint carry fewer heads of a
-fixed size is gone from transformers 5. AutoDistil's paper keeps the head size at the teacher's
-(64), so its attention width ``heads * 64`` differs from ``hidden`` for most students (its own
-11-layer/352/10-head student has width 640): such a student cannot be saved as a stock model, and
-padding it into one changes LayerNorm statistics. pykd therefore defines a sub-network's
-attention as the stock model does: width ``hidden``, ``heads`` heads of size ``hidden / heads``,
-and keeps out of every space the architectures whose ``hidden`` is not divisible by ``heads``
-(:class:`Architecture` refuses them). Every candidate exports to a stock model with identical
-outputs; heads change neither parameters nor FLOPs, only how the attention width is split.
+A space holds architectures (pykd.nas.architecture: every candidate has ``hidden`` divisible by
+``heads``, so it exports to a stock model).
 
 Sub-spaces for a 12-layer/768-hidden/12-head/3072-FFN teacher (BERT-base) are the paper's Table 2
 grids exactly (those pairs of hidden and heads that divide):
@@ -38,9 +25,9 @@ all-MiniLM-L6-v2 (6 layers, 384 hidden, 12 heads, FFN 1536):
 
 K = 1 (one-shot) is one sub-space, "all", over the union of the K = 3 sub-spaces' values.
 
-Per-layer architectures (HAT, Mixture-of-Supernets): :class:`LayerwiseArchitecture` gives each
-layer its own heads and FFN ratio; :class:`LayerwiseSubSpace` lets each layer pick them from the
-sub-space's values (``SearchSpace.autodistil(teacher, layerwise=True)``). Costs sum over layers.
+Per-layer spaces (HAT, Mixture-of-Supernets): :class:`LayerwiseSubSpace` lets each layer of a
+LayerwiseArchitecture pick its heads and FFN ratio from the sub-space's values
+(``SearchSpace.autodistil(teacher, layerwise=True)``). Costs sum over layers.
 
 Costs. ``params(arch)`` counts exactly the parameters of the exported model (embeddings, every
 layer, the pooler when the teacher has one, the classification head when it has one).
@@ -49,6 +36,7 @@ linear layer (2 n d_in d_out; the pooler and head on the first token only), the 
 ``Q K^T`` and the context ``A V`` (2 n^2 hidden each, per layer); embeddings, LayerNorm, softmax,
 activations and biases are not counted (as torch's FlopCounterMode does not count them).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +47,10 @@ from dataclasses import dataclass
 
 import torch
 
-FACTORS = ("layers", "hidden", "ffn_ratio", "heads")
+from .architecture import FACTORS, Architecture, LayerwiseArchitecture, _is_int
+
+SPACES = ("autodistil", "custom")  # nas.space: AutoDistil's scaled to the teacher, or nas.custom_space
+COSTS = ("params", "flops", "latency")  # what a candidate costs (the search measures latency)
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 
 # AutoDistil Table 2 (arXiv 2201.12507): the BERT-base teacher's K = 3 sub-spaces.
@@ -75,216 +66,9 @@ PAPER_SUBSPACES = {
 GRID = {"layers": 1, "hidden": 8, "ffn_ratio": 0.5, "heads": 1}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True, order=True)
-class Architecture:
-    """A student whose layers are all alike (AutoDistil's factors).
-
-    Args:
-        layers: number of transformer layers.
-        hidden: hidden size (also the attention width).
-        ffn_ratio: FFN width over hidden; the FFN width is ``round(hidden * ffn_ratio)``.
-        heads: attention heads; must divide ``hidden`` (head size ``hidden / heads``).
-    """
-
-    layers: int
-    hidden: int
-    ffn_ratio: float
-    heads: int
-
-    def __post_init__(self):
-        for name in ("layers", "hidden", "heads"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"architecture {name} must be a positive int, got {value!r}")
-        object.__setattr__(self, "ffn_ratio", _check_ratio(self.ffn_ratio, "architecture"))
-        if self.hidden % self.heads:
-            raise ValueError(f"architecture hidden={self.hidden} is not divisible by heads={self.heads}: a stock "
-                             f"transformers model splits its attention width (= hidden) into heads of size "
-                             f"hidden / heads, so this architecture could not be exported (see pykd.nas.space)")
-        if self.intermediate < 1:
-            raise ValueError(f"architecture FFN width round(hidden * ffn_ratio) = {self.intermediate} must be >= 1 "
-                             f"(hidden={self.hidden}, ffn_ratio={self.ffn_ratio})")
-
-    @property
-    def intermediate(self) -> int:
-        """FFN width, round(hidden * ffn_ratio) (halves round up)."""
-        return math.floor(self.hidden * self.ffn_ratio + 0.5)
-
-    @property
-    def head_size(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def layer_heads(self) -> tuple:
-        """Heads of each layer (all alike)."""
-        return (self.heads,) * self.layers
-
-    @property
-    def layer_ffn(self) -> tuple:
-        """FFN width of each layer (all alike)."""
-        return (self.intermediate,) * self.layers
-
-    def to_dict(self) -> dict:
-        return {name: getattr(self, name) for name in FACTORS}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "Architecture":
-        """From {"layers", "hidden", "ffn_ratio", "heads"}; unknown or missing keys raise ValueError."""
-        if not isinstance(values, dict):
-            raise TypeError(f"an architecture must be a dict of {FACTORS}, got {type(values).__name__}")
-        unknown = sorted(set(values) - set(FACTORS))
-        missing = [name for name in FACTORS if name not in values]
-        if unknown or missing:
-            raise ValueError(f"architecture keys must be exactly {', '.join(FACTORS)}: "
-                             + "; ".join(filter(None, [f"unknown {unknown}" if unknown else "",
-                                                       f"missing {missing}" if missing else ""])))
-        return cls(**values)
-
-    @classmethod
-    def parse(cls, text: str) -> "Architecture":
-        """From "layers=4,hidden=256,ffn_ratio=3,heads=8" (the form str() writes)."""
-        pairs = _key_value_pairs(text, "layers=4,hidden=256,ffn_ratio=3,heads=8")
-        return cls.from_dict({key: _parse_number(key, value, text) for key, value in pairs.items()})
-
-    def __str__(self) -> str:
-        return f"layers={self.layers},hidden={self.hidden},ffn_ratio={self.ffn_ratio:g},heads={self.heads}"
-
-
-def _key_value_pairs(text: str, example: str) -> dict[str, str]:
-    """The key=value items of an architecture string (each key once), values unparsed."""
-    pairs = {}
-    for item in filter(None, (part.strip() for part in str(text).split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"cannot parse architecture {text!r}: expected key=value pairs such as "
-                             f"{example!r}, got {item!r}")
-        if key in pairs:
-            raise ValueError(f"architecture {text!r} gives {key!r} twice")
-        pairs[key] = value.strip()
-    return pairs
-
-
-def _parse_number(key: str, value: str, text: str):
-    try:
-        return float(value) if key == "ffn_ratio" else int(value)
-    except ValueError:
-        raise ValueError(f"architecture {text!r}: {key}={value!r} is not a number") from None
-
-
-def _check_ratio(ratio, where: str) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
-        raise ValueError(f"{where} ffn_ratio must be a positive number, got {ratio!r}")
-    return float(ratio)
-
-
-@dataclass(frozen=True, order=True)
-class LayerwiseArchitecture:
-    """A student whose layers may differ in heads and FFN ratio (HAT / Mixture-of-Supernets spaces).
-
-    Args:
-        hidden: hidden size shared by all layers (the residual stream).
-        heads: heads of each layer; each must divide hidden.
-        ffn_ratio: FFN ratio of each layer; layer i's FFN width is round(hidden * ffn_ratio[i]).
-    The layer count is len(heads). str() gives "layers=3,hidden=256,heads=8/8/4,ffn_ratio=3/2/4".
-    """
-
-    hidden: int
-    heads: tuple
-    ffn_ratio: tuple
-
-    def __post_init__(self):
-        if not _is_int(self.hidden) or self.hidden < 1:
-            raise ValueError(f"architecture hidden must be a positive int, got {self.hidden!r}")
-        heads, ratios = tuple(self.heads), tuple(self.ffn_ratio)
-        if not heads or len(heads) != len(ratios):
-            raise ValueError(f"a per-layer architecture needs one heads and one ffn_ratio value per layer (at least "
-                             f"one layer), got heads={heads} and ffn_ratio={ratios}")
-        for index, value in enumerate(heads):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"architecture heads of layer {index} must be a positive int, got {value!r}")
-            if self.hidden % value:
-                raise ValueError(f"architecture hidden={self.hidden} is not divisible by heads={value} of layer "
-                                 f"{index} (see pykd.nas.space: a stock model's head size is hidden / heads)")
-        ratios = tuple(_check_ratio(r, f"architecture layer {i}") for i, r in enumerate(ratios))
-        object.__setattr__(self, "heads", heads)
-        object.__setattr__(self, "ffn_ratio", ratios)
-        if min(self.layer_ffn) < 1:
-            raise ValueError(f"architecture FFN widths {self.layer_ffn} must be >= 1")
-
-    @property
-    def layers(self) -> int:
-        return len(self.heads)
-
-    @property
-    def layer_heads(self) -> tuple:
-        return self.heads
-
-    @property
-    def layer_ffn(self) -> tuple:
-        return tuple(math.floor(self.hidden * r + 0.5) for r in self.ffn_ratio)
-
-    def is_uniform(self) -> bool:
-        return len(set(self.heads)) == 1 and len(set(self.ffn_ratio)) == 1
-
-    def uniform(self) -> Architecture:
-        """The equal Architecture when all layers are alike; ValueError naming what differs otherwise."""
-        if not self.is_uniform():
-            raise ValueError(f"architecture {self} has layers that differ (heads {self.heads}, ffn_ratio "
-                             f"{self.ffn_ratio}); it has no uniform equivalent")
-        return Architecture(self.layers, self.hidden, self.ffn_ratio[0], self.heads[0])
-
-    def to_dict(self) -> dict:
-        return {"layers": self.layers, "hidden": self.hidden, "heads": list(self.heads),
-                "ffn_ratio": list(self.ffn_ratio)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LayerwiseArchitecture":
-        """From {"hidden", "heads": [...], "ffn_ratio": [...]} (an optional "layers" must equal len(heads))."""
-        if not isinstance(values, dict):
-            raise TypeError(f"a per-layer architecture must be a dict, got {type(values).__name__}")
-        keys = {"hidden", "heads", "ffn_ratio"}
-        unknown, missing = sorted(set(values) - keys - {"layers"}), sorted(keys - set(values))
-        if unknown or missing:
-            raise ValueError(f"per-layer architecture keys must be hidden, heads, ffn_ratio (and optionally layers): "
-                             + "; ".join(filter(None, [f"unknown {unknown}" if unknown else "",
-                                                       f"missing {missing}" if missing else ""])))
-        heads, ratios = values["heads"], values["ffn_ratio"]
-        if not isinstance(heads, (list, tuple)) or not isinstance(ratios, (list, tuple)):
-            raise ValueError(f"per-layer heads and ffn_ratio must be lists, got {heads!r} and {ratios!r}")
-        arch = cls(values["hidden"], tuple(heads), tuple(ratios))
-        if "layers" in values and values["layers"] != arch.layers:
-            raise ValueError(f"per-layer architecture says layers={values['layers']!r} but lists {arch.layers} layers")
-        return arch
-
-    @classmethod
-    def parse(cls, text: str) -> "LayerwiseArchitecture":
-        """From "layers=3,hidden=256,heads=8/8/4,ffn_ratio=3/2/4" (layers optional)."""
-        values = {}
-        for key, value in _key_value_pairs(text, "hidden=256,heads=8/8/4,ffn_ratio=3/2/4").items():
-            parts = [_parse_number(key, v.strip(), text) for v in value.split("/")]
-            values[key] = parts if key in ("heads", "ffn_ratio") else parts[0] if len(parts) == 1 else parts
-        return cls.from_dict(values)
-
-    def __str__(self) -> str:
-        return (f"layers={self.layers},hidden={self.hidden},heads={'/'.join(map(str, self.heads))},"
-                f"ffn_ratio={'/'.join(f'{r:g}' for r in self.ffn_ratio)}")
-
-
-def parse_architecture(text: str):
-    """An Architecture, or a LayerwiseArchitecture when a value lists one entry per layer ("8/8/4")."""
-    return LayerwiseArchitecture.parse(text) if "/" in str(text) else Architecture.parse(text)
-
-
-def architecture_from_dict(values: dict):
-    """An Architecture, or a LayerwiseArchitecture when heads is a list (as their to_dict write)."""
-    if isinstance(values, dict) and isinstance(values.get("heads"), (list, tuple)):
-        return LayerwiseArchitecture.from_dict(values)
-    return Architecture.from_dict(values)
+def format_cost(value: float) -> str:
+    """A cost as the messages and summaries print it (4 significant digits)."""
+    return f"{value:.4g}"
 
 
 @dataclass(frozen=True)
@@ -305,7 +89,7 @@ class TeacherShape:
 
     @classmethod
     def from_config(cls, config, pooler: bool = True, num_labels: int | None = None,
-                    head_dense: bool = False) -> "TeacherShape":
+                    head_dense: bool = False) -> TeacherShape:
         """From a transformers config of a BERT-layout encoder (as `AutoModel` builds it: with a pooler)."""
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -320,7 +104,7 @@ class TeacherShape:
                    config.type_vocab_size, pooler, num_labels, head_dense)
 
     @classmethod
-    def from_model(cls, model) -> "TeacherShape":
+    def from_model(cls, model) -> TeacherShape:
         """From a bare encoder (AutoModel) or a *ForSequenceClassification model."""
         config = getattr(model, "config", None)
         if config is None:
@@ -430,7 +214,7 @@ class SubSpace:
         return {"name": self.name, **{factor: list(getattr(self, factor)) for factor in FACTORS}}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SubSpace":
+    def from_dict(cls, values: dict) -> SubSpace:
         """A SubSpace, or a LayerwiseSubSpace when values has "layerwise": true."""
         if not isinstance(values, dict):
             raise TypeError(f"a sub-space must be a dict, got {type(values).__name__}")
@@ -603,7 +387,7 @@ class SearchSpace:
                                  f"teacher's {limit}")
 
     @classmethod
-    def autodistil(cls, teacher, k: int = 3, layerwise: bool = False) -> "SearchSpace":
+    def autodistil(cls, teacher, k: int = 3, layerwise: bool = False) -> SearchSpace:
         """AutoDistil's K = 3 sub-spaces (tiny, small, base) scaled to the teacher, or K = 1 over their union.
 
         Args:
@@ -630,7 +414,7 @@ class SearchSpace:
         return cls(subspaces, shape)
 
     @classmethod
-    def from_dict(cls, values: dict, teacher) -> "SearchSpace":
+    def from_dict(cls, values: dict, teacher) -> SearchSpace:
         """A user space: {"subspaces": [{"name", "layers", "hidden", "ffn_ratio", "heads"}, ...]} (a
         "teacher" entry, as to_dict writes, must match the given teacher)."""
         if not isinstance(values, dict) or "subspaces" not in values:
@@ -663,6 +447,10 @@ class SearchSpace:
         """Every architecture of every sub-space (each once), uniform ones first, sorted."""
         found = {arch for subspace in self.subspaces for arch in subspace.candidates()}
         return sorted(found, key=lambda a: (isinstance(a, LayerwiseArchitecture), a.to_dict()["layers"], a))
+
+    def parse(self, text: str):
+        """The architecture `text` spells in this space's form (per-layer for a per-layer space), as str() writes it."""
+        return self.subspaces[0].parse(text)
 
     def subspace_of(self, arch: Architecture) -> SubSpace:
         """The first sub-space containing arch; ValueError if none does."""

@@ -40,8 +40,10 @@ from torch import nn
 
 from .elastic import ActiveLayers, ElasticEmbedding, ElasticLayerNorm, ElasticLinear
 from .mos import ENCODING, ROUTINGS, LayerRouter, RoutedElasticLinear, arch_encoding
-from .space import Architecture, LayerwiseArchitecture, SearchSpace, TeacherShape
+from .architecture import Architecture, LayerwiseArchitecture
+from .space import SearchSpace, TeacherShape
 
+SUPERNET_FILE = "supernet.pt"  # a trained SuperLM in its run's model directory: config, sub-space, weights
 _LAYER_INDEX = re.compile(r"(^|\.)layer\.(\d+)\.")
 # A layer's linears are hidden -> hidden except the FFN's (hidden -> ffn -> hidden); the
 # classification heads' output projections keep all their labels.
@@ -98,7 +100,7 @@ class SuperLM(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, space: SearchSpace, experts: int = 1, routing: str = "layer",
-                     noise: float = 1e-3, route_attention: bool = False, router_hidden: int = 128) -> "SuperLM":
+                     noise: float = 1e-3, route_attention: bool = False, router_hidden: int = 128) -> SuperLM:
         """A SuperLM holding a deep copy of the teacher's weights (the teacher stays untouched).
 
         Args:
@@ -314,7 +316,7 @@ def _zero_padded(tensor: torch.Tensor, shape) -> torch.Tensor:
 
 def _make_elastic(model: nn.Module) -> None:
     """Replaces every Linear, Embedding and LayerNorm of the model by its elastic version, in place."""
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, ElasticLinear(child))

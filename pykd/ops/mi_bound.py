@@ -66,7 +66,7 @@ from ._backends import autocast_off, select_backend
 from ._checks import check_nonempty, check_same_device, check_tensor, real_arg
 
 BOUNDS = tuple(MI_BOUND_IDS)
-_BASELINE_BOUNDS = ("tuba", "alpha")
+BASELINE_BOUNDS = ("tuba", "alpha")
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
         check_tensor("log_q", log_q, ndim=1)
         if log_q.shape[0] != a.shape[0]:
             raise ValueError(f"log_q must have shape ({a.shape[0]},), got {tuple(log_q.shape)}")
-        if bound not in _BASELINE_BOUNDS:
-            raise ValueError(f"log_q is used by the bounds {_BASELINE_BOUNDS}, not by {bound!r}")
+        if bound not in BASELINE_BOUNDS:
+            raise ValueError(f"log_q is used by the bounds {BASELINE_BOUNDS}, not by {bound!r}")
     alpha = real_arg("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")

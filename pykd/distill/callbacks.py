@@ -1,0 +1,103 @@
+"""Hooks into a training run (pykd.distill.trainer.Trainer), in the spirit of transformers' TrainerCallback.
+
+A callback subclasses `TrainerCallback` and overrides the events it needs; each receives the
+Trainer (its config, step, history, rank, output_dir, step_module, ...) first. They fire on every
+rank, in the order the callbacks were given (the Trainer's defaults, JsonlLog and ConsoleLog,
+first), at these points of `Trainer.train`:
+
+    on_train_begin(trainer)              after resuming (trainer.step is the checkpoint's step), before any step
+    on_step_begin(trainer, step)         before optimiser step `step` (0-based) runs
+    on_step_end(trainer, terms)          after it: trainer.step counts it, terms = its loss terms (grad_accum mean)
+    on_log(trainer, record)              a record joined trainer.history: {"step", "lr", terms...} averaged over
+                                         the steps since the last one, or {"step", "eval": metrics (, "final")}
+    on_evaluate(trainer, metrics, final) after an evaluation's record was logged (final: the run's last)
+    on_save(trainer, path, what)         rank 0 wrote `path`: what = "checkpoint" (the checkpoint file) or
+                                         "model" (the directory of the trained model, plus its tokenizer)
+    on_train_end(trainer)                the run ended: finished, stopped at `stop_after`, or stopped by a signal
+                                         with its checkpoint written (not when an exception ends it)
+
+An exception raised by a callback ends the run (HPO's pruning raises optuna.TrialPruned from
+on_evaluate). Writers of other reports (TensorBoard, a model card on "model" saves) are callbacks too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cache import replace_atomically
+
+LOG = "log.jsonl"
+
+
+class TrainerCallback:
+    """Base class: every event does nothing (see the module docstring for when each fires)."""
+
+    def on_train_begin(self, trainer) -> None:
+        pass
+
+    def on_step_begin(self, trainer, step: int) -> None:
+        pass
+
+    def on_step_end(self, trainer, terms: dict) -> None:
+        pass
+
+    def on_log(self, trainer, record: dict) -> None:
+        pass
+
+    def on_evaluate(self, trainer, metrics: dict, final: bool) -> None:
+        pass
+
+    def on_save(self, trainer, path: Path, what: str) -> None:
+        pass
+
+    def on_train_end(self, trainer) -> None:
+        pass
+
+
+def read_log(path: Path, until_step: int) -> list[dict]:
+    """The records of a log.jsonl with step <= until_step, in order; a line that does not parse (torn by a
+    kill mid-write) is skipped, a missing file reads as no records."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= until_step:
+            kept.append(record)
+    return kept
+
+
+class JsonlLog(TrainerCallback):
+    """output_dir/log.jsonl, one JSON record per line (rank 0 writes).
+
+    When the run starts, the file keeps only the records of steps <= the checkpoint's step: a run resumed
+    there logs the steps it replays once more, so they must go (as must a previous run's log when it
+    starts afresh); every step is then in the file once.
+    """
+
+    def on_train_begin(self, trainer) -> None:
+        path = trainer.output_dir / LOG
+        if trainer.rank != 0 or not path.exists():
+            return
+        kept = read_log(path, trainer.step)
+        replace_atomically(path, lambda partial: partial.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+    def on_log(self, trainer, record: dict) -> None:
+        if trainer.rank != 0:
+            return
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(trainer.output_dir / LOG, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class ConsoleLog(TrainerCallback):
+    """Every evaluation as one line on stdout (rank 0): "[mode] step N: metric value, ..."."""
+
+    def on_evaluate(self, trainer, metrics: dict, final: bool) -> None:
+        if trainer.rank == 0:
+            print(f"[{trainer.mode}] step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                  flush=True)

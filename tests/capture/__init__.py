@@ -1,0 +1,1 @@
+"""pykd.capture on Hugging Face encoders."""

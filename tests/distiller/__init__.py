@@ -1,0 +1,1 @@
+"""Distiller's meta layer: the pipeline vocabulary, HPO, AutoDistiller, the evidence tools."""

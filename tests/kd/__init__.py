@@ -1,0 +1,1 @@
+"""The KD engine: config, data, augmentation, losses, mappings, trainer."""

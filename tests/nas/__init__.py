@@ -1,0 +1,1 @@
+"""Architecture search: spaces, SuperLM, Mixture-of-Supernets, sandwich training, search, CLI."""

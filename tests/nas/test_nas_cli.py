@@ -1,0 +1,111 @@
+"""`pykd nas train | search | export`: the chain on a tiny teacher, and bad input exiting 2."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+from tests.nas.nas_fixtures import nas_values
+
+
+def _cli(*args):
+    """pykd.cli.main in this process (a subprocess per call would cost seconds of imports each)."""
+    from pykd.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def _error_line(done) -> str:
+    """The CLI's last stderr line (progress bars of model loading may precede it)."""
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("nascli")
+    path = tmp_path / "nas.yaml"
+    path.write_text(json.dumps(nas_values(tmp_path, train={"steps": 2, "eval_every": 100, "log_every": 1,
+                                                           "checkpoint_every": 100, "progress": False})))
+    done = _cli("nas", "train", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path, str(path)
+
+
+def test_train_search_export_chain(trained):
+    tmp_path, config = trained
+    done = _cli("nas", "search", config, "--set", "nas.search=evolution", "--set", "nas.budget.flops=0.6",
+                "--set", "nas.evolution.population=6", "--set", "nas.evolution.parents=3",
+                "--set", "nas.evolution.mutations=3", "--set", "nas.evolution.crossovers=3",
+                "--set", "nas.evolution.generations=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(Path(tmp_path / "nas" / "search" / "summary.json").read_text())
+    assert summary["method"] == "evolution" and "best:" in done.stdout
+    output = tmp_path / "student"
+    done = _cli("nas", "export", config, "--arch", summary["best"]["arch"], "--output", str(output))
+    assert done.returncode == 0, done.stderr[-3000:]
+    student = transformers.AutoModel.from_pretrained(output)
+    assert f"layers={student.config.num_hidden_layers},hidden={student.config.hidden_size}," in summary["best"]["arch"]
+    assert (output / "tokenizer.json").exists() or (output / "vocab.txt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "layers=4,hidden=48,ffn_ratio=2,heads=4,depth=3"], "unknown ['depth']"),
+    (["--arch", "layers=8,hidden=48,ffn_ratio=2,heads=4"], "larger than the teacher: layers 8 > the teacher's 4"),
+    (["--arch", "layers=3,hidden=48,ffn_ratio=2,heads=4"], "is in none of the sub-spaces ['s']"),
+    (["--arch", "layers=4,hidden=48,ffn_ratio=2,heads=4", "--set", "nas.custom_space.subspaces=[{name: s, "
+      "layers: [4], hidden: [48], ffn_ratio: [2.0], heads: [4]}]"], "another configuration"),
+], ids=["unknown-key", "larger-than-teacher", "outside-space", "other-space"])
+def test_export_errors_exit_2_and_write_nothing(trained, args, message):
+    tmp_path, config = trained
+    output = tmp_path / "never"
+    done = _cli("nas", "export", config, "--output", str(output), *args)
+    assert done.returncode == 2 and _error_line(done).startswith("pykd nas export: error:"), done.stderr[-2000:]
+    assert message in done.stderr
+    assert not output.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".never")]
+
+
+def test_export_to_an_existing_path_exits_2(trained):
+    tmp_path, config = trained
+    (tmp_path / "taken").mkdir(exist_ok=True)
+    done = _cli("nas", "export", config, "--arch", "layers=2,hidden=24,ffn_ratio=1,heads=2",
+                "--output", str(tmp_path / "taken"))
+    assert done.returncode == 2 and "already exists" in done.stderr
+
+
+def test_search_errors_exit_2(trained):
+    tmp_path, config = trained
+    done = _cli("nas", "search", config, "--set", "nas.budget.params=1000")
+    assert done.returncode == 2 and "pykd nas search: error: no candidate meets the budget" in done.stderr
+    assert "the cheapest candidate layers=2,hidden=24,ffn_ratio=1,heads=2 has" in done.stderr
+    done = _cli("nas", "search", config, "--set", "nas.search=annealing")
+    assert done.returncode == 2 and "nas.search must be one of ('enumerate', 'evolution', 'nsga2')" in done.stderr
+    done = _cli("nas", "search", config, "--set", f"nas.output={tmp_path / 'empty'}")
+    assert done.returncode == 2 and "no trained SuperLM" in done.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nas.experts=0", "config key nas.experts must be >= 1, got 0"),
+    ("nas.routing=token", "config key nas.routing must be one of ('layer', 'neuron'), got 'token'"),
+    ("nas.budget.flops=-2", "config key nas.budget.flops must be > 0 or null"),
+    ("nas.relations=[qq,xy]", "config key nas.relations takes"),
+])
+def test_train_config_errors_exit_2(override, message):
+    done = _cli("nas", "train", "--set", override)
+    assert done.returncode == 2 and _error_line(done).startswith("pykd nas train: error:") and message in done.stderr
+
+
+def test_config_shows_the_nas_section():
+    done = _cli("config")
+    assert done.returncode == 0
+    import yaml
+
+    nas = yaml.safe_load(done.stdout)["nas"]
+    assert nas["k"] == 3 and nas["sandwich_random"] == 2 and nas["relations"] == ["qq", "kk", "vv"]
+    assert nas["evolution"]["population"] == 125 and nas["search"] == "enumerate"

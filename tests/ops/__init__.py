@@ -1,0 +1,1 @@
+"""Kernels, custom ops and their references."""

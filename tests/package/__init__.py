@@ -1,0 +1,1 @@
+"""What ships: the command line, the installed wheel, the examples, the package layout."""
