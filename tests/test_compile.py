@@ -24,15 +24,20 @@ REFERENCE_TOL = 1e-11
 PATHS = ("cpp", "triton", "reference")
 
 
-def relation_case(rng, dtype):
+def relation_case(rng, dtype, loss="kl"):
     t = torch.randn(2, 5, 8, generator=rng, dtype=dtype)
     s_a, s_b = (torch.randn(2, 5, 4, generator=rng, dtype=dtype).requires_grad_() for _ in range(2))
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
 
     def run(s_a, s_b, backend):
-        return pykd.attention_relation_loss(t, t.flip(1), s_a, s_b, 2, mask=mask, loss="kl", backend=backend)
+        return pykd.attention_relation_loss(t, t.flip(1), s_a, s_b, 2, mask=mask, loss=loss, backend=backend)
 
     return run, (s_a, s_b)
+
+
+def relation_mse_prob_case(rng, dtype):
+    """mse_prob: its reference runs an autograd.Function (the stable backward), its kernels more statistics."""
+    return relation_case(rng, dtype, loss="mse_prob")
 
 
 def mi_case(rng, dtype):
@@ -59,7 +64,8 @@ def routed_case(rng, dtype):
     return run, leaves
 
 
-CASES = {"relation": relation_case, "mi": mi_case, "routed": routed_case}
+CASES = {"relation": relation_case, "relation_mse_prob": relation_mse_prob_case, "mi": mi_case,
+         "routed": routed_case}
 
 
 @pytest.mark.parametrize("path", PATHS)
