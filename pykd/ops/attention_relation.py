@@ -64,7 +64,7 @@ from .._extension import cpu_extension
 from ..kernels.ids import RELATION_LOSS_IDS
 from ._backends import autocast_off, select_backend
 from ._checks import (check_finite_where_valid, check_nonempty, check_same_device, check_tensor, check_token_mask,
-                      int_arg, real_arg, valid_token_counts)
+                      int_arg, is_finite, real_arg, valid_token_counts)
 
 LOSSES = tuple(RELATION_LOSS_IDS)
 
@@ -187,7 +187,7 @@ def _scale(name: str, value, head_dim: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(head_dim)
     value = real_arg(name, value)
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
 
