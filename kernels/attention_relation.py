@@ -123,9 +123,11 @@ def _relation_fwd_kernel(
             acc += tl.sum(diff * diff, axis=1)
         else:
             m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, t, _NEG_BIG), axis=1))
-            m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, s, _NEG_BIG), axis=1))
-            if LOSS == _MSE_PROB:
-                peak = tl.where(m_s_new > m_s, start + tl.argmax(tl.where(valid, s, _NEG_BIG), axis=1), peak)
+            tile_max_s = tl.max(tl.where(valid, s, _NEG_BIG), axis=1)
+            m_s_new = tl.maximum(m_s, tile_max_s)
+            if LOSS == _MSE_PROB:  # the tile's first key at its maximum, kept if it beats the earlier tiles'
+                first = tl.min(tl.where(valid & (s == tile_max_s[:, None]), keys[None, :], length), axis=1)
+                peak = tl.where(tile_max_s > m_s, first, peak)
             shifted_t = t - m_t_new[:, None]
             shifted_s = s - m_s_new[:, None]
             e_t = tl.where(valid, tl.exp(shifted_t), 0.0)
@@ -162,7 +164,6 @@ def _relation_fwd_kernel(
         rest = tl.zeros([BLOCK_M], tl.float32)
         q_rest = tl.zeros([BLOCK_M], tl.float32)
         p_rest = tl.zeros([BLOCK_M], tl.float32)
-        q_peak = tl.zeros([BLOCK_M], tl.float32)
         p_peak = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, length, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
@@ -178,8 +179,8 @@ def _relation_fwd_kernel(
             rest += tl.sum(q * d, axis=1)
             q_rest += tl.sum(tl.where(is_peak, 0.0, q), axis=1)
             p_rest += tl.sum(tl.where(is_peak, 0.0, p), axis=1)
-            q_peak += tl.sum(tl.where(is_peak, q, 0.0), axis=1)
             p_peak += tl.sum(tl.where(is_peak, p, 0.0), axis=1)
+        q_peak = tl.exp(m_s - lse_s)  # the peak's score is the row maximum
         d_peak = tl.where(q_peak + p_peak > 1.0, p_rest - q_rest, q_peak - p_peak)
         row_loss = sq + d_peak * d_peak
         delta = q_peak * d_peak + rest
