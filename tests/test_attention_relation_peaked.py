@@ -14,7 +14,8 @@ the path's arithmetic, L: keys per row, d = q - p, a and M as in tests/relation_
   - every probability q_k, p_k and complement 1 - q_m, 1 - p_m (a sum over L keys of exps good
     to 20 ulp, divided by the row's sum) carries a relative error below nu = (2L + 24) u; the
     Triton path forms them as exp(s - lse) from a log-sum-exp rounded at the scores' magnitude
-    kappa, which adds 4 kappa u;
+    kappa, which adds 4 kappa u (for every loss, not a cancellation: in real use the fp32 scores
+    themselves carry about that much, from their GEMM);
   - then |delta d_k| <= (nu + u) a_k, the row sums R = sum_{k != m} q_k d_k and
     Delta = q_m d_m + R err by at most 3 nu sum_k q_k a_k, and D_j = d_j - Delta (j != m),
     D_m = (1 - q_m) d_m - R by at most (5 nu + 4 u) M_j; G_j = 2 w q_j D_j by at most
