@@ -87,38 +87,55 @@ float kl_ce_row(float* t, float* s, int64_t n, float scale_t, float scale_s, flo
   return weight * loss;
 }
 
-// sum_j (q_j - p_j)^2; with g = 2c(q - p): dL/ds_j = q_j (g_j - sum_k g_k q_k).
+// sum_j (q_j - p_j)^2 and dL/ds_j = 2c q_j D_j in the stable form of the op's docstring: with m the
+// student's peak, d_m from the complements 1 - q_m, 1 - p_m when q_m + p_m > 1, R = sum_{k != m} q_k d_k,
+// D_m = (1 - q_m) d_m - R and D_j = d_j - (q_m d_m + R) elsewhere. The peak leaves the vector loops
+// (its exps set to 0 add nothing to any sum and get G = 0 there) and is handled on its own.
 float mse_prob_row(float* t, float* s, int64_t n, float scale_t, float scale_s, float weight, bool need_grad) {
+  const int64_t peak = first_argmax(s, n);
   const RowSoftmax r = exponentiate_row(t, s, n, scale_t, scale_s, /*ce=*/false);
+  const float e_s_peak = s[peak], e_t_peak = t[peak];
+  s[peak] = 0.f;
+  t[peak] = 0.f;
   const Vec v_inv_zt(r.inv_zt), v_inv_zs(r.inv_zs);
-  Vec sq(0.f), dq(0.f);
+  Vec sq(0.f), qd(0.f), rest_s(0.f), rest_t(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec q = Vec::loadu(s + j) * v_inv_zs;
-    const Vec d = q - Vec::loadu(t + j) * v_inv_zt;
+    const Vec e_s = Vec::loadu(s + j), e_t = Vec::loadu(t + j);
+    const Vec q = e_s * v_inv_zs;
+    const Vec d = q - e_t * v_inv_zt;
     sq = at::vec::fmadd(d, d, sq);
-    dq = at::vec::fmadd(d, q, dq);
+    qd = at::vec::fmadd(d, q, qd);
+    rest_s = rest_s + e_s;
+    rest_t = rest_t + e_t;
   }
-  float sum_sq = horizontal_sum(sq), sum_dq = horizontal_sum(dq);
+  float sum_sq = horizontal_sum(sq), rest = horizontal_sum(qd);
+  float sum_rest_s = horizontal_sum(rest_s), sum_rest_t = horizontal_sum(rest_t);
   for (int64_t k = j; k < n; ++k) {
     const float q = s[k] * r.inv_zs, d = q - t[k] * r.inv_zt;
     sum_sq += d * d;
-    sum_dq += d * q;
+    rest += d * q;
+    sum_rest_s += s[k];
+    sum_rest_t += t[k];
   }
+  const float q_peak = e_s_peak * r.inv_zs, p_peak = e_t_peak * r.inv_zt;
+  const float q_rest = sum_rest_s * r.inv_zs, p_rest = sum_rest_t * r.inv_zt;  // 1 - q_m, 1 - p_m
+  const float d_peak = q_peak + p_peak > 1.f ? p_rest - q_rest : q_peak - p_peak;
   if (need_grad) {
-    const float coef = 2.f * weight * scale_s;
-    const Vec v_coef(coef), v_dq(sum_dq);
+    const float coef = 2.f * weight * scale_s, delta = q_peak * d_peak + rest;
+    const Vec v_coef(coef), v_delta(delta);
     for (j = 0; j + Vec::size() <= n; j += Vec::size()) {
       const Vec q = Vec::loadu(s + j) * v_inv_zs;
       const Vec d = q - Vec::loadu(t + j) * v_inv_zt;
-      (v_coef * q * (d - v_dq)).store(s + j);
+      (v_coef * q * (d - v_delta)).store(s + j);
     }
     for (; j < n; ++j) {
       const float q = s[j] * r.inv_zs, d = q - t[j] * r.inv_zt;
-      s[j] = coef * q * (d - sum_dq);
+      s[j] = coef * q * (d - delta);
     }
+    s[peak] = coef * q_peak * (q_rest * d_peak - rest);
   }
-  return weight * sum_sq;
+  return weight * (sum_sq + d_peak * d_peak);
 }
 
 // sum_j (scale_s s_j - scale_t t_j)^2; dL/ds_j = 2c (scale_s s_j - scale_t t_j).

@@ -40,4 +40,10 @@ inline float row_max(const float* x, int64_t n) {
   return best;
 }
 
+// Index of the first largest element; 0 when nothing compares equal to the maximum (NaN in the row).
+inline int64_t first_argmax(const float* x, int64_t n) {
+  const float* hit = std::find(x, x + n, row_max(x, n));
+  return hit == x + n ? 0 : hit - x;
+}
+
 }  // namespace pykd

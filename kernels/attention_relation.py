@@ -10,7 +10,8 @@ C, rescaled whenever a maximum grows (FlashAttention's online softmax, run for t
 Keeping C in max-shifted form avoids the cancellation of large scores. When the maxima move
 by (dm_t, dm_s), every shifted difference moves by a constant, so C <- e^{-dm_t}(C - shift Z_t).
 mse_prob needs the finished log-sum-exps, so it takes a second sweep over the keys; mse_logit
-needs no softmax. The per-row log-sum-exps (and, for mse_prob, delta = sum_k g_k q_k) are saved.
+needs no softmax. The per-row log-sum-exps are saved, and for mse_prob the statistics of its
+stable gradient (Delta = q_m d_m + R, D_m and the student's peak m) in the three planes of DELTA.
 
 Backward recomputes each score tile from the saved statistics and forms G = dL/ds.
 dX_S is row-parallel (a program owns rows, loops over keys) and dY_S column-parallel (a program
@@ -72,14 +73,16 @@ def _scores(x, y, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _score_grad(t, s, valid, lse_t, lse_s, delta, weight, LOSS: tl.constexpr):
-    """G = dL/ds for one tile; zero on padded keys and on rows of weight 0."""
+def _score_grad(t, s, keys, valid, lse_t, lse_s, delta, peak_d, peak, weight, LOSS: tl.constexpr):
+    """G = dL/ds for one tile; zero on padded keys and on rows of weight 0. mse_prob: 2 w q_j D_j with
+    D_j = d_j - Delta off the peak and the saved D_m on it (the op's docstring)."""
     if LOSS == _MSE_LOGIT:
         return tl.where(valid, 2.0 * weight[:, None] * (s - t), 0.0)
     p = tl.where(valid, tl.exp(t - lse_t[:, None]), 0.0)
     q = tl.where(valid, tl.exp(s - lse_s[:, None]), 0.0)
     if LOSS == _MSE_PROB:
-        return q * (2.0 * weight[:, None] * (q - p) - delta[:, None])
+        big_d = tl.where(keys[None, :] == peak[:, None], peak_d[:, None], (q - p) - delta[:, None])
+        return 2.0 * weight[:, None] * q * big_d
     return weight[:, None] * (q - p)
 
 
@@ -106,6 +109,7 @@ def _relation_fwd_kernel(
     z_t = tl.zeros([BLOCK_M], tl.float32)
     z_s = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)  # C for KL/CE, sum of squares for mse_logit
+    peak = tl.zeros([BLOCK_M], tl.int32)  # mse_prob: the first key holding the student's row maximum
     for start in range(0, length, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         keys_valid = _tokens_valid(KEY_VALID, batch, keys, length)
@@ -119,7 +123,11 @@ def _relation_fwd_kernel(
             acc += tl.sum(diff * diff, axis=1)
         else:
             m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, t, _NEG_BIG), axis=1))
-            m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, s, _NEG_BIG), axis=1))
+            tile_max_s = tl.max(tl.where(valid, s, _NEG_BIG), axis=1)
+            m_s_new = tl.maximum(m_s, tile_max_s)
+            if LOSS == _MSE_PROB:  # the tile's first key at its maximum, kept if it beats the earlier tiles'
+                first = tl.min(tl.where(valid & (s == tile_max_s[:, None]), keys[None, :], length), axis=1)
+                peak = tl.where(tile_max_s > m_s, first, peak)
             shifted_t = t - m_t_new[:, None]
             shifted_s = s - m_s_new[:, None]
             e_t = tl.where(valid, tl.exp(shifted_t), 0.0)
@@ -138,6 +146,7 @@ def _relation_fwd_kernel(
             m_s = m_s_new
 
     delta = tl.zeros([BLOCK_M], tl.float32)
+    peak_d = tl.zeros([BLOCK_M], tl.float32)
     if LOSS == _MSE_LOGIT:  # no softmax: the statistics are unused
         lse_t = delta
         lse_s = delta
@@ -150,9 +159,12 @@ def _relation_fwd_kernel(
         row_loss = acc
     elif LOSS != _MSE_PROB:
         row_loss = -acc / z_t + tl.log(z_s)
-    else:
+    else:  # mse_prob: sums over the keys other than the peak, then the peak's d from the complements
         sq = tl.zeros([BLOCK_M], tl.float32)
-        dq = tl.zeros([BLOCK_M], tl.float32)
+        rest = tl.zeros([BLOCK_M], tl.float32)
+        q_rest = tl.zeros([BLOCK_M], tl.float32)
+        p_rest = tl.zeros([BLOCK_M], tl.float32)
+        p_peak = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, length, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
             keys_valid = _tokens_valid(KEY_VALID, batch, keys, length)
@@ -161,17 +173,28 @@ def _relation_fwd_kernel(
             ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
             p = tl.where(valid, tl.exp(_scores(xt, yt, scale_t, PRECISION) - lse_t[:, None]), 0.0)
             q = tl.where(valid, tl.exp(_scores(xs, ys, scale_s, PRECISION) - lse_s[:, None]), 0.0)
-            sq += tl.sum((q - p) * (q - p), axis=1)
-            dq += tl.sum((q - p) * q, axis=1)
-        row_loss = sq
-        delta = 2.0 * weight * dq
+            is_peak = keys[None, :] == peak[:, None]
+            d = tl.where(is_peak, 0.0, q - p)
+            sq += tl.sum(d * d, axis=1)
+            rest += tl.sum(q * d, axis=1)
+            q_rest += tl.sum(tl.where(is_peak, 0.0, q), axis=1)
+            p_rest += tl.sum(tl.where(is_peak, 0.0, p), axis=1)
+            p_peak += tl.sum(tl.where(is_peak, p, 0.0), axis=1)
+        q_peak = tl.exp(m_s - lse_s)  # the peak's score is the row maximum
+        d_peak = tl.where(q_peak + p_peak > 1.0, p_rest - q_rest, q_peak - p_peak)
+        row_loss = sq + d_peak * d_peak
+        delta = q_peak * d_peak + rest
+        peak_d = q_rest * d_peak - rest
 
     out = pid_bh * length + rows
     inside = rows < length
     tl.store(ROW_LOSS + out, weight * row_loss, mask=inside)
     tl.store(LSE_T + out, lse_t, mask=inside)
     tl.store(LSE_S + out, lse_s, mask=inside)
+    planes = tl.num_programs(1) * length
     tl.store(DELTA + out, delta, mask=inside)
+    tl.store(DELTA + planes + out, peak_d, mask=inside)
+    tl.store(DELTA + 2 * planes + out, peak.to(tl.float32), mask=inside)
 
 
 @triton.jit
@@ -182,8 +205,11 @@ def _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length
     stat = pid_bh * length + rows
     lse_t = tl.load(LSE_T + stat, mask=inside, other=0.0)
     lse_s = tl.load(LSE_S + stat, mask=inside, other=0.0)
+    planes = tl.num_programs(1) * length
     delta = tl.load(DELTA + stat, mask=inside, other=0.0)
-    return weight, lse_t, lse_s, delta
+    peak_d = tl.load(DELTA + planes + stat, mask=inside, other=0.0)
+    peak = tl.load(DELTA + 2 * planes + stat, mask=inside, other=0.0).to(tl.int32)
+    return weight, lse_t, lse_s, delta, peak_d, peak
 
 
 @triton.jit
@@ -203,7 +229,8 @@ def _relation_bwd_dx_kernel(
     inside = rows < length
     xt = _load_head_rows(XT, batch, rows, rows_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
     xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
-    weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
+    weight, lse_t, lse_s, delta, peak_d, peak = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh,
+                                                                rows, length)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start in range(0, length, BLOCK_N):
@@ -213,7 +240,7 @@ def _relation_bwd_dx_kernel(
         yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
         ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
         grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
-                           valid, lse_t, lse_s, delta, weight, LOSS)
+                           keys, valid, lse_t, lse_s, delta, peak_d, peak, weight, LOSS)
         acc += tl.dot(grad, ys, input_precision=PRECISION)
 
     acc = acc * (scale_s * tl.load(GRAD_OUT).to(tl.float32))
@@ -246,9 +273,10 @@ def _relation_bwd_dy_kernel(
         rows_valid = _tokens_valid(KEY_VALID, batch, rows, length)
         xt = _load_head_rows(XT, batch, rows, rows_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
         xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
-        weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
+        weight, lse_t, lse_s, delta, peak_d, peak = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh,
+                                                                    rows, length)
         grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
-                           valid, lse_t, lse_s, delta, weight, LOSS)
+                           keys, valid, lse_t, lse_s, delta, peak_d, peak, weight, LOSS)
         acc += tl.dot(tl.trans(grad), xs, input_precision=PRECISION)
 
     acc = acc * (scale_s * tl.load(GRAD_OUT).to(tl.float32))
@@ -307,8 +335,9 @@ def relation_forward(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s)
     key_valid = key_valid.to(torch.int8).contiguous()
     weight = row_weights(key_valid, heads, loss_id)
     # Separate buffers: the statistics are outputs of a custom op, which may not alias one another.
-    row_loss, lse_t, lse_s, delta = (torch.empty(batch * heads, length, device=t_a.device, dtype=torch.float32)
-                                     for _ in range(4))
+    row_loss, lse_t, lse_s = (torch.empty(batch * heads, length, device=t_a.device, dtype=torch.float32)
+                              for _ in range(3))
+    delta = torch.empty(3, batch * heads, length, device=t_a.device, dtype=torch.float32)  # mse_prob's planes
     meta = _meta(t_a, s_a, heads, loss_id)
     grid = (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)
     _relation_fwd_kernel[grid](

@@ -5,10 +5,21 @@ or mixed per output neuron (neuron-wise), with alpha = softmax over experts of a
 encoding of the architecture (e.g. hidden size, heads and FFN width over the super-net maxima).
 After search, `RoutedLinear.collapse()` folds the experts into a plain nn.Linear.
 """
+import numbers
+
 import torch
 from torch import nn
 
 from .ops.routed_linear import mixed_weight, routed_linear
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
+    """An int argument of at least `minimum`; the error names the argument and what it got."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class ArchRouter(nn.Module):
@@ -28,8 +39,12 @@ class ArchRouter(nn.Module):
     def __init__(self, encoding_size: int, num_experts: int, hidden: int = 128, neuron_wise: bool = False,
                  max_out_features: int | None = None):
         super().__init__()
+        encoding_size, num_experts, hidden = (_count(name, value) for name, value in (
+            ("encoding_size", encoding_size), ("num_experts", num_experts), ("hidden", hidden)))
         if neuron_wise and max_out_features is None:
             raise ValueError("a neuron-wise ArchRouter needs max_out_features")
+        if neuron_wise:
+            max_out_features = _count("max_out_features", max_out_features)
         self.num_experts, self.neuron_wise = num_experts, neuron_wise
         self.max_out_features = max_out_features
         self.hidden = nn.Linear(encoding_size, hidden)
@@ -52,8 +67,8 @@ class ArchRouter(nn.Module):
         hidden = torch.relu(self.hidden(encoding))
         if not self.neuron_wise:
             return torch.softmax(self.head(hidden), dim=-1)
-        f = self.max_out_features if out_features is None else out_features
-        if not 1 <= f <= self.max_out_features:
+        f = self.max_out_features if out_features is None else _count("out_features", out_features)
+        if not f <= self.max_out_features:
             raise ValueError(f"out_features must be in [1, {self.max_out_features}], got {f}")
         rows = f * self.num_experts  # only the active neurons' logits are computed
         logits = nn.functional.linear(hidden, self.head.weight[:rows], self.head.bias[:rows])
@@ -81,7 +96,9 @@ class RoutedLinear(nn.Module):
                  init_weight: torch.Tensor | None = None, init_bias: torch.Tensor | None = None,
                  init_noise: float = 0.0):
         super().__init__()
-        shape = (num_experts, max_out_features, max_in_features)
+        shape = tuple(_count(name, value) for name, value in (
+            ("num_experts", num_experts), ("max_out_features", max_out_features), ("max_in_features", max_in_features)))
+        router_hidden = _count("router_hidden", router_hidden)
         self.experts_w = nn.Parameter(torch.empty(shape))
         self.experts_b = nn.Parameter(torch.empty(num_experts, max_out_features)) if bias else None
         self.router = ArchRouter(encoding_size, num_experts, router_hidden, neuron_wise, max_out_features)
@@ -132,6 +149,7 @@ class RoutedLinear(nn.Module):
             arch_encoding (encoding_size,).
         """
         _, f_max, d_max = self.experts_w.shape
+        out_features, in_features = _count("out_features", out_features), _count("in_features", in_features)
         if not (1 <= out_features <= f_max and 1 <= in_features <= d_max):
             raise ValueError(f"active shape ({out_features}, {in_features}) must fit the super-net's "
                              f"({f_max}, {d_max})")

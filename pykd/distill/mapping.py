@@ -35,6 +35,8 @@ saved in checkpoints and a resumed run continues with them.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -113,6 +115,9 @@ def transport_plan(source, target, cost) -> np.ndarray:
     if a.ndim != 1 or b.ndim != 1 or d.shape != (a.size, b.size):
         raise ValueError(f"transport_plan needs masses (M,), (N,) and costs (M, N), got shapes {a.shape}, "
                          f"{b.shape}, {d.shape}")
+    for name, masses in (("source", a), ("target", b)):
+        if not np.isfinite(masses).all():
+            raise ValueError(f"transport_plan needs finite {name} masses, got {masses.tolist()}")
     if (a < 0).any() or (b < 0).any() or not a.sum() > 0 or not np.isfinite(d).all():
         raise ValueError(f"transport_plan needs non-negative masses with a positive total and finite costs, got "
                          f"{a.tolist()}, {b.tolist()}")
@@ -143,6 +148,9 @@ class EarthMoverMapping(nn.Module):
 
     def __init__(self, student_layers: int, teacher_layers: int, temperature: float = 1.0):
         super().__init__()
+        for name, count in (("student_layers", student_layers), ("teacher_layers", teacher_layers)):
+            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+                raise ValueError(f"the EMD mapping's {name} must be a positive int, got {count!r}")
         if not temperature > 0:
             raise ValueError(f"the EMD mapping's temperature must be > 0, got {temperature}")
         self.temperature = temperature

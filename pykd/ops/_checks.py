@@ -6,6 +6,7 @@ value is baked into the kernel launch (a tensor would be read back from the devi
 gradient with respect to it would silently be dropped). bool is refused where a number is meant.
 """
 import numbers
+import sys
 
 import torch
 
@@ -47,6 +48,14 @@ def real_arg(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python float (or NumPy scalar), got {_describe(value)}")
     return float(value)
+
+
+def is_finite(value) -> bool:
+    """math.isfinite for a real number, written as a comparison that torch.compile traces when the
+    number is symbolic (a SymFloat under dynamic=True, which math.isfinite cannot take). Compiled,
+    it becomes a guard checked on every call: -inf < x < inf would not, since the compiler takes a
+    symbolic float to be finite and drops that comparison as always true."""
+    return abs(value) <= sys.float_info.max
 
 
 def _describe(value) -> str:

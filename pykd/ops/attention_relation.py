@@ -27,6 +27,30 @@ and dX_S = c_s G Y_S, dY_S = c_s G^T X_S per head (a self-relation, X_S = Y_S, r
 The fused paths never hold an L x L map: they stream over key tiles with an online
 log-sum-exp (Triton) or walk row blocks of the exact scores (C++), and keep per-row statistics.
 
+mse_prob's gradient without cancellation. Take one row, d = q - p, and m the student's peak (the
+first argmax of s). Since sum_k q_k = 1, G_j = 2 w q_j D_j with D_j = sum_k q_k (d_j - d_k):
+differences of d only, and that is the size of the error any evaluation must make. Written as
+d_j - sum_k q_k d_k at a peaked row (q_m = 1 - eps), two pieces subtract a dominant term:
+
+  - d_m = q_m - p_m takes two numbers within eps of 1 apart when the teacher peaks at m too (an
+    absolute error of u where eps is needed). Every path forms it from the complements instead,
+    1 - q_m = sum_{k != m} q_k and 1 - p_m = sum_{k != m} p_k, sums of positive terms
+    exp(s_k - s_max) / Z that are exact to a few ulps:
+        d_m = (1 - p_m) - (1 - q_m)   if q_m + p_m > 1,   else q_m - p_m
+    (each form errs in proportion to its own terms, and the condition picks the smaller).
+  - D_m = d_m - sum_k q_k d_k takes two numbers of size eps apart to leave one of size eps^2.
+    With R = sum_{k != m} q_k d_k it is formed as D_m = (1 - q_m) d_m - R.
+
+The other keys take D_j = d_j - Delta with Delta = q_m d_m + R: d_j, q_m d_m and R are each no
+larger than the terms of sum_k q_k (d_j - d_k), so nothing dominant is subtracted. Where the
+peaks differ, no key has both q and p near 1, and q_m - p_m (near 1 - p_m) and the teacher's
+peak's d (near -1) are formed without cancellation. Every quantity is then a short sum of terms
+good to a few ulps, and G_j errs by at most (12 L + 152) u 2 w q_j M_j, where
+M_j = sum_{k != j} q_k (|d_j - d_k| + a_j + a_k) is the size of D_j's terms, a_k = q_k + p_k and
+a_m the smaller of q_m + p_m and (1 - q_m) + (1 - p_m) (the derivation and the test against a
+100-digit evaluation: tests/test_attention_relation_peaked.py). The loss sums d_k^2 over
+k != m and adds d_m^2 from the same d_m. Per row the fused paths keep m, Delta and D_m.
+
 The teacher is a constant: no gradient reaches t_a or t_b even when they require grad.
 """
 import math
@@ -34,12 +58,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._extension import cpu_extension
 from ..kernels.ids import RELATION_LOSS_IDS
 from ._backends import autocast_off, select_backend
 from ._checks import (check_finite_where_valid, check_nonempty, check_same_device, check_tensor, check_token_mask,
-                      int_arg, real_arg, valid_token_counts)
+                      int_arg, is_finite, real_arg, valid_token_counts)
 
 LOSSES = tuple(RELATION_LOSS_IDS)
 
@@ -162,7 +187,7 @@ def _scale(name: str, value, head_dim: int) -> float:
     if value is None:
         return 1.0 / math.sqrt(head_dim)
     value = real_arg(name, value)
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
 
@@ -226,15 +251,51 @@ def _reference_loss(t: Tensor, s: Tensor, mask: Tensor, counts: Tensor, spec: Re
     valid = valid_key & mask[:, None, :, None]
     if spec.loss == "mse_logit":
         return torch.where(valid, s - t, 0.0).square().sum() / (spec.heads * counts.square().sum())
+    if spec.loss == "mse_prob":
+        return _MseProbLoss.apply(t, s, valid_key, mask[:, None, :, None], spec.heads * counts.square().sum())
     log_p = torch.log_softmax(t.masked_fill(~valid_key, float("-inf")), dim=-1).masked_fill(~valid_key, 0.0)
     log_q = torch.log_softmax(s.masked_fill(~valid_key, float("-inf")), dim=-1).masked_fill(~valid_key, 0.0)
     p = log_p.exp() * valid_key
-    if spec.loss == "mse_prob":
-        diff = torch.where(valid, p - log_q.exp() * valid_key, 0.0)
-        return diff.square().sum() / (spec.heads * counts.square().sum())
     per_entry = p * (log_p - log_q) if spec.loss == "kl" else -p * log_q
     per_example = torch.where(valid, per_entry, 0.0).sum(dim=(1, 2, 3)) / (spec.heads * counts)
     return per_example.mean()
+
+
+def _mse_prob_rows(t: Tensor, s: Tensor, valid_key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """mse_prob in the module docstring's stable form, per row of the (B, A, L, L) maps.
+
+    Returns (sum_k d_k^2 (B, A, L), D (B, A, L, L), q (B, A, L, L)); padded keys get D = q = 0.
+    """
+    p = torch.softmax(t.masked_fill(~valid_key, float("-inf")), dim=-1)
+    s_valid = s.masked_fill(~valid_key, float("-inf"))
+    q = torch.softmax(s_valid, dim=-1)
+    peak = torch.nn.functional.one_hot(s_valid.argmax(dim=-1), s.shape[-1]).bool()
+    off_peak = valid_key & ~peak
+    q_peak, p_peak = (torch.where(peak, x, 0.0).sum(dim=-1) for x in (q, p))
+    q_rest, p_rest = (torch.where(off_peak, x, 0.0).sum(dim=-1) for x in (q, p))  # 1 - q_m, 1 - p_m
+    d = torch.where(off_peak, q - p, 0.0)
+    d_peak = torch.where(q_peak + p_peak > 1, p_rest - q_rest, q_peak - p_peak)
+    rest = (q * d).sum(dim=-1)  # R: d is zero at the peak
+    big_d = torch.where(peak, (q_rest * d_peak - rest)[..., None], d - (q_peak * d_peak + rest)[..., None])
+    return d.square().sum(dim=-1) + d_peak.square(), big_d, q
+
+
+class _MseProbLoss(torch.autograd.Function):
+    """mse_prob of the score maps with its gradient in the stable form (autograd of the plain
+    form is q (g - sum q g), which cancels at peaked rows)."""
+
+    @staticmethod
+    def forward(ctx, t, s, valid_key, valid_row, entries):
+        squares, big_d, q = _mse_prob_rows(t, s, valid_key)
+        weight = 1.0 / entries.to(s.dtype)
+        ctx.save_for_backward(torch.where(valid_row, 2.0 * weight * q * big_d, 0.0))
+        return torch.where(valid_row[..., 0], squares, 0.0).sum() * weight
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (grad_scores,) = ctx.saved_tensors
+        return None, grad_scores * grad_loss, None, None, None
 
 
 # ---- the fused paths as custom ops: one graph under torch.compile, autograd registered below ----
@@ -278,7 +339,8 @@ _cpp_loss.register_autograd(_cpp_backward, setup_context=_cpp_setup_context)
 def _triton_loss(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, mask: Tensor | None, heads: int, loss_id: int,
                  scale_t: float, scale_s: float, check_finite: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, key mask, row weights, teacher and student log-sum-exps, mse_prob's delta)."""
+    """(loss, key mask, row weights, teacher and student log-sum-exps, mse_prob's row statistics
+    (3, B A, L): Delta, D_m and the peak's index)."""
     from ..kernels import attention_relation as kernel
 
     _checked_token_counts(t_a, t_b, s_a, s_b, mask, check_finite)
@@ -290,9 +352,10 @@ def _triton_loss(t_a: Tensor, t_b: Tensor, s_a: Tensor, s_b: Tensor, mask: Tenso
 @_triton_loss.register_fake
 def _(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s, check_finite):
     batch, length = t_a.shape[:2]
-    stats = (t_a.new_empty((batch * heads, length), dtype=torch.float32) for _ in range(3))
+    lse = (t_a.new_empty((batch * heads, length), dtype=torch.float32) for _ in range(2))
     return (t_a.new_empty((), dtype=torch.float32), t_a.new_empty((batch, length), dtype=torch.int8),
-            t_a.new_empty((batch, length), dtype=torch.float32), *stats)
+            t_a.new_empty((batch, length), dtype=torch.float32), *lse,
+            t_a.new_empty((3, batch * heads, length), dtype=torch.float32))
 
 
 @torch.library.custom_op("pykd::attention_relation_triton_backward", mutates_args=())

@@ -63,7 +63,7 @@ import torch.distributed as dist
 from .._extension import cpu_extension
 from ..kernels.ids import MI_BOUND_IDS
 from ._backends import autocast_off, select_backend
-from ._checks import check_nonempty, check_same_device, check_tensor, real_arg
+from ._checks import check_nonempty, check_same_device, check_tensor, is_finite, real_arg
 
 BOUNDS = tuple(MI_BOUND_IDS)
 BASELINE_BOUNDS = ("tuba", "alpha")
@@ -157,7 +157,7 @@ def validate_bound_args(a, b, log_q, bound, alpha, scale) -> BoundSpec:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     scale = real_arg("scale", scale)
-    if not math.isfinite(scale):
+    if not is_finite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     check_same_device(a=a, b=b, log_q=log_q)
     return BoundSpec(bound=bound, alpha=alpha, scale=scale)

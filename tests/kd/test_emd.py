@@ -76,6 +76,9 @@ def test_plan_of_masses_spanning_eight_orders_whose_totals_differ_by_one_roundin
     ([-0.5, 1.5], [1.0], [[1], [1]], "non-negative masses"),
     ([1.0], [1.0], [[np.nan]], "finite costs"),
     ([1.0, 0.0], [1.0], [[1, 1]], r"shapes \(2,\), \(1,\), \(1, 2\)"),
+    ([0.5, 0.5], [1.0, np.nan], [[1, 1], [1, 1]], r"finite target masses, got \[1.0, nan\]"),
+    ([np.nan, 1.0], [0.5, 0.5], [[1, 1], [1, 1]], r"finite source masses, got \[nan, 1.0\]"),
+    ([np.inf, 1.0], [np.inf, 1.0], [[1, 1], [1, 1]], r"finite source masses, got \[inf, 1.0\]"),
 ])
 def test_plan_rejects_bad_input(a, b, cost, message):
     with pytest.raises(ValueError, match=message):
@@ -124,6 +127,12 @@ def test_emd_weights_move_to_cheap_layers_and_stay_put_outside_training():
         free(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         EarthMoverMapping(2, 2, temperature=0)
+    for layers, message in (((0, 3), "student_layers must be a positive int, got 0"),
+                            ((3, 0), "teacher_layers must be a positive int, got 0"),
+                            ((2.5, 3), "student_layers must be a positive int, got 2.5"),
+                            ((3, True), "teacher_layers must be a positive int, got True")):
+        with pytest.raises(ValueError, match=message):
+            EarthMoverMapping(*layers)
 
 
 def test_emd_mappings_pair_every_layer():

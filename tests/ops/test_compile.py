@@ -12,6 +12,7 @@ differently from eager: 1e-4 covers gamma_n (n <= 100, 6e-6) times the loss's co
 20 at these sizes).
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -24,15 +25,20 @@ REFERENCE_TOL = 1e-11
 PATHS = ("cpp", "triton", "reference")
 
 
-def relation_case(rng, dtype):
+def relation_case(rng, dtype, loss="kl"):
     t = torch.randn(2, 5, 8, generator=rng, dtype=dtype)
     s_a, s_b = (torch.randn(2, 5, 4, generator=rng, dtype=dtype).requires_grad_() for _ in range(2))
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
 
     def run(s_a, s_b, backend):
-        return pykd.attention_relation_loss(t, t.flip(1), s_a, s_b, 2, mask=mask, loss="kl", backend=backend)
+        return pykd.attention_relation_loss(t, t.flip(1), s_a, s_b, 2, mask=mask, loss=loss, backend=backend)
 
     return run, (s_a, s_b)
+
+
+def relation_mse_prob_case(rng, dtype):
+    """mse_prob: its reference runs an autograd.Function (the stable backward), its kernels more statistics."""
+    return relation_case(rng, dtype, loss="mse_prob")
 
 
 def mi_case(rng, dtype):
@@ -59,7 +65,8 @@ def routed_case(rng, dtype):
     return run, leaves
 
 
-CASES = {"relation": relation_case, "mi": mi_case, "routed": routed_case}
+CASES = {"relation": relation_case, "relation_mse_prob": relation_mse_prob_case, "mi": mi_case,
+         "routed": routed_case}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -218,3 +225,38 @@ def test_compiled_code_keeps_the_checks_that_read_values(path, rng):
     s[0, 2, 1] = float("inf")
     with pytest.raises(ValueError, match=r"s_a contains NaN or Inf at a valid token"):
         compiled(t, s, torch.ones(2, 4, dtype=torch.bool), True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("op", ("mi", "relation"))
+def test_dynamic_shapes_compile_with_the_scale_check(op, path, rng):
+    """dynamic=True makes a float argument a symbolic float: the scale's finiteness check traces (as a
+    guard run on every call), the values follow eager on two batch sizes and scales, and a non-finite
+    scale is still refused, in eager with the same message."""
+    torch._dynamo.reset()
+    dtype = torch.float64 if path == "reference" else torch.float32
+    a, b = (torch.randn(6, 5, 4, generator=rng, dtype=dtype) for _ in range(2))
+
+    def step(a, b, scale):
+        if op == "mi":
+            return pykd.mi_lower_bound(a[:, 0], b[:, 0], bound="alpha", alpha=0.5, scale=scale, backend=path)
+        return pykd.attention_relation_loss(b, b, a, a, 2, loss="mse_prob", scale_s=scale, backend=path)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager" if path == "reference" else "inductor")
+    tol = REFERENCE_TOL if path == "reference" else FUSED_TOL
+    for rows, scale in ((6, 2.0), (4, 0.5)):
+        leaves = [x[:rows].clone().requires_grad_() for x in (a, b)]
+        eager = step(*leaves, scale)
+        compiled_value = compiled(*leaves, scale)
+        assert rel_err(compiled_value, eager) <= tol
+        eager_grad = torch.autograd.grad(eager, leaves[0])[0]
+        assert rel_err(torch.autograd.grad(compiled_value, leaves[0])[0], eager_grad) <= tol
+    name = "scale" if op == "mi" else "scale_s"
+    for bad in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"{name} must be a positive finite number|{name} must be a finite number"):
+            step(a, b, bad)
+    # The last call's inputs but the scale: nothing else may make Dynamo recompile (and so re-run the
+    # check at trace time). Compiled, the ValueError surfaces inside Dynamo's error.
+    for bad in (math.inf, -math.inf):
+        with pytest.raises(Exception, match=f"{name} must be a (positive )?finite number, got -?inf"):
+            compiled(*leaves, bad)

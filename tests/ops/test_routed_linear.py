@@ -145,3 +145,28 @@ def test_module_rejects_inputs_of_the_wrong_width():
         layer(torch.randn(3, 8))
     with pytest.raises(ValueError, match=r"active shape \(11, 5\) must fit"):
         layer.set_active(11, 5, torch.ones(2))
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: pykd.RoutedLinear(0, 4, num_experts=2, encoding_size=3), ValueError, "max_in_features must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 0, num_experts=2, encoding_size=3), ValueError, "max_out_features must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 4, num_experts=0, encoding_size=3), ValueError, "num_experts must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 4, num_experts=2, encoding_size=0), ValueError, "encoding_size must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 4, num_experts=2, encoding_size=3, router_hidden=0), ValueError,
+     "router_hidden must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4.0, 4, num_experts=2, encoding_size=3), TypeError, "max_in_features must be an int, got float 4.0"),
+    (lambda: pykd.RoutedLinear(4, 4, 2, 3).set_active(2.0, 3, torch.ones(3)), TypeError,
+     "out_features must be an int, got float 2.0"),
+    (lambda: pykd.ArchRouter(3, 2, neuron_wise=True, max_out_features=0), ValueError,
+     "max_out_features must be an int >= 1, got 0"),
+    (lambda: pykd.ArchRouter(3, 2, neuron_wise=True, max_out_features=8)(torch.ones(3), 5.5), TypeError,
+     "out_features must be an int, got float 5.5"),
+    (lambda: pykd.ArchRouter(3, 2, neuron_wise=True, max_out_features=8)(torch.ones(3), 0), ValueError,
+     "out_features must be an int >= 1, got 0"),
+    (lambda: pykd.ArchRouter(3, 2, neuron_wise=True, max_out_features=8)(torch.ones(3), 9), ValueError,
+     r"out_features must be in \[1, 8\], got 9"),
+])
+def test_module_sizes_name_the_argument(build, error, message):
+    """Sizes of 0 (a ZeroDivisionError in the initialiser before) and non-int sizes are refused by name."""
+    with pytest.raises(error, match=message):
+        build()
