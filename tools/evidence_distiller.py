@@ -61,7 +61,7 @@ SCORES = ("metric", "teacher_score", "student_score", "ratio", "eval_examples", 
 
 
 def pipelines() -> dict:
-    from kd_runs_table import PIPELINES
+    from pykd.distiller.pipeline import PIPELINES
 
     return {name: PIPELINES[name] for name in PIPELINE_NAMES}
 
@@ -82,7 +82,7 @@ def prepare_data(root: Path, scale: dict) -> dict:
     prepared = data_module.prepare(data_module.load_corpus("rotten_tomatoes"), "classification", "rotten_tomatoes")
     texts, labels = prepared.dataset["text"][:], prepared.dataset["label"][:]
     order = np.random.default_rng(1234).permutation(len(texts))
-    test = set(int(i) for i in order[: scale["rt_test"]])
+    test = {int(i) for i in order[: scale["rt_test"]]}
     path = root / "data" / "rotten_tomatoes.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"text": texts[i], "label": int(labels[i]),
@@ -122,8 +122,8 @@ def finetune_teacher(root: Path, scale: dict, dataset: str) -> dict:
 
 
 def meta(root: Path, scale: dict, dataset: str, size: int, student: str) -> dict:
-    from pykd.distill import autodistiller
     from pykd.distill import config as run_config
+    from pykd.distiller import autodistiller
 
     values = base_values(root, scale, dataset, size, student, root / "unused")
     return {"meta": autodistiller.meta_features(run_config.from_dict(values))}
@@ -131,13 +131,14 @@ def meta(root: Path, scale: dict, dataset: str, size: int, student: str) -> dict
 
 def distil(root: Path, scale: dict, dataset: str, size: int, student: str, pipeline: str, seed: int) -> dict:
     from pykd.distill import config as run_config
-    from pykd.distill import hpo
+    from pykd.distiller import pipeline as pipeline_module
     from pykd.distill.report import final_eval
     from pykd.distill.trainer import Trainer
 
     output = root / "runs" / dataset / setting_name(size, student).replace(" ", "_").replace("=", "") / \
         f"{pipeline}-s{seed}"
-    values = hpo.pipeline_values(base_values(root, scale, dataset, size, student, output), pipelines()[pipeline])
+    base = base_values(root, scale, dataset, size, student, output)
+    values = pipeline_module.pipeline_values(base, pipelines()[pipeline])
     values["train"]["seed"] = seed
     trainer = Trainer(run_config.from_dict(values), "distill")
     score = final_eval(trainer.train())["accuracy"]
@@ -174,7 +175,7 @@ space:
 
 
 def hpo_study(root: Path, scale: dict) -> dict:
-    from pykd.distill import hpo
+    from pykd.distiller import hpo
 
     output = root / "hpo"
     output.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,7 @@ def plan(root: Path, scale: dict):
 # ---- the table and the summary ----
 
 def table_rows(root: Path, scale: dict, results: dict) -> list[dict]:
-    from pykd.distill import autodistiller
+    from pykd.distiller import autodistiller
 
     rows = []
     for dataset, size, student, pipeline, seed in runs_wanted(scale):
@@ -252,7 +253,7 @@ def table_rows(root: Path, scale: dict, results: dict) -> list[dict]:
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    from pykd.distill import autodistiller
+    from pykd.distiller import autodistiller
 
     # teacher_score is a meta-feature and a score column (as in kd_runs.csv): one column, the score.
     columns = list(dict.fromkeys([*COLUMNS, *autodistiller.META_FEATURES, *SCORES]))

@@ -23,9 +23,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass
@@ -57,7 +57,8 @@ class Study:
         os.replace(partial, path)
 
     def _try_lock(self, job: Job):
-        handle = open(self.root / "locks" / f"{job.name}.lock", "a")
+        # The lock lives as long as the job runs: the caller closes the handle (the kernel does, if it dies).
+        handle = open(self.root / "locks" / f"{job.name}.lock", "a")  # noqa: SIM115
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -129,9 +130,9 @@ def run_workers(argv: list[str], workers: int, root: Path, log=print) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     children = []
     for index in range(workers):
-        out = open(logs / f"worker-{index}.log", "a")
-        children.append(subprocess.Popen([sys.executable, *argv, "--worker"], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT))
+        with open(logs / f"worker-{index}.log", "a") as out:  # the child keeps its own copy of the descriptor
+            children.append(subprocess.Popen([sys.executable, *argv, "--worker"], env=env, stdout=out,
+                                             stderr=subprocess.STDOUT))
         time.sleep(2)  # the first worker claims its job before the next one looks
 
     def forward(signum, _frame):

@@ -104,15 +104,22 @@ def slug(text: str) -> str:
 
 # ---- data ----
 
+def _row(texts: list, labels: list, index: int, split: str | None = None) -> dict:
+    """One example as a JSON line (the split column is the trainer's train/test: here train/validation)."""
+    record = {"text": " ".join(texts[index].split()), "label": int(labels[index])}
+    return {**record, "split": split} if split else record
+
+
 def prepare_data(root: Path, scale: dict) -> dict:
     """Fine-tuning files (train + validation as the trainer's train/test split), test files, the corpus."""
     import numpy as np
 
+    from pykd.distill import corpora
     from pykd.distill import data as data_module
 
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    corpus = list(data_module.pydocs_paragraphs())
+    corpus = list(corpora.pydocs_paragraphs())
     info = {"corpus_pydocs": len(corpus)}
     for name in scale["datasets"]:
         prepared = data_module.prepare(data_module.load_corpus(name), "classification", name)
@@ -129,13 +136,10 @@ def prepare_data(root: Path, scale: dict) -> dict:
         validation = train_rows[: scale["validation"]]
         train = train_rows[scale["validation"]: scale["validation"] + scale["train"]]
 
-        def row(i, split=None):
-            record = {"text": " ".join(texts[i].split()), "label": int(labels[i])}
-            return {**record, "split": split} if split else record
-
-        lines = [row(i, "train") for i in train] + [row(i, "test") for i in validation]
+        lines = [_row(texts, labels, i, "train") for i in train] + [_row(texts, labels, i, "test") for i in validation]
         (data_dir / f"{name}.finetune.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        (data_dir / f"{name}.test.jsonl").write_text("".join(json.dumps(row(i)) + "\n" for i in test_rows))
+        (data_dir / f"{name}.test.jsonl").write_text(
+            "".join(json.dumps(_row(texts, labels, i)) + "\n" for i in test_rows))
         corpus += [" ".join(texts[i].split()) for i in train]
         info[name] = {"train": len(train), "validation": len(validation), "test": len(test_rows),
                       "classes": prepared.label_names}
@@ -199,19 +203,20 @@ def train_supernet(root: Path, scale: dict, variant: str, subspace: str) -> dict
 
 def held_out(root: Path, scale: dict):
     """(teacher, space, tokenizer, TeacherCache, RelationSpec) of the K=3 config's held-out batches."""
-    from pykd.nas.search import TeacherCache, held_out_batches, load_teacher_and_space
-    from pykd.nas.train import RelationSpec
+    from pykd.distill.losses import RelationTerms
+    from pykd.nas.evaluate import TeacherCache, held_out_batches, load_teacher_and_space
 
     config = supernet_config(root, scale, "k3")
     teacher, space, tokenizer = load_teacher_and_space(config)
     cache = TeacherCache(teacher, held_out_batches(config, tokenizer))
-    return teacher, space, tokenizer, cache, RelationSpec(("qq", "kk", "vv"), 8, "kl")
+    return teacher, space, tokenizer, cache, RelationTerms(("qq", "kk", "vv"), 8, "kl")
 
 
 def search(root: Path, scale: dict) -> dict:
     """Every K=3 candidate scored; per budget the best in the FLOPs band and, for reference, the best
     under the budget alone (what an unbanded search picks)."""
-    from pykd.nas.search import build_evaluator, enumerate_search
+    from pykd.nas.algorithms import enumerate_search
+    from pykd.nas.evaluate import build_evaluator
 
     config = supernet_config(root, scale, "k3")
     evaluator = build_evaluator(config)
@@ -242,7 +247,7 @@ def export_searched(root: Path, scale: dict, arch_text: str, output: Path) -> di
 def export_cut(root: Path, scale: dict, arch_text: str, output: Path) -> dict:
     """The shape sliced out of the teacher (the untrained SuperLM's export: pykd's bottom-left cut)."""
     from pykd.nas import Architecture, SuperLM, save_student
-    from pykd.nas.search import load_teacher_and_space
+    from pykd.nas.evaluate import load_teacher_and_space
 
     if not output.exists():
         teacher, space, tokenizer = load_teacher_and_space(supernet_config(root, scale, "k3"))
@@ -302,7 +307,7 @@ def test_metrics(root: Path, dataset: str, model_dir: Path) -> dict:
     return {**metrics, "examples": len(rows)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ranking_archs(limit: int | None) -> tuple:
     from pykd.distill.models import load_pretrained
     from pykd.nas import SearchSpace
@@ -324,14 +329,13 @@ def rank_supernet(root: Path, scale: dict, variant: str, archs: list[str], stand
     from scipy.stats import kendalltau
 
     from pykd.nas import Architecture
-    from pykd.nas.search import held_out_loss, load_supernet
+    from pykd.nas.config import build_space
+    from pykd.nas.evaluate import held_out_loss, load_supernet
     from pykd.nas.train import subspace_run_config
 
     teacher, _, _, cache, spec = held_out(root, scale)
     config = supernet_config(root, scale, variant)
-    from pykd.nas.train import build_space
-
-    space = build_space(config, teacher.config)
+    space = build_space(config.nas, teacher.config)
     subspace = SUPERNETS[variant]["subspaces"][0] if variant == "k1" else RANKING_SUBSPACE
     supernet = load_supernet(subspace_run_config(config, subspace).train.output_dir, teacher, space, config.nas)
     inherited = [held_out_loss(supernet, Architecture.parse(a), cache, spec) for a in archs]
@@ -344,7 +348,7 @@ def rank_supernet(root: Path, scale: dict, variant: str, archs: list[str], stand
 
 def standalone_losses(root: Path, scale: dict, archs: list[str], results: dict) -> dict:
     from pykd.distill.models import load_pretrained
-    from pykd.nas.search import model_loss
+    from pykd.nas.evaluate import model_loss
 
     _, _, _, cache, spec = held_out(root, scale)
     losses = {a: model_loss(load_pretrained(results[f"rank-pretrain-{slug(a)}"]["dir"], "unlabeled"), cache, spec)
@@ -432,7 +436,7 @@ def plan(root: Path, scale: dict):
                                                             root / "ranking" / slug(a)), need, priority=6))
         listed.append(Job("rank-standalone", lambda: standalone_losses(root, scale, archs, results), rank_pretrains,
                           priority=7))
-        for variant, spec in SUPERNETS.items():
+        for variant in SUPERNETS:
             subspace = "all" if variant == "k1" else RANKING_SUBSPACE
             listed.append(Job(f"rank-{variant}", lambda v=variant: rank_supernet(
                 root, scale, v, archs, results["rank-standalone"]["losses"]),
@@ -473,7 +477,7 @@ def summarise(root: Path, scale_name: str, results: dict, wall: float | None) ->
                             "seeds": len(values), "mean": mean, "se": se})
     ranking = [results[f"rank-{v}"] for v in SUPERNETS if f"rank-{v}" in results]
     out = {"scale": scale_name, "steps": SCALES[scale_name], "rows": rows, "summary": summary,
-           "search": {k: v for k, v in results.get("search", {}).get("picks", {}).items()},
+           "search": dict(results.get("search", {}).get("picks", {})),
            "ranking": [{k: v for k, v in r.items() if k != "rows"} for r in ranking],
            "ranking_rows": [{"variant": r["variant"], **row} for r in ranking for row in r["rows"]],
            "compute_s": sum(r.get("seconds", 0.0) for r in results.values()), "wall_s": wall}
@@ -484,7 +488,7 @@ def write_outputs(summary: dict, markdown_path: Path, plot_path: Path, evidence_
     evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
     evidence["nas"] = summary
     evidence_path.write_text(json.dumps(evidence, indent=1, default=str))
-    lines = [f"# Evidence: AutoDistil and Mixture-of-Supernets (studies 1-2)", "",
+    lines = ["# Evidence: AutoDistil and Mixture-of-Supernets (studies 1-2)", "",
              f"Command: `{command}`. Compute so far: {summary['compute_s'] / 3600:.1f} core-hours "
              f"(jobs' own wall times on one thread each).", "",
              "## Study 1: searched student vs hand design", "",

@@ -33,8 +33,8 @@ import os
 
 import pytest
 import torch
-from conftest import triton_device
-from relation_exact import exact_mse_prob
+from tests.ops.devices import triton_device
+from tests.ops.relation_exact import exact_mse_prob
 
 import pykd
 
