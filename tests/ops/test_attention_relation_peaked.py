@@ -73,7 +73,8 @@ def _row_offsets(keys: list[int], length: int, layout: str, g: torch.Generator):
 
 
 def peaked_inputs(level: float, layout: str, shape, mask_kind: str, seed: int = 0):
-    """float64 (t_a, t_b, s_a, s_b, mask) holding small integers; width per head 3L: [o, hi f, lo f] . [e_k, e_k, e_k]."""
+    """float64 (t_a, t_b, s_a, s_b, mask) holding small integers; width per head 3L:
+    [o, hi f, lo f] . [e_k, e_k, e_k]."""
     batch, length = shape
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, length, dtype=torch.bool)
@@ -174,7 +175,8 @@ def check_against_exact(path, level, layout, shape, mask_kind, dtype):
     for name, (got, want, bound) in checks.items():
         ratio, error, _ = worst_ratio(got, want, bound)
         worst = (error / bound).argmax()
-        assert ratio <= 1.0, (f"d/d{name}: a row's error is {ratio:.3g} x its bound (error {float(error.flatten()[worst]):.3e}, "
+        assert ratio <= 1.0, (f"d/d{name}: a row's error is {ratio:.3g} x its bound "
+                              f"(error {float(error.flatten()[worst]):.3e}, "
                               f"bound {float(bound.flatten()[worst]):.3e}, |grad row| "
                               f"{float(want.norm(dim=-1).flatten()[worst]):.3e})")
 

@@ -242,7 +242,8 @@ def test_dynamic_shapes_compile_with_the_scale_check(op, path, rng):
             return pykd.mi_lower_bound(a[:, 0], b[:, 0], bound="alpha", alpha=0.5, scale=scale, backend=path)
         return pykd.attention_relation_loss(b, b, a, a, 2, loss="mse_prob", scale_s=scale, backend=path)
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager" if path == "reference" else "inductor")
+    backend = "aot_eager" if path == "reference" else "inductor"
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=backend)
     tol = REFERENCE_TOL if path == "reference" else FUSED_TOL
     for rows, scale in ((6, 2.0), (4, 0.5)):
         leaves = [x[:rows].clone().requires_grad_() for x in (a, b)]

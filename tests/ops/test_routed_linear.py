@@ -148,13 +148,18 @@ def test_module_rejects_inputs_of_the_wrong_width():
 
 
 @pytest.mark.parametrize("build, error, message", [
-    (lambda: pykd.RoutedLinear(0, 4, num_experts=2, encoding_size=3), ValueError, "max_in_features must be an int >= 1, got 0"),
-    (lambda: pykd.RoutedLinear(4, 0, num_experts=2, encoding_size=3), ValueError, "max_out_features must be an int >= 1, got 0"),
-    (lambda: pykd.RoutedLinear(4, 4, num_experts=0, encoding_size=3), ValueError, "num_experts must be an int >= 1, got 0"),
-    (lambda: pykd.RoutedLinear(4, 4, num_experts=2, encoding_size=0), ValueError, "encoding_size must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(0, 4, num_experts=2, encoding_size=3), ValueError,
+     "max_in_features must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 0, num_experts=2, encoding_size=3), ValueError,
+     "max_out_features must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 4, num_experts=0, encoding_size=3), ValueError,
+     "num_experts must be an int >= 1, got 0"),
+    (lambda: pykd.RoutedLinear(4, 4, num_experts=2, encoding_size=0), ValueError,
+     "encoding_size must be an int >= 1, got 0"),
     (lambda: pykd.RoutedLinear(4, 4, num_experts=2, encoding_size=3, router_hidden=0), ValueError,
      "router_hidden must be an int >= 1, got 0"),
-    (lambda: pykd.RoutedLinear(4.0, 4, num_experts=2, encoding_size=3), TypeError, "max_in_features must be an int, got float 4.0"),
+    (lambda: pykd.RoutedLinear(4.0, 4, num_experts=2, encoding_size=3), TypeError,
+     "max_in_features must be an int, got float 4.0"),
     (lambda: pykd.RoutedLinear(4, 4, 2, 3).set_active(2.0, 3, torch.ones(3)), TypeError,
      "out_features must be an int, got float 2.0"),
     (lambda: pykd.ArchRouter(3, 2, neuron_wise=True, max_out_features=0), ValueError,
