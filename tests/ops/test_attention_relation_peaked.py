@@ -10,7 +10,7 @@ paths' only errors are their own arithmetic's, and the one-hot keys make dL/ds_a
 G's row i: a query row's gradient is compared on its own, however small it is next to others.
 
 The bound follows from the stable form in pykd/ops/attention_relation.py (u: unit roundoff of
-the path's arithmetic, L: keys per row, d = q - p, a and M as in tests/relation_exact.py):
+the path's arithmetic, L: keys per row, d = q - p, a and M as in tests/ops/relation_exact.py):
   - every probability q_k, p_k and complement 1 - q_m, 1 - p_m (a sum over L keys of exps good
     to 20 ulp, divided by the row's sum) carries a relative error below nu = (2L + 24) u; the
     Triton path forms them as exp(s - lse) from a log-sum-exp rounded at the scores' magnitude
@@ -225,7 +225,7 @@ def test_inputs_make_exact_integer_scores():
 
 def test_exact_evaluation_keeps_its_digits():
     """The plain form at 100 digits agrees with 130 digits to far below any float's resolution."""
-    import relation_exact
+    from tests.ops import relation_exact
 
     t_a, t_b, s_a, s_b, mask = peaked_inputs(30, "agree", (1, 9), "none")
     base = relation_exact.exact_mse_prob(t_a, t_b, s_a, s_b, HEADS, mask, 1.0, 1.0)
