@@ -125,10 +125,19 @@ double merge_rest(const TopSplit* tiles, const float* rest1, int64_t count, cons
   return rest;
 }
 
-Vec log_add_exp(const Vec& x, const Vec& y) {
-  const Vec hi = at::vec::maximum(x, y), lo = at::vec::minimum(x, y);
-  return hi + (lo - hi).exp_u20().log1p();
-}
+// h_c(x) = log(c e^x + 1 - c), 0 < c < 1, each branch free of cancellation (see the module
+// docstring): jsd's log q - log m = -h_beta(log p - log q), log p - log m = -h_{1-beta}(log q - log p).
+constexpr float kMixtureSwitch = 30.f;  // beyond, expm1 nears overflow and x dominates log c
+
+struct LogMix {
+  float c, log_c, odds;  // c, log c, (1 - c) / c
+  Vec operator()(const Vec& x) const {
+    const Vec edge(kMixtureSwitch), large = at::vec::maximum(x, edge);
+    const Vec below = (Vec(c) * at::vec::minimum(x, edge).expm1()).log1p();
+    const Vec above = large + Vec(log_c) + (Vec(odds) * large.neg().exp_u20()).log1p();
+    return Vec::blendv(above, below, x <= edge);
+  }
+};
 
 // Per-word log-probabilities of one tile row.
 struct LogProbs {
@@ -136,12 +145,20 @@ struct LogProbs {
 };
 
 struct RowVecs {
-  Vec inv_t, max_s, log_zs, max_t, log_zt, log_z1_shift, aux, log_beta, log_one_minus_beta;
+  Vec inv_t, max_s, log_zs, max_t, log_zt, log_z1_shift, aux;
+  LogMix mix_q, mix_p;  // h_beta and h_{1-beta}
   explicit RowVecs(const Settings& s, const RowStats& r)
       : inv_t(s.inv_t), max_s(r.max_s), log_zs(r.log_zs), max_t(r.max_t), log_zt(r.log_zt),
-        log_z1_shift(r.max_s + r.log_z1), aux(r.aux), log_beta(s.log_beta), log_one_minus_beta(s.log_one_minus_beta) {}
+        log_z1_shift(r.max_s + r.log_z1), aux(r.aux),
+        mix_q{s.beta, s.log_beta, (1.f - s.beta) / s.beta},
+        mix_p{1.f - s.beta, s.log_one_minus_beta, s.beta / (1.f - s.beta)} {}
   LogProbs at(const Vec& zs, const Vec& zt) const {
     return {(zs - max_s) * inv_t - log_zs, (zt - max_t) * inv_t - log_zt};
+  }
+  // (log p - log m, log q - log m) of jsd's mixture m = beta p + (1 - beta) q.
+  std::pair<Vec, Vec> mixture_ratios(const LogProbs& l) const {
+    const Vec x = l.lt - l.ls;
+    return {Vec(0.f) - mix_p(Vec(0.f) - x), Vec(0.f) - mix_q(x)};
   }
 };
 
@@ -174,9 +191,9 @@ void value_terms(const float* zs, const float* zt, int64_t n, const Settings& s,
       acc = acc + masked(q * (l.ls - l.lt), lanes);
     } else {
       const Vec p = l.lt.exp_u20();
-      const Vec lm = log_add_exp(l.lt + v.log_beta, l.ls + v.log_one_minus_beta);
-      const Vec kl_qm = masked(q * (l.ls - lm), lanes);
-      acc = acc + beta * masked(where_teacher_mass(p, p * (l.lt - lm)), lanes) + one_minus_beta * kl_qm;
+      const auto [ratio_p, ratio_q] = v.mixture_ratios(l);
+      const Vec kl_qm = masked(q * ratio_q, lanes);
+      acc = acc + beta * masked(where_teacher_mass(p, p * ratio_p), lanes) + one_minus_beta * kl_qm;
       acc_aux = acc_aux + kl_qm;
     }
   }
@@ -206,8 +223,7 @@ void gradient_terms(float* zs, const float* zt, int64_t n, const Settings& s, co
     } else if constexpr (kDiv == VocabDivergence::kReverseKL) {
       g = q * (l.ls - l.lt - v.aux);
     } else {
-      const Vec lm = log_add_exp(l.lt + v.log_beta, l.ls + v.log_one_minus_beta);
-      g = one_minus_beta * q * (l.ls - lm - v.aux);
+      g = one_minus_beta * q * (v.mixture_ratios(l).second - v.aux);
     }
     Vec grad = g * grad_kd;
     if (s.hard) grad = at::vec::fmadd(s.separate_hard ? (z - v.log_z1_shift).exp_u20() : q, grad_hard, grad);

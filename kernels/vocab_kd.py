@@ -12,8 +12,8 @@ distributions keep a running maximum m, top word and the sum of the other words'
 The value's cross sum stays max-shifted (as in the relation kernel), rescaled when a maximum
 moves: for kl, C = sum_v e^{a_v - m_a}((a_v - m_a) - (b_v - m_b)) and C <- e^{-da}(C - (da - db)
 Z_a) + the tile's terms, da and db the maxima's moves and Z_a = 1 + rest_a, so that at the end
-KL = C / Z_a - log1p(rest_a) + log1p(rest_b); soft_ce and reverse_kl alike. jsd's log m needs both
-finished normalisers, so it sweeps the tiles a second time. The hard-label term keeps the student's
+KL = C / Z_a - log1p(rest_a) + log1p(rest_b); soft_ce and reverse_kl alike. jsd's log-ratios to the
+mixture need both finished normalisers, so it sweeps the tiles a second time. The hard-label term keeps the student's
 rest at T = 1 and picks up the label's logit. Saved per row: the maxima, log1p of the rests, R or
 K, the row's loss, and the student's top word.
 
@@ -54,6 +54,7 @@ _REVERSE_KL = tl.constexpr(REVERSE_KL)
 _PROJECTED = tl.constexpr(PROJECTED)
 _LOGITS = tl.constexpr(LOGITS)
 _NEG_INF = tl.constexpr(float("-inf"))
+_MIXTURE_SWITCH = tl.constexpr(30.0)  # h_c's large-x form from here (pykd/ops/vocab_kd.py)
 
 # Rows of the saved statistics (stats[i] is a (N,) fp32 row).
 STAT_NAMES = ("max_s", "log_zs", "log_z1", "max_t", "log_zt", "aux", "row_loss")
@@ -87,9 +88,9 @@ def interpreting() -> bool:
 
 
 def _quiet_masked_lanes():
-    """Under the interpreter (numpy), masked-out lanes past the vocabulary compute -inf - -inf; their
-    NaNs are discarded by tl.where, but numpy would warn on every launch."""
-    return np.errstate(invalid="ignore") if interpreting() else contextlib.nullcontext()
+    """Under the interpreter (numpy), lanes that tl.where discards compute -inf - -inf past the
+    vocabulary and x / log(1) = x / 0 in expm1's exact branch; numpy would warn on every launch."""
+    return np.errstate(invalid="ignore", divide="ignore") if interpreting() else contextlib.nullcontext()
 
 
 def tile_config(half_dots: bool) -> TileConfig:
@@ -100,15 +101,32 @@ def tile_config(half_dots: bool) -> TileConfig:
 
 @triton.jit
 def _log1p(x):
-    """log(1 + x) for x >= 0, exact to rounding for tiny x (log(u) x / (u - 1), u = 1 + x)."""
+    """log(1 + x) for x > -1, exact to rounding for tiny x (log(u) x / (u - 1), u = 1 + x)."""
     u = 1.0 + x
     return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
 
 @triton.jit
-def _log_add_exp(x, y):
-    hi = tl.maximum(x, y)
-    return hi + _log1p(tl.exp(tl.minimum(x, y) - hi))
+def _expm1(x):
+    """e^x - 1 for finite x or -inf, exact to rounding for tiny x (Kahan: (u - 1) x / log u, u = e^x)."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (u - 1.0) * (x / tl.log(u))))
+
+
+@triton.jit
+def _log_mix(x, c, log_c):
+    """h_c(x) = log(c e^x + 1 - c), each branch free of cancellation (pykd/ops/vocab_kd.py)."""
+    large = tl.maximum(x, _MIXTURE_SWITCH)
+    below = _log1p(c * _expm1(tl.minimum(x, _MIXTURE_SWITCH)))
+    above = large + log_c + _log1p((1.0 - c) / c * tl.exp(-large))
+    return tl.where(x <= _MIXTURE_SWITCH, below, above)
+
+
+@triton.jit
+def _mixture_ratios(log_p, log_q, beta, log_beta, log_1m_beta):
+    """(log p - log m, log q - log m) of jsd's mixture m = beta p + (1 - beta) q, without log m."""
+    x = log_p - log_q
+    return -_log_mix(-x, 1.0 - beta, log_1m_beta), -_log_mix(x, beta, log_beta)
 
 
 @triton.jit
@@ -278,9 +296,9 @@ def _vocab_fwd_kernel(
             log_p = (zt - m_t[:, None]) * inv_t - log_zt[:, None]
             q = tl.exp(log_q)
             p = tl.exp(log_p)
-            log_m = _log_add_exp(log_p + log_beta, log_q + log_1m_beta)
-            kl_qm = tl.where(cols_in[None, :], q * (log_q - log_m), 0.0)
-            kl_pm = tl.where(cols_in[None, :] & (p > 0.0), p * (log_p - log_m), 0.0)
+            ratio_p, ratio_q = _mixture_ratios(log_p, log_q, beta, log_beta, log_1m_beta)
+            kl_qm = tl.where(cols_in[None, :], q * ratio_q, 0.0)
+            kl_pm = tl.where(cols_in[None, :] & (p > 0.0), p * ratio_p, 0.0)
             value += tl.sum(beta * kl_pm + (1.0 - beta) * kl_qm, axis=1)
             aux += tl.sum(kl_qm, axis=1)
     row_loss = kd_value * value
@@ -325,8 +343,7 @@ def _grad_tile(zs, zt, cols, cols_in, rows_in, m_s, log_zs, log_z1, m_t, log_zt,
     elif DIV == _REVERSE_KL:
         g = q * (log_q - log_p - aux[:, None])
     else:
-        log_m = _log_add_exp(log_p + log_beta, log_q + log_1m_beta)
-        g = (1.0 - beta) * q * (log_q - log_m - aux[:, None])
+        g = (1.0 - beta) * q * (_mixture_ratios(log_p, log_q, beta, log_beta, log_1m_beta)[1] - aux[:, None])
     grad = coef_kd * g
     if HARD:
         if SEPARATE:

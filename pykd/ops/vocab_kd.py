@@ -50,6 +50,14 @@ No term is subtracted from a sum that holds it:
   != t} e^{x_v - m}, log Z = m + log1p(rho) and log p_v = (x_v - m) - log1p(rho). A sum that
   includes the top's 1 would round rho < 6e-8 (fp32) away, and with it the top's log-probability
   -log1p(rho) and every divergence of nearly equal peaked rows.
+- jsd's log-ratios to the mixture are never formed as log q - log m with log m = log(beta p +
+  (1 - beta) q): on nearly equal peaked rows log m is a sum of O(1) terms (log beta, log1p(...))
+  that cancel to ~1e-11, rounding it by u. With x = log p - log q and h_c(x) = log(c e^x + 1 - c),
+      log q - log m = -h_beta(x),    log p - log m = -h_{1-beta}(-x),
+      h_c(x) = log1p(c expm1(x)) (x <= 30),   x + log c + log1p(((1 - c) / c) e^{-x}) (x > 30),
+  each exact to rounding of its own size (h_c(0) = 0, h_c(x) ~ c x near 0; the second form only
+  where expm1 would overflow and x dominates; h_beta(-inf) = log(1 - beta) off a renormalised
+  top-k teacher's words).
 - The value sums are direct sums of p_v (log p_v - log q_v) and the like, terms with p_v = 0 are
   0 (a renormalised top-k teacher has log p = -inf off its k words).
 
@@ -492,10 +500,27 @@ def _divergence_rows(log_p: Tensor, log_q: Tensor, spec: VocabSpec) -> Tensor:
         return torch.where(teacher_terms, -p * log_q, 0.0).sum(dim=1)
     if spec.divergence == "reverse_kl":
         return (q * (log_q - log_p)).sum(dim=1)
-    log_m = torch.logaddexp(math.log(spec.beta) + log_p, math.log1p(-spec.beta) + log_q)
-    kl_pm = torch.where(teacher_terms, p * (log_p - log_m), 0.0).sum(dim=1)
-    kl_qm = (q * (log_q - log_m)).sum(dim=1)
+    kl_pm, kl_qm = mixture_log_ratios(log_p, log_q, spec.beta)
+    kl_pm = torch.where(teacher_terms, p * kl_pm, 0.0).sum(dim=1)
+    kl_qm = (q * kl_qm).sum(dim=1)
     return spec.beta * kl_pm + (1.0 - spec.beta) * kl_qm
+
+
+MIXTURE_SWITCH = 30.0  # h_c switches to its large-x form here, where x dominates log c
+
+
+def log_mixture_shift(x: Tensor, c: float) -> Tensor:
+    """h_c(x) = log(c e^x + 1 - c) for 0 < c < 1, exact to rounding of its own size (module docstring)."""
+    below = torch.log1p(c * torch.expm1(x.clamp(max=MIXTURE_SWITCH)))
+    large = x.clamp(min=MIXTURE_SWITCH)
+    above = large + math.log(c) + torch.log1p((1.0 - c) / c * torch.exp(-large))
+    return torch.where(x <= MIXTURE_SWITCH, below, above)
+
+
+def mixture_log_ratios(log_p: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(log p - log m, log q - log m) for m = beta p + (1 - beta) q, without forming log m."""
+    x = log_p - log_q
+    return -log_mixture_shift(-x, 1.0 - beta), -log_mixture_shift(x, beta)
 
 
 # ---- the fused paths as custom ops: one graph under torch.compile, autograd registered below ----
