@@ -563,11 +563,12 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, teacher_logits, topk_values, topk_indices, l
 def _cpp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.dtypes = tuple(x.dtype if x is not None else None for x in inputs[:3])
+    ctx.computed = tuple(inputs[-1])  # the gradients the forward formed (needs)
 
 
 def _cpp_backward(ctx, grad_loss, *_grads):
     # Always scaled: skipping the product when grad_loss == 1 would read a value, which tracing cannot.
-    grads = [(grad * grad_loss).to(dtype) if ctx.needs_input_grad[k] else None
+    grads = [(grad * grad_loss).to(dtype) if ctx.needs_input_grad[k] and ctx.computed[k] else None
              for k, (grad, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
     return (*grads,) + (None,) * 16
 
