@@ -319,7 +319,8 @@ void run_pass1(const Block& block, const Inputs& in, const Settings& s, const Ch
       if (s.teacher == VocabTeacher::kProjected) {
         logits_tile(tile_tensor(block.tile_t(t), block.rows, width), block.ht, in.wt, in.bt, begin, width);
       } else if (s.teacher == VocabTeacher::kLogits) {
-        tile_tensor(block.tile_t(t), block.rows, width).copy_(in.logits.narrow(1, begin, width).index_select(0, block.index));
+        const at::Tensor rows = in.logits.narrow(1, begin, width).index_select(0, block.index);
+        tile_tensor(block.tile_t(t), block.rows, width).copy_(rows);
       }
       for (int64_t r = 0; r < block.rows; ++r) {
         const float* zs = block.tile_s(t) + r * width;
@@ -553,7 +554,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vocab_kd_forward(
     block.rows = std::min(strip_rows, n_rows - r0);
     block.index = row_index.narrow(0, r0, block.rows);
     block.hs = hs_all.index_select(0, block.index).to(at::kFloat).contiguous();
-    if (s.teacher == VocabTeacher::kProjected) block.ht = ht_all.index_select(0, block.index).to(at::kFloat).contiguous();
+    if (s.teacher == VocabTeacher::kProjected)
+      block.ht = ht_all.index_select(0, block.index).to(at::kFloat).contiguous();
     if (s.hard) {
       const at::Tensor l = label_all.index_select(0, block.index).contiguous();
       block.labels.assign(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + block.rows);
@@ -575,7 +577,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vocab_kd_forward(
     if (need_grad) run_pass3(block, in, s, chunks, stats, grads, !with_pass2, value);
     for (int64_t r = 0; r < block.rows; ++r) {
       total += s.kd_value * value[r];
-      if (s.hard) total += s.hard_value * (static_cast<double>(stats[r].max_s) - stats[r].label_logit + stats[r].log_z1);
+      if (s.hard)  // CE = (max z - z_y) + log1p(rest at T = 1)
+        total += s.hard_value * (static_cast<double>(stats[r].max_s) - stats[r].label_logit + stats[r].log_z1);
     }
   }
   return {at::scalar_tensor(total * s.scale, at::kFloat), grads.dh, grads.dw, grads.db};

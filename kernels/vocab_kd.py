@@ -73,9 +73,10 @@ class TileConfig:
 
 # Launch configuration per operand dtype (fp16 takes bf16's), from tools/triton_aot.py's report on
 # sm_80/sm_90 (jsd, projected teacher, biases, hard term at T != 1; every other divergence and
-# teacher checked on sm_90 too): spill-free for both. 64 x 64 x 64 bf16 tiles and 32 x 64 x 32 fp32 ones (tf32x3 keeps three products per dot
-# live) spilled 130-390 B in the backward kernels; 32-row blocks also give N = 4096 rows 128
-# programs, about one per SM of an H100, in the row-parallel kernels.
+# teacher checked on sm_90 too): spill-free for both. 64 x 64 x 64 bf16 tiles and 32 x 64 x 32
+# fp32 ones (tf32x3 keeps three products per dot live) spilled 130-390 B in the backward kernels;
+# 32-row blocks also give N = 4096 rows 128 programs, about one per SM of an H100, in the
+# row-parallel kernels.
 CONFIGS = {"fp32": TileConfig(32, 64, 16, 8, 2), "bf16": TileConfig(32, 64, 32, 8, 2)}
 # Small tiles under the interpreter, so the tests cross several tiles and chunks quickly.
 INTERPRETER_CONFIG = TileConfig(16, 16, 16, 4, 1)
