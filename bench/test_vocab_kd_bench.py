@@ -16,8 +16,7 @@ import os
 import pytest
 import torch
 from bench_cases import step_for
-from conftest import RESULTS_DIR, compare_variants, markdown_table, measure_peak_mib, median_ms, variant_columns, \
-    write_table
+from conftest import compare_variants, markdown_table, measure_peak_mib, median_ms, variant_columns, write_table
 from vocab_kd_step import logits_gib, vocab_flops
 
 from pykd.ops.vocab_kd import CPP_STRIP_BYTES, cpp_blocking
