@@ -123,11 +123,15 @@ def routed_step(variant, inputs):
 
 
 def step_for(op: str, variant: str, case: tuple):
-    """The fwd+bwd callable of `op` ("relation", "mi", "routed" or "kd") at `case`, for timing or memory."""
+    """The fwd+bwd callable of `op` ("relation", "mi", "routed", "vocab" or "kd") at `case`, for timing or memory."""
     if op == "kd":
         from kd_step import kd_step
 
         return kd_step(variant, *case)
+    if op == "vocab":
+        from vocab_kd_step import vocab_inputs, vocab_step
+
+        return vocab_step(variant, vocab_inputs(*case))
     if op == "relation":
         return relation_step(variant, relation_inputs(*case), case[1], case[2])
     if op == "routed":

@@ -21,6 +21,8 @@ from .ops import (
     mi_lower_bound_reference,
     routed_linear,
     routed_linear_reference,
+    vocab_kd_loss,
+    vocab_kd_loss_reference,
 )
 
 __version__ = "0.1.0"
@@ -34,4 +36,6 @@ __all__ = [
     "mi_lower_bound_reference",
     "routed_linear",
     "routed_linear_reference",
+    "vocab_kd_loss",
+    "vocab_kd_loss_reference",
 ]

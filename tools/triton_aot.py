@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernels import attention_relation, mi_bound, routed_linear  # noqa: E402
+from kernels import attention_relation, mi_bound, routed_linear, vocab_kd  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 # Warps each kernel family launches with (kernels/*.py).
@@ -74,10 +74,36 @@ def routed_cases():
         yield f"{fn.__name__}[E=2,neuron]", fn, ROUTED_POINTERS, {}, meta
 
 
+VOCAB_POINTERS = {"H_S": "in", "W_S": "in", "B_S": "in", "H_T": "in", "W_T": "in", "B_T": "in", "T_LOGITS": "in",
+                  "TOPK_VAL": "in", "TOPK_IDX": "*i64", "LABELS": "*i64", "ROW_IDX": "*i64", "TOP": "*i32"}
+VOCAB_SCALARS = dict.fromkeys(("inv_t", "beta", "log_beta", "log_1m_beta", "kd_value", "hard_value"), "fp32")
+
+
+def vocab_meta(dtype_name):
+    """The launch configuration vocab_kd takes for this dtype (its CONFIGS table), as constexprs
+    plus num_warps and num_stages."""
+    config = vocab_kd.CONFIGS[dtype_name]
+    return dict(BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k, HALF_S=dtype_name != "fp32",
+                HALF_T=dtype_name != "fp32", num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def vocab_cases():
+    # jsd with a projected teacher, both biases and a hard-label term at T != 1: every branch of the tiles
+    # (each divergence with each teacher compiled spill-free on sm_90 when CONFIGS was chosen).
+    flags = dict(DIV=vocab_kd.JSD, TEACHER=vocab_kd.PROJECTED, HAS_BIAS_S=True, HAS_BIAS_T=True, HARD=True,
+                 SEPARATE=True)
+    extra = {"_vocab_bwd_dh_kernel": {"NEED_DH": True}, "_vocab_bwd_dw_kernel": {"NEED_DW": True}}
+    for fn in (vocab_kd._vocab_fwd_kernel, vocab_kd._vocab_bwd_dh_kernel, vocab_kd._vocab_bwd_dw_kernel):
+        def meta(dtype_name, fn=fn):
+            return dict(flags, **extra.get(fn.__name__, {}), **vocab_meta(dtype_name))
+        yield f"{fn.__name__}[jsd,projected,hard]", fn, VOCAB_POINTERS, VOCAB_SCALARS, meta
+
+
 def all_cases():
     yield from relation_cases()
     yield from mi_cases()
     yield from routed_cases()
+    yield from vocab_cases()
 
 
 def signature(fn, pointers, scalars, meta, pointer_dtype):
@@ -117,11 +143,14 @@ def ptxas_resources(ptx: str) -> dict:
 
 def compile_case(name, fn, pointers, scalars, meta, arch, dtype_name):
     precision = "tf32x3" if dtype_name == "fp32" else "tf32"
+    meta = dict(meta(dtype_name) if callable(meta) else meta)  # a callable: a launch config per dtype
+    launch = {"num_warps": meta.pop("num_warps", None) or NUM_WARPS[fn.__name__.split("_")[1]]}
+    if "num_stages" in meta:
+        launch["num_stages"] = meta.pop("num_stages")
     constexprs = dict(meta, PRECISION=precision)
     sig = signature(fn, pointers, scalars, constexprs, DTYPES[dtype_name])
     compiled = triton.compile(ASTSource(fn, sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", TARGETS[arch], 32),
-                              options={"num_warps": NUM_WARPS[fn.__name__.split("_")[1]]})
+                              target=GPUTarget("cuda", TARGETS[arch], 32), options=launch)
     return {"kernel": name, "arch": arch, "dtype": dtype_name, "shared_bytes": compiled.metadata.shared,
             "num_warps": compiled.metadata.num_warps, **ptxas_resources(compiled.asm["ptx"])}
 

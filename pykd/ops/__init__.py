@@ -7,6 +7,7 @@ May import torch, pykd._extension (pykd._C) and pykd.kernels; knows nothing of m
 from .attention_relation import attention_relation_loss, attention_relation_loss_reference
 from .mi_bound import mi_lower_bound, mi_lower_bound_reference
 from .routed_linear import routed_linear, routed_linear_reference
+from .vocab_kd import vocab_kd_loss, vocab_kd_loss_reference
 
 __all__ = [
     "attention_relation_loss",
@@ -15,4 +16,6 @@ __all__ = [
     "mi_lower_bound_reference",
     "routed_linear",
     "routed_linear_reference",
+    "vocab_kd_loss",
+    "vocab_kd_loss_reference",
 ]

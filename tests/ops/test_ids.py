@@ -8,6 +8,8 @@ from pykd.kernels import ids
 def test_cpp_exports_the_python_tables():
     assert dict(cpu_extension().RELATION_LOSS_IDS) == ids.RELATION_LOSS_IDS
     assert dict(cpu_extension().MI_BOUND_IDS) == ids.MI_BOUND_IDS
+    assert dict(cpu_extension().VOCAB_DIVERGENCE_IDS) == ids.VOCAB_DIVERGENCE_IDS
+    assert dict(cpu_extension().VOCAB_TEACHER_IDS) == ids.VOCAB_TEACHER_IDS
 
 
 def test_triton_constants_match_the_table_by_name():
@@ -19,3 +21,11 @@ def test_triton_constants_match_the_table_by_name():
     assert relation == ids.RELATION_LOSS_IDS
     assert bounds == ids.MI_BOUND_IDS
 
+
+
+def test_vocab_kd_triton_constants_match_the_tables_by_name():
+    kernel = pytest.importorskip("pykd.kernels.vocab_kd")
+    divergences = {"kl": kernel.KL, "soft_ce": kernel.SOFT_CE, "reverse_kl": kernel.REVERSE_KL, "jsd": kernel.JSD}
+    teachers = {"projected": kernel.PROJECTED, "logits": kernel.LOGITS, "topk": kernel.TOPK}
+    assert divergences == ids.VOCAB_DIVERGENCE_IDS
+    assert teachers == ids.VOCAB_TEACHER_IDS
