@@ -153,6 +153,7 @@ class Run:
     ratio: float
     row: dict
     setting: str = ""
+    seed: int = 0  # tables with several seeds per (dataset, setting, pipeline) have a seed column
 
 
 def read_table(path: str) -> list[Run]:
@@ -169,13 +170,14 @@ def read_table(path: str) -> list[Run]:
                 continue
             runs.append(Run(row["dataset"], row["pipeline"], json.loads(row["params"]),
                             {k: float(row[k]) for k in META_FEATURES}, float(row["ratio"]), row,
-                            row.get("setting", "")))
+                            row.get("setting", ""), int(row.get("seed") or 0)))
     if not runs:
         raise ValueError(f"KD runs table {path} has no rows with a finite ratio")
     return runs
 
 
-def _features(meta: dict, params: dict, base_values: dict) -> list[float]:
+def feature_vector(meta: dict, params: dict, base_values: dict) -> list[float]:
+    """The regressors' input: the meta-features, then the pipeline's encoding (encode_config) by name."""
     encoded = encode_config(run_config.from_dict(pipeline_values(base_values, params)))
     return [meta[k] for k in META_FEATURES] + [encoded[k] for k in sorted(encoded)]
 
@@ -195,7 +197,7 @@ class RatioModel:
 
         if len(runs) < 2:
             raise ValueError(f"the ratio model needs at least 2 runs to learn from, got {len(runs)}")
-        x = np.array([_features(r.meta, r.params, self.base_values) for r in runs])
+        x = np.array([feature_vector(r.meta, r.params, self.base_values) for r in runs])
         y = np.array([r.ratio for r in runs])
         kernel = ConstantKernel(1.0) * RBF(length_scale=math.sqrt(x.shape[1])) + WhiteKernel(1e-2)
         gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2,
@@ -208,7 +210,7 @@ class RatioModel:
         return self
 
     def predict(self, meta: dict, candidates: list[dict]) -> np.ndarray:
-        x = np.array([_features(meta, params, self.base_values) for params in candidates])
+        x = np.array([feature_vector(meta, params, self.base_values) for params in candidates])
         return self.model.predict(x)
 
 
