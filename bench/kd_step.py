@@ -165,7 +165,8 @@ def _cover_positions(model, length: int) -> None:
         wider.weight.copy_(table.weight[rows])
     wider.weight.requires_grad_(table.weight.requires_grad)
     embeddings.position_embeddings = wider
-    for name, fill in (("position_ids", torch.arange(length)), ("token_type_ids", torch.zeros(length, dtype=torch.long))):
+    buffers = (("position_ids", torch.arange(length)), ("token_type_ids", torch.zeros(length, dtype=torch.long)))
+    for name, fill in buffers:
         if hasattr(embeddings, name):
             embeddings.register_buffer(name, fill.to(table.weight.device)[None, :], persistent=False)
     model.config.max_position_embeddings = length

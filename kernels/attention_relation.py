@@ -66,7 +66,7 @@ CONFIGS = table(("BLOCK_M", "BLOCK_N"), [
         ("bwd_dx", cls, "sm_80", 128, 32, 32, 4, 2),
         ("bwd_dx", cls, "sm_80", 256, 16, 32, 4, 1),
         ("bwd_dy", cls, "sm_90", 64, 128, 64, 8, 2),
-        ("bwd_dy", cls, "sm_90", 128, 32, 64, 4, 2),
+        ("bwd_dy", cls, "sm_90", 128, 32, 32, 4, 2),
         ("bwd_dy", cls, "sm_90", 256, 128, 32, 8, 2),
         ("bwd_dy", cls, "sm_80", 64, 128, 32, 8, 2),
         ("bwd_dy", cls, "sm_80", 128, 32, 64, 4, 2),
@@ -258,8 +258,8 @@ def _relation_bwd_dx_kernel(
         valid = keys_valid[None, :]
         yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
         ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
-        grad = _score_grad(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION), _scores(xs, ys, scale_s, DOT, ROUND, PRECISION),
-                           valid, lse_t, lse_s, delta, weight, LOSS)
+        grad = _score_grad(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION),
+                           _scores(xs, ys, scale_s, DOT, ROUND, PRECISION), valid, lse_t, lse_s, delta, weight, LOSS)
         acc += tl.dot(grad, ys, input_precision=PRECISION)
 
     acc = acc * (scale_s * tl.load(GRAD_OUT).to(tl.float32))
@@ -294,8 +294,8 @@ def _relation_bwd_dy_kernel(
         xt = _load_head_rows(XT, batch, rows, rows_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
         xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
         weight, lse_t, lse_s, delta = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh, rows, length)
-        grad = _score_grad(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION), _scores(xs, ys, scale_s, DOT, ROUND, PRECISION),
-                           valid, lse_t, lse_s, delta, weight, LOSS)
+        grad = _score_grad(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION),
+                           _scores(xs, ys, scale_s, DOT, ROUND, PRECISION), valid, lse_t, lse_s, delta, weight, LOSS)
         acc += tl.dot(tl.trans(grad), xs, input_precision=PRECISION)
 
     acc = acc * (scale_s * tl.load(GRAD_OUT).to(tl.float32))
@@ -381,8 +381,8 @@ def relation_backward(t_a, t_b, s_a, s_b, saved, grad_output, heads, loss_id, sc
 
 
 # tools/triton_aot.py compiles every CONFIGS entry of these kernels at their heaviest loss (mse_prob:
-# a second sweep in the forward, the most live values in the backward), teacher and student heads
-# as wide as the bucket.
+# a second sweep in the forward, the most live values in the backward) and at the other losses,
+# teacher and student heads as wide as the bucket.
 _POINTERS = {"XT": "in", "YT": "in", "XS": "in", "YS": "in", "KEY_VALID": "*i8", "DXS": "in", "DYS": "in"}
 _SCALARS = {"scale_t": "fp32", "scale_s": "fp32"}
 _OTHER_LOSSES = tuple((name, {"LOSS": RELATION_LOSS_IDS[name]}) for name in ("kl", "ce", "mse_logit"))

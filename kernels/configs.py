@@ -91,7 +91,8 @@ class AotKernel:
     scalars: dict
     variant_meta: dict                       # constexprs that do not depend on the bucket
     bucket_meta: dict = field(default_factory=dict)   # bucket -> its constexprs (no buckets: empty)
-    variants: tuple = ()                     # other (label, constexprs) for --all-variants
+    variants: tuple = ()                     # the other (label, constexprs) the AOT report compiles; a
+    #                                          callable constexpr value is called with the bucket
     bucket_label: str = "w"                  # what the bucket counts, in the report's kernel names
 
 
