@@ -44,8 +44,8 @@ RELATION_KERNELS = ("fwd", "bwd_dx", "bwd_dy")
 WIDTH_BUCKETS = (64, 128, 256)  # the larger padded head size of teacher and student, at least 64
 # fp32 inputs run tf32x3: each row tile stays in every warp's registers as hi and lo parts, for both
 # maps (16 rows x d x 2 parts x 2 maps / 32 lanes = 256 registers at d = 128), more than a thread
-# has: at head sizes 128 and 256 no tile is spill-free. These entries keep the least-spilling tile;
-# 16-bit inputs are spill-free at every width (bench/NOTES.md, issue 17).
+# has: at head sizes 128 and 256 some kernels have no spill-free tile. Those entries keep the
+# least-spilling one; 16-bit inputs are spill-free at every width (bench/NOTES.md, issue 17).
 _FP32_WIDE = "fp32 (tf32x3) at head size >= 128: the row tiles' hi/lo parts exceed the register file"
 # Chosen by the AOT search (bench/NOTES.md): spill-free; on sm_90, 16-bit dots as warp-group MMA
 # (64-row tiles per warp group) where one fits; then the largest tile (fewer passes over the keys).
@@ -331,9 +331,14 @@ def _launch_args(t_a, t_b, s_a, s_b, heads, scale_t, scale_s):
     )
 
 
+def head_size_bucket(head_dim: int) -> int:
+    """The CONFIGS bucket of a relation head size: its padded size, at least 64."""
+    return max(64, _block_dim(head_dim))
+
+
 def width_bucket(t_a, s_a, heads) -> int:
-    """The CONFIGS bucket of a launch: the larger padded head size, at least 64."""
-    return max(64, _block_dim(t_a.shape[2] // heads), _block_dim(s_a.shape[2] // heads))
+    """The CONFIGS bucket of a launch: that of the larger head size, teacher's or student's."""
+    return head_size_bucket(max(t_a.shape[2], s_a.shape[2]) // heads)
 
 
 def _meta(kernel, t_a, t_b, s_a, s_b, heads, loss_id):

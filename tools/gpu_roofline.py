@@ -341,7 +341,7 @@ def grid_fill(case: Case) -> float:
     cls = case.dtype if case.dtype in DTYPE_CLASSES else "fp32"
     if case.op == "relation":
         batch, heads, head_dim, length = case.params
-        chosen = attention_relation.CONFIGS["fwd", cls, "sm_90", max(64, 1 << (head_dim - 1).bit_length())]
+        chosen = attention_relation.CONFIGS["fwd", cls, "sm_90", attention_relation.head_size_bucket(head_dim)]
         programs = math.ceil(length / chosen.block("BLOCK_M")) * batch * heads
     elif case.op == "mi":
         n, embed = case.params
