@@ -8,6 +8,12 @@ from it (every other layer, same width and heads). Losses: QK and VV relations o
 - peers: eager attention with output_attentions=True (every layer's L x L map is materialised and
          returned), KL between the teacher's and student's last attention maps, the VV relation
          materialised from values caught with forward hooks, the same hidden MSE.
+
+Both run on any device (tools/gpu_check.py times them on a GPU). Lengths past the models' 512
+positions (L=2048 on the GPU) tile the position embeddings to the length: a timing device only, the
+teacher was trained to 512. Where the packaged teacher or its
+tokenizer is not installed, the models are randomly initialised with the same configuration and the
+tokens are random ids (MODEL_SOURCE says which): the timings do not depend on the weights.
 """
 import functools
 
@@ -20,24 +26,49 @@ from pykd.distill.models import build_student, load_pretrained, load_tokenizer
 RELATION_HEADS = 12
 
 
-@functools.lru_cache(maxsize=1)
-def _models():
-    teacher = load_pretrained("minilm-l6", "unlabeled").eval().requires_grad_(False)
+MODEL_SOURCE = {"teacher": "packaged all-MiniLM-L6-v2"}
+
+
+def _teacher():
+    try:
+        return load_pretrained("minilm-l6", "unlabeled")
+    except (ImportError, OSError) as missing:  # the packaged teacher is not installed
+        from transformers import BertConfig, BertModel
+
+        MODEL_SOURCE["teacher"] = f"random init, MiniLM-L6 configuration ({type(missing).__name__}: {missing})"
+        return BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                    intermediate_size=1536), add_pooling_layer=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _models(device: str = "cpu"):
+    teacher = _teacher().eval().requires_grad_(False)
     spec = StudentConfig(init="teacher", num_hidden_layers=3, hidden_size=384, num_attention_heads=12,
                          intermediate_size=1536, dropout=0.0)
-    return teacher, build_student(teacher, spec).train()
+    return teacher.to(device), build_student(teacher, spec).train().to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple:
+    from pykd.distill.corpora import pydocs_paragraphs
+
+    return tuple(pydocs_paragraphs())  # reads every standard-library docstring: once per process
 
 
 def kd_batch(batch: int, length: int, seed: int = 0) -> dict:
     """Real text: paragraphs of the Python docs, padded/truncated to `length` tokens, ragged masks."""
-    from pykd.distill.data import load_corpus
-
-    paragraphs = load_corpus("pydocs")["text"][:]
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(paragraphs), (batch,), generator=gen).tolist()
-    texts = [" ".join(paragraphs[(i + k) % len(paragraphs)] for k in range(8)) for i in picks]
-    tokens = load_tokenizer("minilm-l6")(texts, padding="max_length", truncation=True, max_length=length,
-                                         return_tensors="pt")
+    try:
+        tokenizer = load_tokenizer("minilm-l6")
+    except (ImportError, OSError):  # no packaged tokenizer: random ids of BERT's vocabulary
+        MODEL_SOURCE["tokens"] = "random ids"
+        tokens = {"input_ids": torch.randint(1000, 30000, (batch, length), generator=gen),
+                  "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+    else:
+        paragraphs = _paragraphs()
+        picks = torch.randint(len(paragraphs), (batch,), generator=gen).tolist()
+        texts = [" ".join(paragraphs[(i + k) % len(paragraphs)] for k in range(8)) for i in picks]
+        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     for row in range(0, batch, 3):  # every third example is shorter: the masks must matter
         cut = length // 2 + row
         tokens["attention_mask"][row, cut:] = 0
@@ -53,8 +84,8 @@ def _hidden_mse(teacher_states, student_states, mask):
     return torch.stack(terms).mean()
 
 
-def _models_with(attention: str):
-    teacher, student = _models()
+def _models_with(attention: str, device: str):
+    teacher, student = _models(device)
     for model in (teacher, student):
         model.set_attn_implementation(attention)
     return teacher, student
@@ -64,8 +95,8 @@ def _flat(x):
     return x.transpose(1, 2).flatten(2)
 
 
-def pykd_step(batch: dict):
-    teacher, student = _models_with("sdpa")
+def pykd_step(batch: dict, device: str = "cpu"):
+    teacher, student = _models_with("sdpa", device)
     mask = batch["attention_mask"].bool()
 
     def step():
@@ -99,8 +130,8 @@ def _masked_kl(p_teacher, p_student, mask):
     return (kl.sum(dim=(1, 2, 3)) / (heads * valid)).mean()
 
 
-def peers_step(batch: dict):
-    teacher, student = _models_with("eager")
+def peers_step(batch: dict, device: str = "cpu"):
+    teacher, student = _models_with("eager", device)
     mask = batch["attention_mask"].bool()
 
     def step():
@@ -122,6 +153,28 @@ def peers_step(batch: dict):
     return step
 
 
-def kd_step(variant: str, batch_size: int, length: int):
-    batch = kd_batch(batch_size, length)
-    return {"pykd": pykd_step, "peers": peers_step}[variant](batch)
+def _cover_positions(model, length: int) -> None:
+    """Tiles the position embeddings (and the buffers sized by them) to `length` positions."""
+    embeddings = model.embeddings
+    table = embeddings.position_embeddings
+    if table.num_embeddings >= length:
+        return
+    rows = torch.arange(length, device=table.weight.device) % table.num_embeddings
+    wider = torch.nn.Embedding(length, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
+    with torch.no_grad():
+        wider.weight.copy_(table.weight[rows])
+    wider.weight.requires_grad_(table.weight.requires_grad)
+    embeddings.position_embeddings = wider
+    buffers = (("position_ids", torch.arange(length)), ("token_type_ids", torch.zeros(length, dtype=torch.long)))
+    for name, fill in buffers:
+        if hasattr(embeddings, name):
+            embeddings.register_buffer(name, fill.to(table.weight.device)[None, :], persistent=False)
+    model.config.max_position_embeddings = length
+
+
+def kd_step(variant: str, batch_size: int, length: int, device: str = "cpu"):
+    """The step callable of `variant` ("pykd" or "peers"); it returns the loss as a float."""
+    for model in _models(device):
+        _cover_positions(model, length)
+    batch = {name: t.to(device) for name, t in kd_batch(batch_size, length).items()}
+    return {"pykd": pykd_step, "peers": peers_step}[variant](batch, device)

@@ -16,14 +16,20 @@ stable gradient (Delta = q_m d_m + R, D_m and the student's peak m) in the three
 Backward recomputes each score tile from the saved statistics and forms G = dL/ds.
 dX_S is row-parallel (a program owns rows, loops over keys) and dY_S column-parallel (a program
 owns keys, loops over rows), so no two programs write the same output and no atomics are needed.
-Every load is upcast to fp32: products and statistics are fp32 whatever the input dtype.
+Every load is upcast to fp32 and statistics are fp32 whatever the input dtype. The score dots take
+their operands in the dtype class's dtype (kernels/configs.py): 16-bit inputs go to the tensor
+cores as they are (exact products, fp32 accumulation), fp32 ones run tf32x3. The dots with the
+score gradient G keep G in fp32 (tf32 for 16-bit inputs, tf32x3 for fp32): G = w (q - p) carries the
+row weight w = 1/(B A n_b), which underflows fp16 (for B=8, A=12, n_b=512, w ~ 2e-5 and G ~ 1e-8),
+and these kernels are bound by their exponentials, not their dots (bench/results/gpu_roofline.md).
+Launch configurations: CONFIGS below, one entry per kernel, dtype class, architecture and
+head-size bucket.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .configs import AotKernel, as_operand, dtype_class, lookup, operand_meta, table
 from .ids import RELATION_LOSS_IDS
 
 KL, CE, MSE_PROB, MSE_LOGIT = (RELATION_LOSS_IDS[name] for name in ("kl", "ce", "mse_prob", "mse_logit"))
@@ -35,20 +41,57 @@ _MSE_LOGIT = tl.constexpr(MSE_LOGIT)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: e^{m_old - m_new} stays defined
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-NUM_WARPS = 8
-
-
-def block_sizes() -> tuple[int, int]:
-    """(rows, keys) per tile; small under the interpreter so tests cross several tiles quickly.
-
-    On the GPU, 32 x 64 tiles with 8 warps keep bf16 spill-free and fp32 (tf32x3) within a few
-    hundred bytes of spills on sm_80/sm_90; 64 x 64 with 4 warps spilled kilobytes.
-    """
-    return (16, 16) if interpreting() else (32, 64)
+RELATION_KERNELS = ("fwd", "bwd_dx", "bwd_dy")
+WIDTH_BUCKETS = (64, 128, 256)  # the larger padded head size of teacher and student, at least 64
+# fp32 inputs run tf32x3: each row tile stays in every warp's registers as hi and lo parts, for both
+# maps (16 rows x d x 2 parts x 2 maps / 32 lanes = 256 registers at d = 128), more than a thread
+# has: at head sizes 128 and 256 some kernels have no spill-free tile. Those entries keep the
+# least-spilling one; 16-bit inputs are spill-free at every width (bench/NOTES.md, issue 17).
+_FP32_WIDE = "fp32 (tf32x3) at head size >= 128: the row tiles' hi/lo parts exceed the register file"
+# Chosen by the AOT search (bench/NOTES.md): spill-free; on sm_90, 16-bit dots as warp-group MMA
+# (64-row tiles per warp group) where one fits; then the largest tile (fewer passes over the keys).
+CONFIGS = table(("BLOCK_M", "BLOCK_N"), [
+    *[(kernel, "any", "interpreter", None, 16, 16, 4, 1) for kernel in RELATION_KERNELS],
+    # kernel   class  arch     width  BLOCK_M BLOCK_N warps stages
+    *[row for cls in ("bf16", "fp16") for row in (
+        ("fwd", cls, "sm_90", 64, 128, 64, 8, 2),
+        ("fwd", cls, "sm_90", 128, 128, 64, 8, 2),
+        ("fwd", cls, "sm_90", 256, 128, 64, 8, 2),
+        ("fwd", cls, "sm_80", 64, 128, 64, 8, 2),
+        ("fwd", cls, "sm_80", 128, 128, 32, 8, 2),
+        ("fwd", cls, "sm_80", 256, 32, 64, 4, 2),
+        ("bwd_dx", cls, "sm_90", 64, 128, 64, 8, 2),
+        ("bwd_dx", cls, "sm_90", 128, 64, 64, 4, 2),
+        ("bwd_dx", cls, "sm_90", 256, 16, 32, 4, 1),
+        ("bwd_dx", cls, "sm_80", 64, 128, 64, 8, 2),
+        ("bwd_dx", cls, "sm_80", 128, 32, 32, 4, 2),
+        ("bwd_dx", cls, "sm_80", 256, 16, 32, 4, 1),
+        ("bwd_dy", cls, "sm_90", 64, 128, 64, 8, 2),
+        ("bwd_dy", cls, "sm_90", 128, 32, 32, 4, 2),
+        ("bwd_dy", cls, "sm_90", 256, 128, 32, 8, 2),
+        ("bwd_dy", cls, "sm_80", 64, 128, 32, 8, 2),
+        ("bwd_dy", cls, "sm_80", 128, 32, 64, 4, 2),
+        ("bwd_dy", cls, "sm_80", 256, 32, 32, 4, 2),
+    )],
+    ("fwd", "fp32", "sm_90", 64, 128, 64, 8, 2),
+    ("fwd", "fp32", "sm_90", 128, 16, 16, 4, 1, _FP32_WIDE),
+    ("fwd", "fp32", "sm_90", 256, 16, 32, 4, 1, _FP32_WIDE),
+    ("fwd", "fp32", "sm_80", 64, 16, 32, 4, 1),
+    ("fwd", "fp32", "sm_80", 128, 16, 16, 4, 1, _FP32_WIDE),
+    ("fwd", "fp32", "sm_80", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_dx", "fp32", "sm_90", 64, 16, 32, 4, 1),
+    ("bwd_dx", "fp32", "sm_90", 128, 16, 32, 4, 1, _FP32_WIDE),
+    ("bwd_dx", "fp32", "sm_90", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_dx", "fp32", "sm_80", 64, 16, 32, 4, 1),
+    ("bwd_dx", "fp32", "sm_80", 128, 16, 16, 4, 1),
+    ("bwd_dx", "fp32", "sm_80", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_dy", "fp32", "sm_90", 64, 32, 32, 4, 1),
+    ("bwd_dy", "fp32", "sm_90", 128, 16, 32, 4, 1),
+    ("bwd_dy", "fp32", "sm_90", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_dy", "fp32", "sm_80", 64, 16, 32, 4, 1),
+    ("bwd_dy", "fp32", "sm_80", 128, 16, 32, 4, 1),
+    ("bwd_dy", "fp32", "sm_80", 256, 16, 16, 8, 1, _FP32_WIDE),
+])
 
 
 @triton.jit
@@ -68,8 +111,9 @@ def _load_head_rows(ptr, batch, rows, rows_valid, head, stride_b, stride_l, head
 
 
 @triton.jit
-def _scores(x, y, scale, PRECISION: tl.constexpr):
-    return tl.dot(x, tl.trans(y), input_precision=PRECISION) * scale
+def _scores(x, y, scale, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr):
+    """scale x y^T for fp32 tiles x (rows, d) and y (keys, d), as tensor-core operands of the class dtype."""
+    return tl.dot(as_operand(x, DOT, ROUND), tl.trans(as_operand(y, DOT, ROUND)), input_precision=PRECISION) * scale
 
 
 @triton.jit
@@ -92,7 +136,8 @@ def _relation_fwd_kernel(
     stride_tb, stride_tl, stride_sb, stride_sl,
     length, heads, dt, ds, scale_t, scale_s,
     LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -116,8 +161,8 @@ def _relation_fwd_kernel(
         valid = keys_valid[None, :]
         yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
         ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
-        t = _scores(xt, yt, scale_t, PRECISION)
-        s = _scores(xs, ys, scale_s, PRECISION)
+        t = _scores(xt, yt, scale_t, DOT, ROUND, PRECISION)
+        s = _scores(xs, ys, scale_s, DOT, ROUND, PRECISION)
         if LOSS == _MSE_LOGIT:
             diff = tl.where(valid, s - t, 0.0)
             acc += tl.sum(diff * diff, axis=1)
@@ -171,8 +216,8 @@ def _relation_fwd_kernel(
             valid = keys_valid[None, :]
             yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
             ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
-            p = tl.where(valid, tl.exp(_scores(xt, yt, scale_t, PRECISION) - lse_t[:, None]), 0.0)
-            q = tl.where(valid, tl.exp(_scores(xs, ys, scale_s, PRECISION) - lse_s[:, None]), 0.0)
+            p = tl.where(valid, tl.exp(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION) - lse_t[:, None]), 0.0)
+            q = tl.where(valid, tl.exp(_scores(xs, ys, scale_s, DOT, ROUND, PRECISION) - lse_s[:, None]), 0.0)
             is_peak = keys[None, :] == peak[:, None]
             d = tl.where(is_peak, 0.0, q - p)
             sq += tl.sum(d * d, axis=1)
@@ -218,7 +263,8 @@ def _relation_bwd_dx_kernel(
     stride_tb, stride_tl, stride_sb, stride_sl,
     length, heads, dt, ds, scale_t, scale_s,
     LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -239,7 +285,8 @@ def _relation_bwd_dx_kernel(
         valid = keys_valid[None, :]
         yt = _load_head_rows(YT, batch, keys, keys_valid, head, stride_tb, stride_tl, dt, BLOCK_DT)
         ys = _load_head_rows(YS, batch, keys, keys_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
-        grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
+        grad = _score_grad(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION),
+                           _scores(xs, ys, scale_s, DOT, ROUND, PRECISION),
                            keys, valid, lse_t, lse_s, delta, peak_d, peak, weight, LOSS)
         acc += tl.dot(grad, ys, input_precision=PRECISION)
 
@@ -255,7 +302,8 @@ def _relation_bwd_dy_kernel(
     stride_tb, stride_tl, stride_sb, stride_sl,
     length, heads, dt, ds, scale_t, scale_s,
     LOSS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -275,7 +323,8 @@ def _relation_bwd_dy_kernel(
         xs = _load_head_rows(XS, batch, rows, rows_valid, head, stride_sb, stride_sl, ds, BLOCK_DS)
         weight, lse_t, lse_s, delta, peak_d, peak = _load_row_stats(ROW_WEIGHT, LSE_T, LSE_S, DELTA, batch, pid_bh,
                                                                     rows, length)
-        grad = _score_grad(_scores(xt, yt, scale_t, PRECISION), _scores(xs, ys, scale_s, PRECISION),
+        grad = _score_grad(_scores(xt, yt, scale_t, DOT, ROUND, PRECISION),
+                           _scores(xs, ys, scale_s, DOT, ROUND, PRECISION),
                            keys, valid, lse_t, lse_s, delta, peak_d, peak, weight, LOSS)
         acc += tl.dot(tl.trans(grad), xs, input_precision=PRECISION)
 
@@ -292,12 +341,6 @@ def _block_dim(head_dim: int) -> int:
             "use more relation heads"
         )
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def dot_precision(*tensors: torch.Tensor) -> str:
-    """tf32x3 keeps fp32 accuracy on tensor cores (an FMA "ieee" dot spills at these tiles);
-    a single tf32 pass is exact for bf16 inputs and near-exact for fp16."""
-    return "tf32x3" if any(t.dtype in (torch.float32, torch.float64) for t in tensors) else "tf32"
 
 
 def row_weights(key_valid: torch.Tensor, heads: int, loss_id: int) -> torch.Tensor:
@@ -318,12 +361,22 @@ def _launch_args(t_a, t_b, s_a, s_b, heads, scale_t, scale_s):
     )
 
 
-def _meta(t_a, s_a, heads, loss_id):
-    block_m, block_n = block_sizes()
+def head_size_bucket(head_dim: int) -> int:
+    """The CONFIGS bucket of a relation head size: its padded size, at least 64."""
+    return max(64, _block_dim(head_dim))
+
+
+def width_bucket(t_a, s_a, heads) -> int:
+    """The CONFIGS bucket of a launch: that of the larger head size, teacher's or student's."""
+    return head_size_bucket(max(t_a.shape[2], s_a.shape[2]) // heads)
+
+
+def _meta(kernel, t_a, t_b, s_a, s_b, heads, loss_id):
+    cls = dtype_class(t_a, t_b, s_a, s_b)
+    chosen = lookup(CONFIGS, kernel, cls, t_a.device, width_bucket(t_a, s_a, heads))
     return dict(
-        LOSS=loss_id, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_DT=_block_dim(t_a.shape[2] // heads), BLOCK_DS=_block_dim(s_a.shape[2] // heads),
-        PRECISION=dot_precision(t_a, s_a), num_warps=NUM_WARPS,
+        LOSS=loss_id, BLOCK_DT=_block_dim(t_a.shape[2] // heads), BLOCK_DS=_block_dim(s_a.shape[2] // heads),
+        **operand_meta(cls), **chosen.meta(),
     )
 
 
@@ -338,7 +391,7 @@ def relation_forward(t_a, t_b, s_a, s_b, mask, heads, loss_id, scale_t, scale_s)
     row_loss, lse_t, lse_s = (torch.empty(batch * heads, length, device=t_a.device, dtype=torch.float32)
                               for _ in range(3))
     delta = torch.empty(3, batch * heads, length, device=t_a.device, dtype=torch.float32)  # mse_prob's planes
-    meta = _meta(t_a, s_a, heads, loss_id)
+    meta = _meta("fwd", t_a, t_b, s_a, s_b, heads, loss_id)
     grid = (triton.cdiv(length, meta["BLOCK_M"]), batch * heads)
     _relation_fwd_kernel[grid](
         t_a, t_b, s_a, s_b, key_valid, weight, row_loss, lse_t, lse_s, delta,
@@ -353,10 +406,27 @@ def relation_backward(t_a, t_b, s_a, s_b, saved, grad_output, heads, loss_id, sc
     key_valid, weight, lse_t, lse_s, delta = saved
     grad_output = grad_output.to(torch.float32).reshape(1).contiguous()
     grad_a, grad_b = torch.empty_like(s_a), torch.empty_like(s_b)
-    meta = _meta(t_a, s_a, heads, loss_id)
     args = _launch_args(t_a, t_b, s_a, s_b, heads, scale_t, scale_s)
     batch, length, _ = t_a.shape
     common = (t_a, t_b, s_a, s_b, key_valid, weight, lse_t, lse_s, delta, grad_output)
+    meta = _meta("bwd_dx", t_a, t_b, s_a, s_b, heads, loss_id)
     _relation_bwd_dx_kernel[(triton.cdiv(length, meta["BLOCK_M"]), batch * heads)](*common, grad_a, **args, **meta)
+    meta = _meta("bwd_dy", t_a, t_b, s_a, s_b, heads, loss_id)
     _relation_bwd_dy_kernel[(triton.cdiv(length, meta["BLOCK_N"]), batch * heads)](*common, grad_b, **args, **meta)
     return grad_a, grad_b
+
+
+# tools/triton_aot.py compiles every CONFIGS entry of these kernels at their heaviest loss (mse_prob:
+# a second sweep in the forward, the most live values in the backward) and at the other losses,
+# teacher and student heads as wide as the bucket.
+_POINTERS = {"XT": "in", "YT": "in", "XS": "in", "YS": "in", "KEY_VALID": "*i8", "DXS": "in", "DYS": "in"}
+_SCALARS = {"scale_t": "fp32", "scale_s": "fp32"}
+_OTHER_LOSSES = tuple((name, {"LOSS": RELATION_LOSS_IDS[name]}) for name in ("kl", "ce", "mse_logit"))
+AOT_KERNELS = [
+    AotKernel(fn=fn, table_key=key, label="mse_prob", pointers=_POINTERS, scalars=_SCALARS,
+              variant_meta={"LOSS": MSE_PROB},
+              bucket_meta={width: {"BLOCK_DT": width, "BLOCK_DS": width} for width in WIDTH_BUCKETS},
+              variants=_OTHER_LOSSES)
+    for fn, key in ((_relation_fwd_kernel, "fwd"), (_relation_bwd_dx_kernel, "bwd_dx"),
+                    (_relation_bwd_dy_kernel, "bwd_dy"))
+]

@@ -6,7 +6,11 @@ over the other negatives, which give LSE'_i and, for alpha, every leave-one-out 
 subtraction that could cancel; for alpha, pass 2 recomputes the tiles to sum the value's terms,
 N dI/dS_ii, N dI/dq_i and V_i. Each row stores what its gradient needs (STAT_NAMES).
 Backward recomputes G tile by tile from those statistics: dA row-parallel, dB column-parallel,
-so no atomics. Loads are upcast to fp32; products and statistics are fp32.
+so no atomics. Loads are upcast to fp32; statistics are fp32. Score dots take their operands in the
+dtype class's dtype (kernels/configs.py: 16-bit inputs straight to the tensor cores, fp32 ones in
+tf32x3); the dots with G keep it fp32 (G ~ 1/(n (n - 1)) underflows fp16 for n in the thousands).
+Launch configurations: CONFIGS below, one entry per kernel, dtype class, architecture and
+embedding-width bucket.
 """
 import math
 
@@ -14,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_relation import NUM_WARPS, block_sizes, dot_precision
+from .configs import AotKernel, as_operand, dtype_class, lookup, operand_meta, table
 from .ids import MI_BOUND_IDS
 
 INFONCE, NWJ, TUBA, JS, ALPHA = (MI_BOUND_IDS[name] for name in ("infonce", "nwj", "tuba", "js", "alpha"))
@@ -37,12 +41,62 @@ _JOINT, _LOG_MARG, _GRAD_Q, _G_DIAG, _LSE, _BASE, _TOP, _TOP_COL, _REST, _S_DIAG
     tl.constexpr(k) for k in range(10))
 _LOG_FIRST, _LOG_SECOND, _V_SUM = (tl.constexpr(k) for k in range(10, 13))
 
+MI_KERNELS = ("fwd", "bwd_da", "bwd_db")
+WIDTH_BUCKETS = (64, 128, 256)  # the padded embedding width, at least 64
+# The grids run over row blocks (forward, dA) or column blocks (dB) only, so the parallel tile is
+# at most 32 wide: n = 4096 then gives 128 programs for an H100's 132 SMs (64-row tiles, which
+# Hopper's warp-group MMA needs, would leave half of them idle below n = 8448). The kernels are
+# bound by their special functions, not their dots (bench/results/gpu_roofline.md), so mma.sync
+# costs little. fp32 at e = 256: the row tile's tf32x3 hi/lo parts fill the registers (16 rows x
+# 256 x 2 / 32 lanes = 256 per thread), so some entries keep the least-spilling tile.
+_FP32_WIDE = "fp32 (tf32x3) at e = 256: the row tile's hi/lo parts exceed the register file"
+CONFIGS = table(("BLOCK_M", "BLOCK_N"), [
+    *[(kernel, "any", "interpreter", None, 16, 16, 4, 1) for kernel in MI_KERNELS],
+    # kernel   class  arch     width  BLOCK_M BLOCK_N warps stages
+    *[row for cls in ("bf16", "fp16") for row in (
+        *[("fwd", cls, arch, width, 32, 64, 4, 2) for arch in ("sm_80", "sm_90") for width in WIDTH_BUCKETS],
+        ("bwd_da", cls, "sm_90", 64, 32, 32, 4, 2),
+        ("bwd_da", cls, "sm_90", 128, 32, 64, 4, 2),
+        ("bwd_da", cls, "sm_90", 256, 32, 32, 4, 2),
+        ("bwd_da", cls, "sm_80", 64, 32, 64, 4, 2),
+        ("bwd_da", cls, "sm_80", 128, 32, 64, 4, 2),
+        ("bwd_da", cls, "sm_80", 256, 16, 64, 4, 1),
+        ("bwd_db", cls, "sm_90", 64, 64, 32, 4, 2),
+        ("bwd_db", cls, "sm_90", 128, 64, 32, 4, 2),
+        ("bwd_db", cls, "sm_90", 256, 32, 32, 4, 1),
+        *[("bwd_db", cls, "sm_80", width, 64, 32, 4, 2) for width in WIDTH_BUCKETS],
+    )],
+    ("fwd", "fp32", "sm_90", 64, 32, 64, 4, 2),
+    ("fwd", "fp32", "sm_90", 128, 16, 64, 4, 1),
+    ("fwd", "fp32", "sm_90", 256, 16, 32, 4, 1),
+    ("fwd", "fp32", "sm_80", 64, 32, 32, 4, 2),
+    ("fwd", "fp32", "sm_80", 128, 16, 32, 4, 1),
+    ("fwd", "fp32", "sm_80", 256, 16, 32, 4, 1, _FP32_WIDE),
+    ("bwd_da", "fp32", "sm_90", 64, 32, 64, 4, 2),
+    ("bwd_da", "fp32", "sm_90", 128, 16, 32, 4, 1),
+    ("bwd_da", "fp32", "sm_90", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_da", "fp32", "sm_80", 64, 32, 32, 4, 2),
+    ("bwd_da", "fp32", "sm_80", 128, 16, 32, 4, 1),
+    ("bwd_da", "fp32", "sm_80", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_db", "fp32", "sm_90", 64, 64, 32, 4, 2),
+    ("bwd_db", "fp32", "sm_90", 128, 32, 16, 4, 1),
+    ("bwd_db", "fp32", "sm_90", 256, 16, 16, 8, 1, _FP32_WIDE),
+    ("bwd_db", "fp32", "sm_80", 64, 64, 32, 4, 1),
+    ("bwd_db", "fp32", "sm_80", 128, 32, 16, 4, 1),
+    ("bwd_db", "fp32", "sm_80", 256, 16, 16, 8, 1, _FP32_WIDE),
+])
 
 @triton.jit
 def _load_rows(ptr, rows, n, e, BLOCK_E: tl.constexpr):
     cols = tl.arange(0, BLOCK_E)
     inside = (rows[:, None] < n) & (cols[None, :] < e)
     return tl.load(ptr + rows[:, None] * e + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scores(a, b, scale, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr):
+    """scale a b^T for fp32 tiles a (rows, e) and b (columns, e), as tensor-core operands of the class dtype."""
+    return tl.dot(as_operand(a, DOT, ROUND), tl.trans(as_operand(b, DOT, ROUND)), input_precision=PRECISION) * scale
 
 
 @triton.jit
@@ -133,7 +187,7 @@ def _grad_tile(s, cols, diag_cols, valid, STATS, rows, n_rows, q, n, log_n1, log
 
 @triton.jit
 def _off_diagonal_stats(a, B, rows, diag_cols, n, e, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_E: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr):
     """Per row: the largest negative (score and column) and the sum of e^{S_ik - top} over the
     other negatives, streamed over column tiles."""
     top = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
@@ -141,7 +195,7 @@ def _off_diagonal_stats(a, B, rows, diag_cols, n, e, scale, BLOCK_M: tl.constexp
     rest = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
+        s = _scores(a, _load_rows(B, cols, n, e, BLOCK_E), scale, DOT, ROUND, PRECISION)
         s_off = tl.where((cols < n)[None, :] & (cols[None, :] != diag_cols[:, None]), s, float("-inf"))
         tile_top = tl.max(s_off, axis=1)
         tile_col = start + tl.argmax(s_off, axis=1)
@@ -159,7 +213,8 @@ def _mi_fwd_kernel(
     A, B, LOG_Q, STATS,
     n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
@@ -171,7 +226,8 @@ def _mi_fwd_kernel(
     else:
         q = tl.zeros([BLOCK_M], tl.float32)
 
-    top, top_col, rest = _off_diagonal_stats(a, B, rows, diag_cols, n, e, scale, BLOCK_M, BLOCK_N, BLOCK_E, PRECISION)
+    top, top_col, rest = _off_diagonal_stats(a, B, rows, diag_cols, n, e, scale, BLOCK_M, BLOCK_N, BLOCK_E, DOT, ROUND,
+                                             PRECISION)
     log_off = top + tl.log(1.0 + rest)  # LSE'_i
     lse = _logaddexp(s_diag, log_off)
 
@@ -196,7 +252,7 @@ def _mi_fwd_kernel(
         sum_one_minus_w = zero
         for start in range(0, n, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            s = tl.dot(a, tl.trans(_load_rows(B, cols, n, e, BLOCK_E)), input_precision=PRECISION) * scale
+            s = _scores(a, _load_rows(B, cols, n, e, BLOCK_E), scale, DOT, ROUND, PRECISION)
             others = (cols < n)[None, :] & (cols[None, :] != diag_cols[:, None]) & (cols[None, :] != top_col[:, None])
             without = _without(s, top[:, None], rest[:, None])
             u, w, one_minus_w, without_share = _loo_entry(without, s_diag[:, None], q[:, None], log_n1, log_alpha,
@@ -263,7 +319,8 @@ def _mi_bwd_da_kernel(
     A, B, LOG_Q, STATS, GRAD_OUT, DA,
     n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     a = _load_rows(A, rows, n_rows, e, BLOCK_E)
@@ -272,7 +329,7 @@ def _mi_bwd_da_kernel(
     for start in range(0, n, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         b = _load_rows(B, cols, n, e, BLOCK_E)
-        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
+        s = _scores(a, b, scale, DOT, ROUND, PRECISION)
         valid = (rows[:, None] < n_rows) & (cols[None, :] < n)
         g = _grad_tile(s, cols, rows + diag_offset, valid, STATS, rows, n_rows, q, n * 1.0, log_n1, log_alpha,
                        log_one_minus_alpha, BOUND, ALPHA_MODE)
@@ -288,7 +345,8 @@ def _mi_bwd_db_kernel(
     A, B, LOG_Q, STATS, GRAD_OUT, DB,
     n_rows, n, diag_offset, e, scale, log_n1, log_alpha, log_one_minus_alpha,
     BOUND: tl.constexpr, ALPHA_MODE: tl.constexpr, HAS_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     b = _load_rows(B, cols, n, e, BLOCK_E)
@@ -297,7 +355,7 @@ def _mi_bwd_db_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         a = _load_rows(A, rows, n_rows, e, BLOCK_E)
         q = _load_q(LOG_Q, rows, n_rows, HAS_Q)
-        s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale
+        s = _scores(a, b, scale, DOT, ROUND, PRECISION)
         valid = (rows[:, None] < n_rows) & (cols[None, :] < n)
         g = _grad_tile(s, cols, rows + diag_offset, valid, STATS, rows, n_rows, q, n * 1.0, log_n1, log_alpha,
                        log_one_minus_alpha, BOUND, ALPHA_MODE)
@@ -320,7 +378,12 @@ def _scalars(n_rows, n, diag_offset, scale, alpha):
     )
 
 
-def _meta(a, b, log_q, bound_id, alpha):
+def width_bucket(embed: int) -> int:
+    """The CONFIGS bucket of an embedding width: its padded width, at least 64."""
+    return max(64, triton.next_power_of_2(embed))
+
+
+def _meta(kernel, a, b, log_q, bound_id, alpha):
     embed = a.shape[1]
     if embed > MAX_EMBED:
         raise ValueError(f"the Triton path supports embeddings up to {MAX_EMBED} wide, got a of shape "
@@ -328,10 +391,10 @@ def _meta(a, b, log_q, bound_id, alpha):
     if b.shape[0] >= MAX_COLUMNS:
         raise ValueError(f"the Triton path supports fewer than {MAX_COLUMNS} columns, got b of shape "
                          f"{tuple(b.shape)}")
-    block_m, block_n = block_sizes()
-    return dict(BOUND=bound_id, ALPHA_MODE=_alpha_mode(alpha), HAS_Q=log_q is not None, BLOCK_M=block_m,
-                BLOCK_N=block_n, BLOCK_E=max(16, triton.next_power_of_2(embed)),
-                PRECISION=dot_precision(a, b), num_warps=NUM_WARPS)
+    cls = dtype_class(a, b)
+    chosen = lookup(CONFIGS, kernel, cls, a.device, width_bucket(embed))
+    return dict(BOUND=bound_id, ALPHA_MODE=_alpha_mode(alpha), HAS_Q=log_q is not None,
+                BLOCK_E=max(16, triton.next_power_of_2(embed)), **operand_meta(cls), **chosen.meta())
 
 
 def bound_forward(a, b, log_q, bound_id, alpha, scale, diag_offset=0):
@@ -343,7 +406,7 @@ def bound_forward(a, b, log_q, bound_id, alpha, scale, diag_offset=0):
     a, b = a.contiguous(), b.contiguous()
     n_rows, embed = a.shape
     stats = torch.empty(len(STAT_NAMES), n_rows, device=a.device, dtype=torch.float32)
-    meta = _meta(a, b, log_q, bound_id, alpha)
+    meta = _meta("fwd", a, b, log_q, bound_id, alpha)
     q = log_q.contiguous() if log_q is not None else stats  # any pointer: unread without HAS_Q
     _mi_fwd_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](
         a, b, q, stats, e=embed, **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
@@ -356,12 +419,33 @@ def bound_backward(a, b, log_q, stats, grad_output, bound_id, alpha, scale, diag
     n_rows, embed = a.shape
     grad_output = grad_output.to(torch.float32).reshape(1).contiguous()
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
-    meta = _meta(a, b, log_q, bound_id, alpha)
     q = log_q.contiguous() if log_q is not None else stats
     common = (a, b, q, stats.contiguous(), grad_output)
-    args = dict(e=embed, **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha), **meta)
-    _mi_bwd_da_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](*common, grad_a, **args)
-    _mi_bwd_db_kernel[(triton.cdiv(b.shape[0], meta["BLOCK_N"]),)](*common, grad_b, **args)
+    scalars = dict(e=embed, **_scalars(n_rows, b.shape[0], diag_offset, scale, alpha))
+    meta = _meta("bwd_da", a, b, log_q, bound_id, alpha)
+    _mi_bwd_da_kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](*common, grad_a, **scalars, **meta)
+    meta = _meta("bwd_db", a, b, log_q, bound_id, alpha)
+    _mi_bwd_db_kernel[(triton.cdiv(b.shape[0], meta["BLOCK_N"]),)](*common, grad_b, **scalars, **meta)
     grad_q = stats[STAT_NAMES.index("grad_q")]
     grad_log_q = (grad_q * grad_output).to(log_q.dtype) if log_q is not None else None
     return grad_a, grad_b, grad_log_q
+
+
+# tools/triton_aot.py compiles every CONFIGS entry of these kernels at their heaviest bound (alpha
+# strictly inside (0, 1) with a log-baseline) and at the other bounds, embeddings as wide as the bucket.
+_POINTERS = {"A": "in", "B": "in", "LOG_Q": "in", "DA": "in", "DB": "in"}
+_SCALARS = {"scale": "fp32", "log_n1": "fp32", "log_alpha": "fp32", "log_one_minus_alpha": "fp32"}
+_OTHER_BOUNDS = (
+    *[(name, {"BOUND": MI_BOUND_IDS[name], "ALPHA_MODE": ALPHA_INTERIOR, "HAS_Q": False})
+      for name in ("infonce", "nwj", "js")],
+    ("tuba,q", {"BOUND": TUBA, "ALPHA_MODE": ALPHA_INTERIOR, "HAS_Q": True}),
+    ("alpha=0,q", {"BOUND": ALPHA, "ALPHA_MODE": ALPHA_ZERO, "HAS_Q": True}),
+    ("alpha=1", {"BOUND": ALPHA, "ALPHA_MODE": ALPHA_ONE, "HAS_Q": False}),
+    ("alpha", {"BOUND": ALPHA, "ALPHA_MODE": ALPHA_INTERIOR, "HAS_Q": False}),
+)
+AOT_KERNELS = [
+    AotKernel(fn=fn, table_key=key, label="alpha,q", pointers=_POINTERS, scalars=_SCALARS,
+              variant_meta={"BOUND": ALPHA, "ALPHA_MODE": ALPHA_INTERIOR, "HAS_Q": True},
+              bucket_meta={width: {"BLOCK_E": width} for width in WIDTH_BUCKETS}, variants=_OTHER_BOUNDS)
+    for fn, key in ((_mi_fwd_kernel, "fwd"), (_mi_bwd_da_kernel, "bwd_da"), (_mi_bwd_db_kernel, "bwd_db"))
+]

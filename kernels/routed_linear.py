@@ -6,20 +6,68 @@ the mixture to tl.dot, so W never exists in memory. dx = dy W mixes the same way
 gradient kernel owns one (feature block, input block) tile: it forms dW = dy^T x over all tokens
 once, writes every expert's gradient as alpha-scaled copies and the tile's part of
 d alpha = <dW, W_e>; those partials are summed on the host, so no atomics are needed.
-Loads are upcast to fp32; accumulation is fp32.
+Loads are upcast to fp32, the experts are mixed and accumulation is done in fp32. Every dot takes
+its operands in the dtype class's dtype (kernels/configs.py): for 16-bit inputs the mixed weight
+tile is rounded to that dtype before its dot (unit roundoff 2^-8 for bf16, as a dense layer of
+that dtype stores its W), x and dy go in as loaded; fp32 inputs run tf32x3.
+Launch configurations: CONFIGS below, one entry per kernel, dtype class and architecture.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .attention_relation import dot_precision, interpreting
+from .configs import AotKernel, as_operand, dtype_class, lookup, operand_meta, table
 
-NUM_WARPS = 4
+ROUTED_KERNELS = ("fwd", "bwd_dx", "bwd_dw")
+# Buckets of the expert count E: the K-loops load and mix E tiles, so registers grow with E.
+EXPERT_BUCKETS = (2, 4, 8)
+# Chosen by the AOT search (bench/NOTES.md): spill-free, on sm_90 16-bit dots as warp-group MMA
+# where a tile fits, then the largest tile; the mixing's E tile loads per K-step cost registers.
+CONFIGS = table(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
+    *[(kernel, "any", "interpreter", None, 16, 16, 16, 4, 1) for kernel in ROUTED_KERNELS],
+    # kernel   class  arch     E   BLOCK_M BLOCK_N BLOCK_K warps stages
+    *[row for cls in ("bf16", "fp16") for row in (
+        ("fwd", cls, "sm_90", 2, 64, 64, 32, 4, 3),
+        ("fwd", cls, "sm_90", 4, 64, 32, 32, 4, 2),
+        ("fwd", cls, "sm_90", 8, 32, 32, 32, 4, 2),
+        ("fwd", cls, "sm_80", 2, 128, 128, 32, 8, 3),
+        ("fwd", cls, "sm_80", 4, 64, 32, 32, 4, 2),
+        ("fwd", cls, "sm_80", 8, 32, 32, 16, 4, 1),
+        ("bwd_dx", cls, "sm_90", 2, 128, 128, 32, 8, 3),
+        ("bwd_dx", cls, "sm_90", 4, 64, 64, 32, 4, 3),
+        ("bwd_dx", cls, "sm_90", 8, 64, 64, 32, 4, 3),
+        ("bwd_dx", cls, "sm_80", 2, 64, 64, 32, 4, 3),
+        ("bwd_dx", cls, "sm_80", 4, 64, 64, 32, 4, 3),
+        ("bwd_dx", cls, "sm_80", 8, 64, 32, 32, 4, 2),
+        ("bwd_dw", cls, "sm_90", 2, 128, 128, 64, 8, 3),
+        ("bwd_dw", cls, "sm_90", 4, 128, 128, 64, 8, 3),
+        ("bwd_dw", cls, "sm_90", 8, 128, 128, 32, 8, 3),
+        ("bwd_dw", cls, "sm_80", 2, 128, 128, 32, 8, 3),
+        ("bwd_dw", cls, "sm_80", 4, 64, 128, 32, 4, 3),
+        ("bwd_dw", cls, "sm_80", 8, 64, 128, 32, 4, 3),
+    )],
+    ("fwd", "fp32", "sm_90", 2, 64, 32, 32, 4, 2),
+    ("fwd", "fp32", "sm_90", 4, 32, 32, 16, 4, 2),
+    ("fwd", "fp32", "sm_90", 8, 32, 32, 16, 4, 1),
+    ("fwd", "fp32", "sm_80", 2, 64, 32, 32, 4, 2),
+    ("fwd", "fp32", "sm_80", 4, 32, 32, 16, 4, 1),
+    ("fwd", "fp32", "sm_80", 8, 32, 32, 16, 4, 1),
+    ("bwd_dx", "fp32", "sm_90", 2, 64, 64, 32, 4, 2),
+    ("bwd_dx", "fp32", "sm_90", 4, 64, 64, 32, 4, 2),
+    ("bwd_dx", "fp32", "sm_90", 8, 64, 64, 32, 4, 2),
+    ("bwd_dx", "fp32", "sm_80", 2, 64, 32, 32, 4, 2),
+    ("bwd_dx", "fp32", "sm_80", 4, 32, 32, 16, 4, 1),
+    ("bwd_dx", "fp32", "sm_80", 8, 32, 32, 16, 4, 1),
+    *[("bwd_dw", "fp32", "sm_90", experts, 64, 64, 32, 4, 2) for experts in EXPERT_BUCKETS],
+    ("bwd_dw", "fp32", "sm_80", 2, 64, 64, 32, 4, 2),
+    ("bwd_dw", "fp32", "sm_80", 4, 64, 64, 32, 4, 2),
+    ("bwd_dw", "fp32", "sm_80", 8, 32, 32, 32, 4, 2),
+])
 
 
-def block_sizes() -> tuple[int, int, int]:
-    """(tokens, features, inputs) per tile."""
-    return (16, 16, 16) if interpreting() else (64, 64, 32)
+def expert_bucket(experts: int) -> int:
+    """The CONFIGS bucket of E experts (past 8 experts, the 8-expert entry: see bench/NOTES.md)."""
+    return next((bucket for bucket in EXPERT_BUCKETS if experts <= bucket), EXPERT_BUCKETS[-1])
 
 
 @triton.jit
@@ -46,7 +94,8 @@ def _mixed_tile(W, ALPHA, feats, ks, f, d, stride_we, stride_wf, E: tl.constexpr
 def _routed_fwd_kernel(
     X, W, ALPHA, BIAS, Y, n_tokens, f, d, stride_we, stride_wf, stride_be,
     E: tl.constexpr, NEURON: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,7 +105,7 @@ def _routed_fwd_kernel(
         x = tl.load(X + rows[:, None] * d + ks[None, :], mask=(rows[:, None] < n_tokens) & (ks[None, :] < d),
                     other=0.0).to(tl.float32)
         w = _mixed_tile(W, ALPHA, feats, ks, f, d, stride_we, stride_wf, E, NEURON, BLOCK_N, BLOCK_K)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        acc += tl.dot(as_operand(x, DOT, ROUND), tl.trans(as_operand(w, DOT, ROUND)), input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.zeros([BLOCK_N], tl.float32)
         for e in tl.static_range(E):
@@ -71,7 +120,8 @@ def _routed_fwd_kernel(
 def _routed_bwd_dx_kernel(
     DY, W, ALPHA, DX, n_tokens, f, d, stride_we, stride_wf,
     E: tl.constexpr, NEURON: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -81,7 +131,7 @@ def _routed_bwd_dx_kernel(
         dy = tl.load(DY + rows[:, None] * f + feats[None, :], mask=(rows[:, None] < n_tokens) & (feats[None, :] < f),
                      other=0.0).to(tl.float32)
         w = _mixed_tile(W, ALPHA, feats, ks, f, d, stride_we, stride_wf, E, NEURON, BLOCK_N, BLOCK_K)
-        acc += tl.dot(dy, w, input_precision=PRECISION)
+        acc += tl.dot(as_operand(dy, DOT, ROUND), as_operand(w, DOT, ROUND), input_precision=PRECISION)
     tl.store(DX + rows[:, None] * d + ks[None, :], acc.to(DX.dtype.element_ty),
              mask=(rows[:, None] < n_tokens) & (ks[None, :] < d))
 
@@ -90,7 +140,8 @@ def _routed_bwd_dx_kernel(
 def _routed_bwd_dw_kernel(
     DY, X, W, ALPHA, GRAD_W, GRAD_ALPHA, n_tokens, f, d, stride_we, stride_wf,
     E: tl.constexpr, NEURON: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,7 +155,7 @@ def _routed_bwd_dw_kernel(
                      other=0.0).to(tl.float32)
         x = tl.load(X + rows[:, None] * d + ks[None, :], mask=(rows[:, None] < n_tokens) & (ks[None, :] < d),
                     other=0.0).to(tl.float32)
-        grad += tl.dot(tl.trans(dy), x, input_precision=PRECISION)
+        grad += tl.dot(tl.trans(as_operand(dy, DOT, ROUND)), as_operand(x, DOT, ROUND), input_precision=PRECISION)
     inside = feat_in[:, None] & (ks[None, :] < d)
     for e in tl.static_range(E):
         coef = _coefficients(ALPHA, feats, f, e, E, NEURON)
@@ -118,10 +169,11 @@ def _routed_bwd_dw_kernel(
             tl.store(GRAD_ALPHA + (pid_k * tl.num_programs(0) + pid_n) * E + e, tl.sum(row_dots, axis=0))
 
 
-def _meta(x, experts_w, alpha, with_bias):
-    block_m, block_n, block_k = block_sizes()
-    return dict(E=experts_w.shape[0], NEURON=alpha.dim() == 2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                PRECISION=dot_precision(x, experts_w), num_warps=NUM_WARPS)
+def _meta(kernel, operands, experts_w, alpha):
+    """Constexprs and launch configuration of `kernel`, whose dots read the tensors `operands`."""
+    cls = dtype_class(*operands)
+    chosen = lookup(CONFIGS, kernel, cls, experts_w.device, expert_bucket(experts_w.shape[0]))
+    return dict(E=experts_w.shape[0], NEURON=alpha.dim() == 2, **operand_meta(cls), **chosen.meta())
 
 
 def routed_forward(x, experts_w, alpha, experts_b, f):
@@ -129,7 +181,7 @@ def routed_forward(x, experts_w, alpha, experts_b, f):
     x, experts_w, alpha = x.contiguous(), experts_w.contiguous(), alpha.contiguous()
     n_tokens, d = x.shape
     y = torch.empty(n_tokens, f, device=x.device, dtype=x.dtype)
-    meta = _meta(x, experts_w, alpha, experts_b is not None)
+    meta = _meta("fwd", (x, experts_w), experts_w, alpha)
     bias = experts_b.contiguous() if experts_b is not None else alpha  # unread without HAS_BIAS
     grid = (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(f, meta["BLOCK_N"]))
     _routed_fwd_kernel[grid](x, experts_w, alpha, bias, y, n_tokens, f, d, experts_w.stride(0), experts_w.stride(1),
@@ -141,14 +193,15 @@ def routed_backward(grad_y, x, experts_w, alpha, experts_b, f, need_x):
     """(dx, d experts_w, d alpha, d experts_b) in the inputs' dtypes (dx None unless need_x)."""
     grad_y, x, experts_w, alpha = (t.contiguous() for t in (grad_y, x, experts_w, alpha))
     n_tokens, d = x.shape
-    meta = _meta(x, experts_w, alpha, experts_b is not None)
     neuron_wise = alpha.dim() == 2
     grad_x = None
     if need_x:
         grad_x = torch.empty_like(x)
+        meta = _meta("bwd_dx", (grad_y, experts_w), experts_w, alpha)
         grid = (triton.cdiv(n_tokens, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_K"]))
         _routed_bwd_dx_kernel[grid](grad_y, experts_w, alpha, grad_x, n_tokens, f, d, experts_w.stride(0),
                                     experts_w.stride(1), **meta)
+    meta = _meta("bwd_dw", (grad_y, x), experts_w, alpha)
     feature_blocks, input_blocks = triton.cdiv(f, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_K"])
     grad_w = torch.zeros(experts_w.shape, device=x.device, dtype=torch.float32)
     num_experts = experts_w.shape[0]
@@ -167,3 +220,17 @@ def routed_backward(grad_y, x, experts_w, alpha, experts_b, f, need_x):
         grad_alpha = grad_alpha + (bias_dots if neuron_wise else bias_dots.sum(0))
         grad_b = grad_b.to(experts_b.dtype)
     return grad_x, grad_w.to(experts_w.dtype), grad_alpha.to(alpha.dtype), grad_b
+
+
+# tools/triton_aot.py compiles every CONFIGS entry of these kernels with as many experts as the
+# bucket, neuron-wise mixing and biases (the most loads per tile), and at the other mixings.
+_POINTERS = {"X": "in", "W": "in", "ALPHA": "in", "BIAS": "in", "Y": "in", "DY": "in", "DX": "in",
+             "GRAD_W": "*fp32", "GRAD_ALPHA": "*fp32"}
+_OTHER_MIXINGS = (("layer", {"NEURON": False}), ("neuron,no bias", {"HAS_BIAS": False}),
+                  ("one expert fewer", {"E": lambda bucket: bucket - 1}))
+AOT_KERNELS = [
+    AotKernel(fn=fn, table_key=key, label="neuron", pointers=_POINTERS, scalars={}, bucket_label="E",
+              variant_meta={"NEURON": True, "HAS_BIAS": True},
+              bucket_meta={experts: {"E": experts} for experts in EXPERT_BUCKETS}, variants=_OTHER_MIXINGS)
+    for fn, key in ((_routed_fwd_kernel, "fwd"), (_routed_bwd_dx_kernel, "bwd_dx"), (_routed_bwd_dw_kernel, "bwd_dw"))
+]

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import torch
 
 CONTEXT = decimal.Context(prec=90, Emax=10**6, Emin=-10**6)
+NOISE_WIDTH = 8
+# Relative rounding of bf16 gradient outputs: once on output (2^-8), and a GPU multiplies G in one
+# tf32 pass (2^-11); the Triton interpreter's fp32 -> bf16 conversion truncates instead (2^-7).
+BF16_GRAD_ROUNDING = 2.0**-8 + 2.0**-11
+BF16_INTERPRETER_ROUNDING = 2.0**-7
 D = CONTEXT.create_decimal_from_float
 
 
@@ -124,3 +129,46 @@ def _alpha(scores, exps, q, alpha, n, pairs):
         grad_q_terms.append((1 - alpha) * eq * (off / a[i] ** 2 + recip) / pairs)
     l1 = float(sum(abs(g) for row in grad for g in row))
     return Exact(float(value), _tensor(grad), _tensor([grad_q])[0], l1, float(terms), _tensor([grad_q_terms])[0])
+
+
+def layout_inputs(layout: str, n: int, sep: float, dtype: torch.dtype, seed: int):
+    """(a, b, log_q, scale), rounded to dtype; log_q ~ sep U(0, 1) spans both sides of the LOO mean."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "normalised":
+        a = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
+        b = torch.nn.functional.normalize(a + 0.3 * torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
+        scale = float(sep)
+    else:
+        noise = NOISE_WIDTH**-0.25  # x_i . y_j ~ N(0, 1)
+        columns = torch.arange(n)
+        if layout == "confused":  # the second half of the rows: a negative dominates (a derangement)
+            half = torch.arange(n // 2, n)
+            columns[half] = half.roll(1)
+        peak = math.sqrt(sep) * torch.eye(n, dtype=torch.float64)
+        a = torch.cat([peak, noise * torch.randn(n, NOISE_WIDTH, generator=g, dtype=torch.float64)], 1)
+        b = torch.cat([peak[columns], noise * torch.randn(n, NOISE_WIDTH, generator=g, dtype=torch.float64)], 1)
+        scale = 1.0
+    log_q = sep * torch.rand(n, generator=g, dtype=torch.float64)
+    return a.to(dtype), b.to(dtype), log_q.to(dtype), scale
+
+
+def exact_errors(value: float, grads, a, b, log_q, scale: float, ref: Exact, u: float, out_rounding: float = 0.0):
+    """[(what, error, bound)] of a path's value and gradients (float64 CPU tensors, in the order a, b,
+    log_q) against the exact ones, with the bounds of tests/test_mi_confident.py's docstring: u is the
+    unit roundoff of the path's arithmetic, out_rounding the relative rounding of its gradient outputs."""
+    n, e = a.shape
+    a64, b64 = a.double(), b.double()
+    kappa = scale * float(a64.norm(dim=1).max() * b64.norm(dim=1).max())
+    gamma = (e + 2) * u * kappa
+    rho = 4 * gamma + (n + 100) * u
+    value_tol = 2 * gamma * ref.value_grad_l1 + (n + 20) * u * (ref.value_terms + kappa)
+    errors = [("value", abs(value - ref.value), value_tol)]
+    g = ref.grad_scores
+    expected = [scale * g @ b64, scale * g.T @ a64]
+    magnitude = [scale * g.abs() @ b64.abs(), scale * g.abs().T @ a64.abs()]
+    if log_q is not None:
+        expected.append(ref.grad_log_q)
+        magnitude.append(ref.grad_log_q_terms)
+    for name, grad, want, size in zip(("d/da", "d/db", "d/dlog_q"), grads, expected, magnitude):
+        errors.append((name, float((grad - want).norm()), (rho + (n + e) * u + out_rounding) * float(size.norm())))
+    return errors

@@ -21,7 +21,8 @@ import os
 import pytest
 import torch
 from tests.ops.devices import triton_device
-from tests.ops.mi_exact import exact_bound, exact_scores
+from tests.ops.mi_exact import (BF16_GRAD_ROUNDING, BF16_INTERPRETER_ROUNDING, exact_bound, exact_errors,
+                                exact_scores, layout_inputs)
 
 import pykd
 
@@ -33,30 +34,6 @@ CASES += [("tuba", 0.9, with_q) for with_q in (False, True)]
 CASES += [("alpha", alpha, with_q) for alpha in ALPHAS for with_q in (False, True)]
 CASE_IDS = [f"{b}-a{a}-{'q' if q else 'noq'}" if b == "alpha" else f"{b}-{'q' if q else 'noq'}" for b, a, q in CASES]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
-BF16_GRAD_ROUNDING = 2.0**-8 + 2.0**-11
-BF16_INTERPRETER_ROUNDING = 2.0**-7  # its fp32 -> bf16 conversion truncates
-NOISE_WIDTH = 8
-
-
-def layout_inputs(layout: str, n: int, sep: float, dtype: torch.dtype, seed: int):
-    """(a, b, log_q, scale), rounded to dtype; log_q ~ sep U(0, 1) spans both sides of the LOO mean."""
-    g = torch.Generator().manual_seed(seed)
-    if layout == "normalised":
-        a = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
-        b = torch.nn.functional.normalize(a + 0.3 * torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
-        scale = float(sep)
-    else:
-        noise = NOISE_WIDTH**-0.25  # x_i . y_j ~ N(0, 1)
-        columns = torch.arange(n)
-        if layout == "confused":  # the second half of the rows: a negative dominates (a derangement)
-            half = torch.arange(n // 2, n)
-            columns[half] = half.roll(1)
-        peak = math.sqrt(sep) * torch.eye(n, dtype=torch.float64)
-        a = torch.cat([peak, noise * torch.randn(n, NOISE_WIDTH, generator=g, dtype=torch.float64)], 1)
-        b = torch.cat([peak[columns], noise * torch.randn(n, NOISE_WIDTH, generator=g, dtype=torch.float64)], 1)
-        scale = 1.0
-    log_q = sep * torch.rand(n, generator=g, dtype=torch.float64)
-    return a.to(dtype), b.to(dtype), log_q.to(dtype), scale
 
 
 _EXACT_SCORES, _EXACT_BOUNDS = {}, {}
@@ -97,31 +74,13 @@ def check_against_exact(path, layout, sep, dtype, bound, alpha, with_q, seed=0):
 
 def assert_matches_exact(path, a, b, log_q, scale, dtype, bound, alpha, ref):
     value, grads = run_path(path, a, b, log_q, bound, alpha, scale)
-
     u = UNIT_ROUNDOFF[torch.float64 if path == "reference64" else torch.float32]
-    n, e = a.shape
-    a64, b64 = a.double(), b.double()
-    kappa = scale * float(a64.norm(dim=1).max() * b64.norm(dim=1).max())
-    gamma = (e + 2) * u * kappa
-    rho = 4 * gamma + (n + 100) * u
     out = 0.0
     if dtype == torch.bfloat16:
         interpreted = path == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         out = BF16_INTERPRETER_ROUNDING if interpreted else BF16_GRAD_ROUNDING
-
-    value_tol = 2 * gamma * ref.value_grad_l1 + (n + 20) * u * (ref.value_terms + kappa)
-    assert abs(value - ref.value) <= value_tol, (value, ref.value, value_tol)
-    g = ref.grad_scores
-    expected = [scale * g @ b64, scale * g.T @ a64]
-    magnitude = [scale * g.abs() @ b64.abs(), scale * g.abs().T @ a64.abs()]
-    if log_q is not None:
-        expected.append(ref.grad_log_q)
-        magnitude.append(ref.grad_log_q_terms)
-    for name, grad, want, size in zip(("a", "b", "log_q"), grads, expected, magnitude):
-        error = float((grad - want).norm())
-        bound_on_error = (rho + (n + e) * u + out) * float(size.norm())
-        assert error <= bound_on_error, \
-            f"d/d{name}: error {error:.3e} > {bound_on_error:.3e} (|grad| {float(want.norm()):.3e})"
+    for what, error, bound_on_error in exact_errors(value, grads, a, b, log_q, scale, ref, u, out):
+        assert error <= bound_on_error, f"{what}: error {error:.3e} > {bound_on_error:.3e}"
 
 
 @pytest.mark.parametrize("sep", SEPARATIONS)
