@@ -9,7 +9,7 @@ Python and Triton (an uninstalled checkout works: kernels/ is mapped to pykd.ker
 Order (the plan is printed first, each step with its predicted duration on an H100):
   1. correctness: relation (kl, ce, mse_prob, mse_logit; ragged masks with NaN under the padding,
      self-relations, odd and long lengths up to 4096, head sizes 32 to 256; fp32, bf16, fp16), MI
-     (every bound; alpha at 10-80 nat separations against tests/mi_exact.py's 90-digit evaluation;
+     (every bound; alpha at 10-80 nat separations against tests/ops/mi_exact.py's 90-digit evaluation;
      n up to 16384 against float64 and n = 65536 checked for consistency, since its float64
      reference would need ~15 n x n float64 matrices), routed (layer- and neuron-wise, E = 2 and 4,
      with and without bias; fp32, bf16, fp16);
@@ -24,11 +24,11 @@ context, the remaining GPU steps are recorded as not run). The JSON is rewritten
 (bench/results/gpu_check_<device>.json, the Markdown table beside it), so a timeout keeps what ran.
 
 Tolerances (each check records its error and bound): relation and routed use the tests' relative
-bounds (tests/test_attention_relation.py: loss 1e-5, gradients 1e-4 fp32, 5e-3 fp16, 2e-2 bf16;
-tests/test_routed_linear.py: 1e-5, 5e-3, 2e-2) or twice the rounding of the exact result to the
+bounds (tests/ops/test_attention_relation.py: loss 1e-5, gradients 1e-4 fp32, 5e-3 fp16, 2e-2 bf16;
+tests/ops/test_routed_linear.py: 1e-5, 5e-3, 2e-2) or twice the rounding of the exact result to the
 output dtype, or Higham's gamma_n growth for the longer sums at these sizes, whichever is larger;
-MI at moderate scores uses tests/test_mi_bound.py's (value 1e-5, gradients 2e-4 fp32 / 5e-3 / 2e-2)
-with the same growth; MI at confident critics uses tests/mi_exact.py's exact_errors bounds.
+MI at moderate scores uses tests/ops/test_mi_bound.py's (value 1e-5, gradients 2e-4 fp32 / 5e-3 / 2e-2)
+with the same growth; MI at confident critics uses tests/ops/mi_exact.py's exact_errors bounds.
 """
 import argparse
 import json
@@ -50,9 +50,10 @@ if __name__ == "__main__" and "--dry-run" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests"), str(ROOT / "bench")]
+# tests is a package (its helpers are imported as tests.<module>), so the checkout root goes on the path
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "bench")]
 import gpu_roofline  # noqa: E402
-from fp_bounds import UNIT_ROUNDOFF, gamma  # noqa: E402
+from tests.fp_bounds import UNIT_ROUNDOFF, gamma  # noqa: E402
 
 
 def import_pykd():
@@ -75,7 +76,7 @@ def import_pykd():
 
 
 pykd = import_pykd()
-from relation_cases import reference_loss_and_grads, relation_inputs, students, token_mask  # noqa: E402
+from tests.ops.relation_cases import reference_loss_and_grads, relation_inputs, students, token_mask  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("kl", "ce", "mse_prob", "mse_logit")
@@ -311,8 +312,8 @@ def mi_check(device, dtype: str, bound: str, alpha: float, with_q: bool, n: int,
 
 def mi_confident_check(device, dtype: str, layout: str, sep: float, bound: str, alpha: float, with_q: bool,
                        n: int) -> dict:
-    """Against the 90-digit evaluation of tests/mi_exact.py, with its error bounds."""
-    import mi_exact
+    """Against the 90-digit evaluation of tests/ops/mi_exact.py, with its error bounds."""
+    from tests.ops import mi_exact
 
     a, b, log_q, scale = mi_exact.layout_inputs(layout, n, sep, DTYPES[dtype], seed=0)
     log_q = log_q if with_q else None
