@@ -1,6 +1,6 @@
 """gather=True over 2 gloo processes equals the single-process bound on the concatenated batch."""
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -21,15 +21,10 @@ def global_batch():
             torch.randn(WORLD * LOCAL, generator=gen))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank, port, bound, alpha, backend, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _rank_main(rank, bound, alpha, backend, out_dir):
+    # A file store: no port to race for on a busy machine; a timeout so a lost peer fails the test, not CI.
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
     try:
         local = slice(rank * LOCAL, (rank + 1) * LOCAL)
         a, b, log_q = (x[local].clone().requires_grad_() for x in global_batch())
@@ -39,6 +34,9 @@ def _rank_main(rank, port, bound, alpha, backend, out_dir):
         torch.save({"value": value.detach(), "a": a.grad, "b": b.grad,
                     "log_q": log_q.grad if log_q is not None else None}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
+        # Leave together (pykd.distill.distributed.leave_process_group does the same): a rank that closed its
+        # gloo pairs while the other still read from them aborted that rank (SIGABRT in CI, under load).
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -49,7 +47,7 @@ def _rank_main(rank, port, bound, alpha, backend, out_dir):
 def test_gather_equals_concatenated_batch(bound, alpha, backend, tmp_path):
     if backend == "triton":
         pytest.importorskip("triton")
-    mp.spawn(_rank_main, args=(_free_port(), bound, alpha, backend, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(_rank_main, args=(bound, alpha, backend, str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
 
     a, b, log_q = (x.clone().requires_grad_() for x in global_batch())
