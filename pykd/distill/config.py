@@ -125,6 +125,9 @@ class TrainConfig:
     optimizer: Literal[OPTIMIZERS] = "adamw"  # sgd: plain SGD, no momentum; weight decay as an L2 term
     clip_norm: float = option(1.0, at_least(0))
     autocast: Literal[AUTOCAST] = "auto"  # auto: bf16 on CUDA, off on CPU
+    # processes reading and padding batches ahead of the step (0: the training thread does it); a GPU wants 1-2,
+    # a CPU run gains nothing from taking cores from the step (bench/NOTES.md, "Data feeding")
+    num_workers: int = option(0, at_least(0))
     eval_every: int = option(100, at_least(1))
     log_every: int = option(10, at_least(1))
     checkpoint_every: int = option(100, at_least(1))
@@ -161,13 +164,14 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-# Keys a resumed run may change: they decide how long the run goes on and what is logged, evaluated and
-# saved when, never what an optimiser step computes. Every other key is part of what a checkpoint
+# Keys a resumed run may change: they decide how long the run goes on, how batches are read and what is
+# logged, evaluated and saved when, never what an optimiser step computes. Every other key is part of what a checkpoint
 # depends on (see resume_conflicts). train.steps is here because the learning-rate schedule is a function
 # of it: a run resumed with more steps continues the same weights on a stretched schedule, as asked.
 # The nas keys only `pykd nas search` (or where runs are written) depends on: a SuperLM's training never reads them.
 RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                            "train.progress", "train.output_dir", "train.resume"}) | NAS_SEARCH_KEYS
+                            "train.progress", "train.output_dir", "train.resume",
+                            "train.num_workers"}) | NAS_SEARCH_KEYS
 
 
 def _validate(config: RunConfig) -> RunConfig:

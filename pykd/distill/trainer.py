@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +86,9 @@ class Trainer:
         self.step_module: TrainingStep = (build_step or self._default_step)(self).to(self.device)
         self._check_models()
         self.train_set = self.step_module.prepare_train_set(self.train_set, self)
+        # After prepare_train_set: augmentation and the teacher-logit cache read (and fingerprint) the text.
+        self.train_set = data_module.pretokenize(self.train_set, self.tokenizer, config.data.max_length)
+        self.eval_set = data_module.pretokenize(self.eval_set, self.tokenizer, config.data.max_length)
         self.model = self._wrap(self.step_module)
         self.optimizer = build_optimizer(self.step_module, config.train)
         self.scheduler = linear_schedule(self.optimizer, config.train)
@@ -93,6 +97,8 @@ class Trainer:
         self._window: dict[str, float] = {}  # loss terms summed since the last log line
         self._window_steps = 0
         self._order: tuple[int, list[int]] = (-1, [])
+        self._batches = None  # the micro-batches from self.step on (_start_batches)
+        self.input_wait_s = 0.0  # time the training thread waited for its batches (bench/NOTES.md, issue 17)
 
     # ---- construction ----
 
@@ -193,15 +199,40 @@ class Trainer:
             self._order = (epoch, torch.randperm(len(self.train_set), generator=generator).tolist())
         return self._order[1]
 
-    def _micro_batch(self, step: int, micro: int) -> dict:
+    def _micro_batch_indices(self, step: int, micro: int) -> list[int]:
+        """The training rows of micro-batch `micro` of step `step` on this rank: a function of the step,
+        so a resumed run reads the rows the uninterrupted one would."""
         train = self.config.train
         per_step = train.batch_size * train.grad_accum * self.world
         start = step * per_step + (micro * self.world + self.rank) * train.batch_size
         epoch, offset = divmod(start, len(self.train_set))
         order = self._epoch_order(epoch)
-        indices = [order[(offset + i) % len(order)] for i in range(train.batch_size)]
-        batch = self.collate([self.train_set[i] for i in indices])
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return [order[(offset + i) % len(order)] for i in range(train.batch_size)]
+
+    def _batch_plan(self, first_step: int, last_step: int):
+        """Index lists of every micro-batch of steps first_step .. last_step - 1, in training order."""
+        for step in range(first_step, last_step):
+            for micro in range(self.config.train.grad_accum):
+                yield self._micro_batch_indices(step, micro)
+
+    def _start_batches(self, last_step: int) -> None:
+        """Micro-batches from self.step on, read and padded by train.num_workers processes ahead of the
+        training thread (0: on it), in pinned memory when they go to a GPU."""
+        workers = self.config.train.num_workers
+        loader = torch.utils.data.DataLoader(
+            _Rows(self.train_set), batch_sampler=self._batch_plan(self.step, last_step),
+            collate_fn=self.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+            # its own generator: an iterator draws its workers' base seed from it, and a draw from the global
+            # one (dropout's) would make a resumed run differ from the uninterrupted one
+            generator=torch.Generator().manual_seed(self.config.train.seed))
+        self._batches = iter(loader)
+
+    def _next_micro_batch(self) -> dict:
+        started = time.perf_counter()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self._batches).items()}
+        self.input_wait_s += time.perf_counter() - started
+        return batch
 
     # ---- training ----
 
@@ -228,6 +259,7 @@ class Trainer:
                   "(train.resume=false starts afresh)", flush=True)
             return self.history
         last = train.steps if stop_after is None else min(train.steps, stop_after)
+        self._start_batches(last)
         progress = self._progress(last)
         with StopRequests() as requests:
             signum = 0
@@ -242,6 +274,7 @@ class Trainer:
                 signum = max_over_ranks(requests.signum, self.device)
             if progress is not None:
                 progress.close()
+            self._batches = None  # its worker processes end with it
             if signum:
                 self.save_checkpoint()
                 self._fire("on_train_end")
@@ -266,7 +299,7 @@ class Trainer:
         self.model.train()
         totals: dict[str, float] = {}
         for micro in range(train.grad_accum):
-            batch = self._micro_batch(self.step, micro)
+            batch = self._next_micro_batch()
             last_micro = micro == train.grad_accum - 1
             wrapped = self.model is not self.step_module
             sync = self.model.no_sync() if wrapped and not last_micro else contextlib.nullcontext()
@@ -335,7 +368,7 @@ class Trainer:
         batch_size = self.config.train.batch_size
         logits, labels, totals, batches = [], [], {}, 0
         for start in range(0, len(self.eval_set), batch_size):
-            rows = [self.eval_set[i] for i in range(start, min(start + batch_size, len(self.eval_set)))]
+            rows = data_module.rows_at(self.eval_set, list(range(start, min(start + batch_size, len(self.eval_set)))))
             batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
             if kind == "unlabeled":
                 terms, loss = self.step_module(batch)
@@ -398,3 +431,19 @@ class Trainer:
         directory.mkdir(parents=True, exist_ok=True)
         self.step_module.save_model(directory, self.tokenizer)
         self._fire("on_save", directory, "model")
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A datasets.Dataset as DataLoader reads it with a batch sampler: a list of indices in, rows out."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return data_module.rows_at(self.dataset, indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index]

@@ -1,5 +1,6 @@
 """Built-in corpora and local files."""
 import pytest
+import torch
 
 from pykd.distill import corpora, data
 
@@ -149,3 +150,34 @@ def test_load_splits_is_prepare_then_split(tmp_path):
     assert splits.label_names == prepared.label_names == ["0", "1"]
     as_text = data.load_splits(section, seed=4, kind="unlabeled")  # what the architecture search reads
     assert as_text.eval["text"][:] == evaluation["text"][:] and as_text.label_names is None
+
+
+def test_pretokenized_rows_collate_to_the_ids_of_text_rows():
+    """The trainer tokenizes once (pretokenize) and pads per batch: the same tensors as tokenizing per
+    batch, for single texts and pairs, with truncation at max_length."""
+    import datasets
+
+    from pykd.distill.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm-l6")
+    long = " ".join(["word"] * 40)
+    for columns in ({"text": ["a good movie", long, "x"], "label": [1, 0, 1]},
+                    {"text": ["a man", "dull plot", long], "text_pair": ["a person", long, "ok"], "label": [0, 1, 2]}):
+        rows = datasets.Dataset.from_dict(columns)
+        tokenized = data.pretokenize(rows, tokenizer, 16)
+        collate = data.Collator(tokenizer, 16, "classification")
+        by_text = collate([rows[i] for i in range(len(rows))])
+        by_ids = collate(data.rows_at(tokenized, [0, 1, 2]))
+        assert by_text.keys() == by_ids.keys()
+        for name in by_text:
+            assert torch.equal(by_text[name], by_ids[name]), name
+        assert by_ids["input_ids"].shape[1] == 16  # truncated before padding
+        assert data.pretokenize(tokenized, tokenizer, 16) is tokenized  # once
+
+
+def test_rows_at_reads_rows_in_the_order_asked():
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]})
+    assert data.rows_at(rows, [2, 0, 2]) == [{"text": "c", "label": 2}, {"text": "a", "label": 0},
+                                             {"text": "c", "label": 2}]

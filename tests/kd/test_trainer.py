@@ -170,3 +170,27 @@ def test_ddp_on_two_gloo_ranks_equals_one_process_on_the_global_batch(tmp_path):
     assert total <= summation + sum(storage.values())
     moved = sum(int(float(u.norm()) > storage[key]) for key, u in updates.items())
     assert moved > len(one) // 2
+
+
+def test_batches_read_by_a_worker_process_train_the_same_model(tmp_path):
+    """train.num_workers moves reading and padding off the training thread, nothing else: the same
+    batches in the same order, so the same weights as the run that reads them itself."""
+    dataset = tiny_csv(tmp_path)
+    finals = []
+    for workers in (0, 1):
+        values = _values(tmp_path, dataset, f"workers{workers}", train={"num_workers": workers, "steps": 4,
+                                                                      "eval_every": 100})
+        trainer = Trainer(run_config.from_dict(values), "finetune")
+        trainer.train()
+        assert "input_ids" in trainer.train_set.column_names  # tokenized once, before the first step
+        assert trainer.input_wait_s > 0
+        finals.append(_final_state(tmp_path / f"workers{workers}"))
+    assert finals[0].keys() == finals[1].keys()
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key
+
+
+def test_negative_num_workers_is_refused_when_the_config_loads(tmp_path):
+    values = _values(tmp_path, "x.csv", "bad", train={"num_workers": -1})
+    with pytest.raises(ValueError, match="train.num_workers"):
+        run_config.from_dict(values)
