@@ -209,6 +209,12 @@ class Trainer:
         order = self._epoch_order(epoch)
         return [order[(offset + i) % len(order)] for i in range(train.batch_size)]
 
+    def micro_batch(self, step: int, micro: int = 0) -> dict:
+        """The padded tensors of micro-batch `micro` of step `step` on this rank, on the trainer's device:
+        what the training loop reads at that step (it reads them through a DataLoader, see _start_batches)."""
+        batch = self.collate(data_module.rows_at(self.train_set, self._micro_batch_indices(step, micro)))
+        return {k: v.to(self.device) for k, v in batch.items()}
+
     def _batch_plan(self, first_step: int, last_step: int):
         """Index lists of every micro-batch of steps first_step .. last_step - 1, in training order."""
         for step in range(first_step, last_step):
@@ -229,6 +235,8 @@ class Trainer:
         self._batches = iter(loader)
 
     def _next_micro_batch(self) -> dict:
+        if self._batches is None:  # a step run outside train()
+            self._start_batches(self.config.train.steps)
         started = time.perf_counter()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self._batches).items()}
         self.input_wait_s += time.perf_counter() - started

@@ -202,7 +202,7 @@ def test_distillation_with_augmentation_and_mixup(tmp_path):
               "train": {**train, "output_dir": str(tmp_path / "student")}}
     trainer = Trainer(run_config.from_dict(values), "distill")
     assert len(trainer.train_set) == 3 * 30 and sum(trainer.train_set["gold"][:]) == 30
-    batch = trainer._micro_batch(0, 0)
+    batch = trainer.micro_batch(0, 0)
     assert {"teacher_logits", "gold"} <= set(batch)
     history = trainer.train()
     steps = [r for r in history if "loss" in r]

@@ -184,6 +184,8 @@ def test_batches_read_by_a_worker_process_train_the_same_model(tmp_path):
         trainer.train()
         assert "input_ids" in trainer.train_set.column_names  # tokenized once, before the first step
         assert trainer.input_wait_s > 0
+        first = trainer.micro_batch(0, 0)  # what the loop read at step 0, by the public accessor
+        assert first["input_ids"].shape[0] == 8 and first["labels"].dtype == torch.long
         finals.append(_final_state(tmp_path / f"workers{workers}"))
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:

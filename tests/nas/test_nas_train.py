@@ -61,7 +61,7 @@ def test_sandwich_gradient_is_the_sum_of_the_members_gradients(tmp_path):
     """One backward per member (bounded memory) gives the gradient of the summed loss."""
     trainer = _trainer(tmp_path, nas={"sandwich_random": 1})
     step = trainer.step_module.train()
-    batch = trainer._micro_batch(0, 0)
+    batch = trainer.micro_batch(0, 0)
     step.step = 0
     torch.manual_seed(0)  # the same dropout masks in both passes
     _terms, total = step(batch)
