@@ -65,21 +65,29 @@ ROW_LOSS = STAT_NAMES.index("row_loss")
 
 
 VOCAB_KERNELS = ("fwd", "bwd_dh", "bwd_dw")
-# Chosen by the AOT search (bench/NOTES.md): spill-free in every variant; on sm_90 16-bit dots as
-# warp-group MMA, which needs 64-row tiles (the dW kernel's G^T h_s dot: 64 words); 64 x 64 x 64 and
-# 64 x 128 x 32 spill there (160-770 B), 4 warps on 64 x 32 too. Row-parallel grids (forward, dh):
-# N / 64 programs, so below N = 8448 rows an H100's 132 SMs are not all busy (32-row mma.sync tiles,
-# the sm_80 entries, give twice the programs). fp32 runs tf32x3: three products per dot stay live,
-# so its K chunk is 16.
+# Chosen by the AOT search (bench/NOTES.md): spill-free in every variant the dispatch launches (a
+# dense or top-k teacher with jsd holds the most registers, not the projected one); on sm_90 16-bit
+# dots as warp-group MMA, which needs 64-row tiles (the dW kernel's G^T h_s dot: 64 words). There the
+# forward takes 32-word tiles (64 x 64 x 32 spills 88-236 B with a dense or top-k teacher, or without
+# biases) and dh 16-wide K chunks (K = 32 spills 84 B with a top-k teacher). The row-parallel
+# forward and dh then run N / 64 programs: below N = 8448 rows an H100's 132 SMs are not all busy
+# (the sm_80 entries' 32-row mma.sync tiles give twice the programs). fp32 runs tf32x3 (three
+# products per dot live): K chunks of 16, one stage in the forward and dh (two spill 8-24 B there).
 CONFIGS = table(("BLOCK_M", "BLOCK_V", "BLOCK_K"), [
     # Small tiles under the interpreter, so the tests cross several tiles and chunks quickly.
     *[(kernel, "any", "interpreter", None, 16, 16, 16, 4, 1) for kernel in VOCAB_KERNELS],
     # kernel   class  arch   bucket  BLOCK_M BLOCK_V BLOCK_K warps stages
-    *[row for kernel in VOCAB_KERNELS for cls in ("bf16", "fp16") for row in (
-        (kernel, cls, "sm_90", None, 64, 64, 32, 8, 2),
-        (kernel, cls, "sm_80", None, 32, 64, 32, 8, 2),
+    *[row for cls in ("bf16", "fp16") for row in (
+        ("fwd", cls, "sm_90", None, 64, 32, 32, 8, 2),
+        ("bwd_dh", cls, "sm_90", None, 64, 64, 16, 8, 2),
+        ("bwd_dw", cls, "sm_90", None, 64, 64, 32, 8, 2),
+        *[(kernel, cls, "sm_80", None, 32, 64, 32, 8, 2) for kernel in VOCAB_KERNELS],
     )],
-    *[(kernel, "fp32", arch, None, 32, 64, 16, 8, 2) for kernel in VOCAB_KERNELS for arch in ("sm_80", "sm_90")],
+    *[row for arch in ("sm_80", "sm_90") for row in (
+        ("fwd", "fp32", arch, None, 32, 64, 16, 8, 1),
+        ("bwd_dh", "fp32", arch, None, 32, 32, 16, 8, 1),
+        ("bwd_dw", "fp32", arch, None, 32, 64, 16, 8, 2),
+    )],
 ])
 
 
