@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-KERNEL_MODULES = ("attention_relation", "mi_bound", "routed_linear")
+KERNEL_MODULES = ("attention_relation", "mi_bound", "routed_linear", "vocab_kd")
 DTYPE_CLASSES = ("fp32", "bf16", "fp16")
 ARCHS = ("sm_80", "sm_90")
 SIXTEEN_BIT = {torch.bfloat16: "bf16", torch.float16: "fp16"}

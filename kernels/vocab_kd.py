@@ -28,14 +28,15 @@ Backward, recomputing the logit tiles from those statistics:
   db_s[tile] += column sums.
 No two programs write the same memory: no atomics.
 
-Operands of a dot that are both bf16 (or both fp16) go to tl.dot as they are, accumulating in
-fp32 (G is rounded to that dtype for the gradient dots); fp32 operands use tf32x3. Under the
-interpreter, which computes half-precision dots wrongly, both are upcast to fp32 first.
+Every dot takes its operands in the dtype class's dtype (kernels/configs.py), one class for the
+student's and the projected teacher's dots: when h_s, w_s (and h_t, w_t) share one 16-bit dtype
+they go to tl.dot as they are, accumulating in fp32, and G is rounded to that dtype for the
+gradient dots; any other mix is "fp32": loads upcast, every dot tf32x3.
+Launch configurations: CONFIGS below, one entry per kernel, dtype class and architecture (no
+bucket: the hidden width is a K-loop, so registers and shared memory do not grow with it).
 """
 import contextlib
 import math
-import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import AotKernel, as_operand, dtype_class, interpreting, lookup, operand_meta, table
 from .ids import VOCAB_DIVERGENCE_IDS, VOCAB_TEACHER_IDS
 
 KL, SOFT_CE, REVERSE_KL, JSD = (VOCAB_DIVERGENCE_IDS[name] for name in ("kl", "soft_ce", "reverse_kl", "jsd"))
@@ -62,42 +64,37 @@ _MAX_S, _LOG_ZS, _LOG_Z1, _MAX_T, _LOG_ZT, _AUX, _ROW_LOSS = (tl.constexpr(i) fo
 ROW_LOSS = STAT_NAMES.index("row_loss")
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int   # rows per program
-    block_v: int   # words per vocabulary tile
-    block_k: int   # hidden width per dot
-    num_warps: int
-    num_stages: int
-
-
-# Launch configuration per operand dtype (fp16 takes bf16's), from tools/triton_aot.py's report on
-# sm_80/sm_90 (jsd, projected teacher, biases, hard term at T != 1; every other divergence and
-# teacher checked on sm_90 too): spill-free for both. 64 x 64 x 64 bf16 tiles and 32 x 64 x 32
-# fp32 ones (tf32x3 keeps three products per dot live) spilled 130-390 B in the backward kernels;
-# 32-row blocks also give N = 4096 rows 128 programs, about one per SM of an H100, in the
-# row-parallel kernels.
-CONFIGS = {"fp32": TileConfig(32, 64, 16, 8, 2), "bf16": TileConfig(32, 64, 32, 8, 2)}
-# Small tiles under the interpreter, so the tests cross several tiles and chunks quickly.
-INTERPRETER_CONFIG = TileConfig(16, 16, 16, 4, 1)
-# fp32 dots: tf32x3 keeps fp32 accuracy on tensor cores (the half-precision dots ignore it).
-FP32_DOT_PRECISION = "tf32x3"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+VOCAB_KERNELS = ("fwd", "bwd_dh", "bwd_dw")
+# Chosen by the AOT search (bench/NOTES.md): spill-free in every variant the dispatch launches (a
+# dense or top-k teacher with jsd holds the most registers, not the projected one); on sm_90 16-bit
+# dots as warp-group MMA, which needs 64-row tiles (the dW kernel's G^T h_s dot: 64 words). There the
+# forward takes 32-word tiles (64 x 64 x 32 spills 88-236 B with a dense or top-k teacher, or without
+# biases) and dh 16-wide K chunks (K = 32 spills 84 B with a top-k teacher). The row-parallel
+# forward and dh then run N / 64 programs: below N = 8448 rows an H100's 132 SMs are not all busy
+# (the sm_80 entries' 32-row mma.sync tiles give twice the programs). fp32 runs tf32x3 (three
+# products per dot live): K chunks of 16, one stage in the forward and dh (two spill 8-24 B there).
+CONFIGS = table(("BLOCK_M", "BLOCK_V", "BLOCK_K"), [
+    # Small tiles under the interpreter, so the tests cross several tiles and chunks quickly.
+    *[(kernel, "any", "interpreter", None, 16, 16, 16, 4, 1) for kernel in VOCAB_KERNELS],
+    # kernel   class  arch   bucket  BLOCK_M BLOCK_V BLOCK_K warps stages
+    *[row for cls in ("bf16", "fp16") for row in (
+        ("fwd", cls, "sm_90", None, 64, 32, 32, 8, 2),
+        ("bwd_dh", cls, "sm_90", None, 64, 64, 16, 8, 2),
+        ("bwd_dw", cls, "sm_90", None, 64, 64, 32, 8, 2),
+        *[(kernel, cls, "sm_80", None, 32, 64, 32, 8, 2) for kernel in VOCAB_KERNELS],
+    )],
+    *[row for arch in ("sm_80", "sm_90") for row in (
+        ("fwd", "fp32", arch, None, 32, 64, 16, 8, 1),
+        ("bwd_dh", "fp32", arch, None, 32, 32, 16, 8, 1),
+        ("bwd_dw", "fp32", arch, None, 32, 64, 16, 8, 2),
+    )],
+])
 
 
 def _quiet_masked_lanes():
     """Under the interpreter (numpy), lanes that tl.where discards compute -inf - -inf past the
     vocabulary and x / log(1) = x / 0 in expm1's exact branch; numpy would warn on every launch."""
     return np.errstate(invalid="ignore", divide="ignore") if interpreting() else contextlib.nullcontext()
-
-
-def tile_config(half_dots: bool) -> TileConfig:
-    if interpreting():
-        return INTERPRETER_CONFIG
-    return CONFIGS["bf16" if half_dots else "fp32"]
 
 
 @triton.jit
@@ -131,24 +128,21 @@ def _mixture_ratios(log_p, log_q, beta, log_beta, log_1m_beta):
 
 
 @triton.jit
-def _dot(a, b, HALF: tl.constexpr, PRECISION: tl.constexpr):
-    if HALF:
-        return tl.dot(a, b)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+def _dot(a, b, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b of loaded tiles as tensor-core operands of the dtype class (kernels/configs.py)."""
+    return tl.dot(as_operand(a, DOT, ROUND), as_operand(b, DOT, ROUND), input_precision=PRECISION)
 
 
 @triton.jit
-def _grad_dot(g, x, HALF: tl.constexpr, PRECISION: tl.constexpr):
-    """g (fp32) @ x, g rounded to x's dtype when the dots run in half precision."""
-    if HALF:
-        return tl.dot(g.to(x.dtype), x)
-    return tl.dot(g, x.to(tl.float32), input_precision=PRECISION)
+def _grad_dot(g, x, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr):
+    """g (fp32) @ x, g rounded to the class dtype first (a no-op for fp32)."""
+    return tl.dot(as_operand(g, DOT, ROUND), as_operand(x, DOT, ROUND), input_precision=PRECISION)
 
 
 @triton.jit
 def _logits_tile(H, W, B, rows64, rows_in, cols64, cols_in, width, stride_h, stride_w, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                 ROUND: tl.constexpr, PRECISION: tl.constexpr):
     """h[rows] W[cols]^T (+ b[cols]) as a (BLOCK_M, BLOCK_V) fp32 tile."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for k0 in range(0, width, BLOCK_K):
@@ -156,7 +150,7 @@ def _logits_tile(H, W, B, rows64, rows_in, cols64, cols_in, width, stride_h, str
         k_in = ks < width
         h = tl.load(H + rows64[:, None] * stride_h + ks[None, :], mask=rows_in[:, None] & k_in[None, :], other=0.0)
         w = tl.load(W + cols64[:, None] * stride_w + ks[None, :], mask=cols_in[:, None] & k_in[None, :], other=0.0)
-        acc += _dot(h, tl.trans(w), HALF, PRECISION)
+        acc += _dot(h, tl.trans(w), DOT, ROUND, PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols64, mask=cols_in, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -165,21 +159,21 @@ def _logits_tile(H, W, B, rows64, rows_in, cols64, cols_in, width, stride_h, str
 @triton.jit
 def _student_tile(H_S, W_S, B_S, rows64, rows_in, cols64, cols_in, width_s, stride_hs, stride_ws,
                   HAS_BIAS_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                  HALF_S: tl.constexpr, PRECISION: tl.constexpr):
+                  DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr):
     z = _logits_tile(H_S, W_S, B_S, rows64, rows_in, cols64, cols_in, width_s, stride_hs, stride_ws, HAS_BIAS_S,
-                     BLOCK_M, BLOCK_V, BLOCK_K, HALF_S, PRECISION)
+                     BLOCK_M, BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
     return tl.where(cols_in[None, :], z, _NEG_INF)
 
 
 @triton.jit
 def _teacher_tile(H_T, W_T, B_T, T_LOGITS, TOPK_VAL, TOPK_IDX, FILL, rows64, rows_in, cols, cols64, cols_in, width_t,
                   k, stride_ht, stride_wt, stride_tl, TEACHER: tl.constexpr, HAS_BIAS_T: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HALF_T: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                  ROUND: tl.constexpr, PRECISION: tl.constexpr):
     """The teacher's logits on a tile (fp32, -inf past the vocabulary)."""
     if TEACHER == _PROJECTED:
         z = _logits_tile(H_T, W_T, B_T, rows64, rows_in, cols64, cols_in, width_t, stride_ht, stride_wt, HAS_BIAS_T,
-                         BLOCK_M, BLOCK_V, BLOCK_K, HALF_T, PRECISION)
+                         BLOCK_M, BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
     elif TEACHER == _LOGITS:
         z = tl.load(T_LOGITS + rows64[:, None] * stride_tl + cols64[None, :],
                     mask=rows_in[:, None] & cols_in[None, :], other=0.0).to(tl.float32)
@@ -223,7 +217,7 @@ def _vocab_fwd_kernel(
     inv_t, beta, log_beta, log_1m_beta, kd_value, hard_value,
     DIV: tl.constexpr, TEACHER: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
     HARD: tl.constexpr, SEPARATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF_S: tl.constexpr, HALF_T: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows64, rows_in = _rows_of_block(ROW_IDX, n_sel, tl.program_id(0) * BLOCK_M, BLOCK_M)
     if HARD:
@@ -242,10 +236,10 @@ def _vocab_fwd_kernel(
         cols_in = cols < vocab
         cols64 = cols.to(tl.int64)
         zs = _student_tile(H_S, W_S, B_S, rows64, rows_in, cols64, cols_in, width_s, stride_hs, stride_ws, HAS_BIAS_S,
-                           BLOCK_M, BLOCK_V, BLOCK_K, HALF_S, PRECISION)
+                           BLOCK_M, BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
         zt = _teacher_tile(H_T, W_T, B_T, T_LOGITS, TOPK_VAL, TOPK_IDX, FILL, rows64, rows_in, cols, cols64, cols_in,
                            width_t, k, stride_ht, stride_wt, stride_tl, TEACHER, HAS_BIAS_T, BLOCK_M, BLOCK_V,
-                           BLOCK_K, HALF_T, PRECISION)
+                           BLOCK_K, DOT, ROUND, PRECISION)
         had_t = m_t > _NEG_INF
         had_s = m_s > _NEG_INF
         z_t_old = 1.0 + rest_t  # the old sums' full mass, top word included
@@ -289,10 +283,10 @@ def _vocab_fwd_kernel(
             cols_in = cols < vocab
             cols64 = cols.to(tl.int64)
             zs = _student_tile(H_S, W_S, B_S, rows64, rows_in, cols64, cols_in, width_s, stride_hs, stride_ws,
-                               HAS_BIAS_S, BLOCK_M, BLOCK_V, BLOCK_K, HALF_S, PRECISION)
+                               HAS_BIAS_S, BLOCK_M, BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
             zt = _teacher_tile(H_T, W_T, B_T, T_LOGITS, TOPK_VAL, TOPK_IDX, FILL, rows64, rows_in, cols, cols64,
                                cols_in, width_t, k, stride_ht, stride_wt, stride_tl, TEACHER, HAS_BIAS_T, BLOCK_M,
-                               BLOCK_V, BLOCK_K, HALF_T, PRECISION)
+                               BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
             log_q = (zs - m_s[:, None]) * inv_t - log_zs[:, None]
             log_p = (zt - m_t[:, None]) * inv_t - log_zt[:, None]
             q = tl.exp(log_q)
@@ -362,7 +356,7 @@ def _vocab_bwd_dh_kernel(
     inv_t, beta, log_beta, log_1m_beta, kd_value, hard_value,
     DIV: tl.constexpr, TEACHER: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
     HARD: tl.constexpr, SEPARATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF_S: tl.constexpr, HALF_T: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
     NEED_DH: tl.constexpr,
 ):
     rows64, rows_in = _rows_of_block(ROW_IDX, n_sel, tl.program_id(0) * BLOCK_M, BLOCK_M)
@@ -378,10 +372,10 @@ def _vocab_bwd_dh_kernel(
         cols_in = cols < vocab
         cols64 = cols.to(tl.int64)
         zs = _student_tile(H_S, W_S, B_S, rows64, rows_in, cols64, cols_in, width_s, stride_hs, stride_ws, HAS_BIAS_S,
-                           BLOCK_M, BLOCK_V, BLOCK_K, HALF_S, PRECISION)
+                           BLOCK_M, BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
         zt = _teacher_tile(H_T, W_T, B_T, T_LOGITS, TOPK_VAL, TOPK_IDX, FILL, rows64, rows_in, cols, cols64, cols_in,
                            width_t, k, stride_ht, stride_wt, stride_tl, TEACHER, HAS_BIAS_T, BLOCK_M, BLOCK_V,
-                           BLOCK_K, HALF_T, PRECISION)
+                           BLOCK_K, DOT, ROUND, PRECISION)
         grad = _grad_tile(zs, zt, cols, cols_in, rows_in, m_s, log_zs, log_z1, m_t, log_zt, aux, top, labels, coef_kd,
                           coef_hard, inv_t, beta, log_beta, log_1m_beta, DIV, HARD, SEPARATE)
         others += tl.sum(grad, axis=1)
@@ -393,7 +387,7 @@ def _vocab_bwd_dh_kernel(
                             other=0.0)
                 inside = rows_in[:, None] & k_in[None, :]
                 out = DH + rows64[:, None] * width_s + ks[None, :]
-                tl.store(out, tl.load(out, mask=inside, other=0.0) + _grad_dot(grad, w, HALF_S, PRECISION),
+                tl.store(out, tl.load(out, mask=inside, other=0.0) + _grad_dot(grad, w, DOT, ROUND, PRECISION),
                          mask=inside)
             tl.debug_barrier()  # this tile's dh writes are seen by the next tile's reads
     g_top = -others  # every row of G sums to zero
@@ -416,7 +410,7 @@ def _vocab_bwd_dw_kernel(
     inv_t, beta, log_beta, log_1m_beta, kd_value, hard_value,
     DIV: tl.constexpr, TEACHER: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
     HARD: tl.constexpr, SEPARATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr, HALF_S: tl.constexpr, HALF_T: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
     NEED_DW: tl.constexpr,
 ):
     start = tl.program_id(0) * BLOCK_V
@@ -433,10 +427,10 @@ def _vocab_bwd_dw_kernel(
         if HARD:
             labels = tl.load(LABELS + rows64, mask=rows_in, other=-1)
         zs = _student_tile(H_S, W_S, B_S, rows64, rows_in, cols64, cols_in, width_s, stride_hs, stride_ws, HAS_BIAS_S,
-                           BLOCK_M, BLOCK_V, BLOCK_K, HALF_S, PRECISION)
+                           BLOCK_M, BLOCK_V, BLOCK_K, DOT, ROUND, PRECISION)
         zt = _teacher_tile(H_T, W_T, B_T, T_LOGITS, TOPK_VAL, TOPK_IDX, FILL, rows64, rows_in, cols, cols64, cols_in,
                            width_t, k, stride_ht, stride_wt, stride_tl, TEACHER, HAS_BIAS_T, BLOCK_M, BLOCK_V,
-                           BLOCK_K, HALF_T, PRECISION)
+                           BLOCK_K, DOT, ROUND, PRECISION)
         grad = _grad_tile(zs, zt, cols, cols_in, rows_in, m_s, log_zs, log_z1, m_t, log_zt, aux, top, labels, coef_kd,
                           coef_hard, inv_t, beta, log_beta, log_1m_beta, DIV, HARD, SEPARATE)
         g_top = tl.load(G_TOP + rows64, mask=rows_in, other=0.0)
@@ -450,17 +444,17 @@ def _vocab_bwd_dw_kernel(
                             other=0.0)
                 inside = cols_in[:, None] & k_in[None, :]
                 out = DW + cols64[:, None] * width_s + ks[None, :]
-                tl.store(out, tl.load(out, mask=inside, other=0.0) + _grad_dot(tl.trans(grad), h, HALF_S, PRECISION),
-                         mask=inside)
+                partial = _grad_dot(tl.trans(grad), h, DOT, ROUND, PRECISION)
+                tl.store(out, tl.load(out, mask=inside, other=0.0) + partial, mask=inside)
             tl.debug_barrier()  # this row block's dW writes are seen by the next one's reads
     tl.store(DB + cols64, bias_grad, mask=cols_in)
 
 
 # ---- host side ----
 
-def _half_dots(h: torch.Tensor, w: torch.Tensor) -> bool:
-    """Both operands in one half dtype: they go to tl.dot as they are (not under the interpreter)."""
-    return not interpreting() and h.dtype == w.dtype and h.dtype in (torch.bfloat16, torch.float16)
+def _dot_class(h_s, w_s, h_t, w_t) -> str:
+    """The dtype class of the kernels' dot operands: the student's, and a projected teacher's."""
+    return dtype_class(*(x for x in (h_s, w_s, h_t, w_t) if x is not None))
 
 
 def _contiguous(x):
@@ -469,13 +463,12 @@ def _contiguous(x):
 
 def _launch(h_s, w_s, b_s, teacher, rows, labels, stats, top, teacher_id, divergence_id, beta, temperature,
             kd_value, hard_value):
-    """The pointer, size and constexpr arguments the three kernels share, and the tile config."""
+    """The pointer and size arguments the three kernels share, and a function of a kernel's CONFIGS
+    name giving its constexprs and launch configuration."""
     h_t, w_t, b_t, logits, topk_values, topk_indices, fill = (_contiguous(x) for x in teacher)
     h_s, w_s, b_s = (_contiguous(x) for x in (h_s, w_s, b_s))
     dummy = rows  # any pointer: never read when its constexpr flag is off
-    half_s = _half_dots(h_s, w_s)
-    half_t = h_t is not None and _half_dots(h_t, w_t)
-    config = tile_config(half_s)
+    cls = _dot_class(h_s, w_s, h_t, w_t)
     interior_beta = 0.0 < beta < 1.0
     pointers = (h_s, w_s, b_s if b_s is not None else dummy, h_t if h_t is not None else dummy,
                 w_t if w_t is not None else dummy, b_t if b_t is not None else dummy,
@@ -490,9 +483,12 @@ def _launch(h_s, w_s, b_s, teacher, rows, labels, stats, top, teacher_id, diverg
              math.log1p(-beta) if interior_beta else 0.0, kd_value, hard_value)
     meta = dict(DIV=divergence_id, TEACHER=teacher_id, HAS_BIAS_S=b_s is not None, HAS_BIAS_T=b_t is not None,
                 HARD=hard_value != 0.0, SEPARATE=hard_value != 0.0 and temperature != 1.0,
-                BLOCK_M=config.block_m, BLOCK_V=config.block_v, BLOCK_K=config.block_k, HALF_S=half_s, HALF_T=half_t,
-                PRECISION=FP32_DOT_PRECISION, num_warps=config.num_warps, num_stages=config.num_stages)
-    return pointers, sizes, meta
+                **operand_meta(cls))
+
+    def meta_of(kernel: str) -> dict:
+        return dict(meta, **lookup(CONFIGS, kernel, cls, h_s.device).meta())
+
+    return pointers, sizes, meta_of
 
 
 def vocab_forward(h_s, w_s, b_s, teacher, rows, labels, teacher_id, divergence_id, beta, temperature, kd_value,
@@ -506,8 +502,9 @@ def vocab_forward(h_s, w_s, b_s, teacher, rows, labels, teacher_id, divergence_i
     top = torch.zeros(n_rows, device=h_s.device, dtype=torch.int32)
     if rows.numel() == 0:
         return stats.new_zeros(()), stats, top
-    pointers, sizes, meta = _launch(h_s, w_s, b_s, teacher, rows, labels, stats, top, teacher_id, divergence_id,
-                                    beta, temperature, kd_value, hard_value)
+    pointers, sizes, meta_of = _launch(h_s, w_s, b_s, teacher, rows, labels, stats, top, teacher_id, divergence_id,
+                                       beta, temperature, kd_value, hard_value)
+    meta = meta_of("fwd")
     with _quiet_masked_lanes():
         _vocab_fwd_kernel[(triton.cdiv(rows.numel(), meta["BLOCK_M"]),)](*pointers, *sizes, **meta)
     return stats[ROW_LOSS].sum() / rows.numel(), stats, top
@@ -529,12 +526,39 @@ def vocab_backward(h_s, w_s, b_s, teacher, rows, labels, stats, top, grad_loss, 
     coef = grad_loss.to(torch.float32).reshape(1) * torch.tensor(
         [kd_value / (n_sel * temperature), hard_value / n_sel], device=device, dtype=torch.float32)
     g_top = torch.zeros(n_rows, device=device, dtype=torch.float32)
-    pointers, sizes, meta = _launch(h_s, w_s, b_s, teacher, rows, labels, stats, top, teacher_id, divergence_id,
-                                    beta, temperature, kd_value, hard_value)
+    pointers, sizes, meta_of = _launch(h_s, w_s, b_s, teacher, rows, labels, stats, top, teacher_id, divergence_id,
+                                       beta, temperature, kd_value, hard_value)
     with _quiet_masked_lanes():
+        meta = meta_of("bwd_dh")
         _vocab_bwd_dh_kernel[(triton.cdiv(n_sel, meta["BLOCK_M"]),)](
             *pointers, coef, grad_h, g_top, *sizes, **meta, NEED_DH=bool(needs[0]))
         if needs[1] or needs[2]:  # after the dh kernel: it reads the G_sigma that one saved
+            meta = meta_of("bwd_dw")
             _vocab_bwd_dw_kernel[(triton.cdiv(vocab, meta["BLOCK_V"]),)](
                 *pointers, coef, g_top, grad_w, grad_b, *sizes, **meta, NEED_DW=bool(needs[1]))
     return grad_h, grad_w, grad_b
+
+
+# tools/triton_aot.py compiles every CONFIGS entry of these kernels at their heaviest variant (jsd: a
+# second sweep in the forward and the most live values in the backward; a projected teacher: a second
+# K-loop per tile; both biases; the hard term at T != 1: a third running sum) and at every other
+# divergence, teacher kind, bias and hard-label setting the dispatch launches.
+_POINTERS = {"H_S": "in", "W_S": "in", "B_S": "in", "H_T": "in", "W_T": "in", "B_T": "in", "T_LOGITS": "in",
+             "TOPK_VAL": "in", "TOPK_IDX": "*i64", "LABELS": "*i64", "ROW_IDX": "*i64", "TOP": "*i32"}
+_SCALARS = dict.fromkeys(("inv_t", "beta", "log_beta", "log_1m_beta", "kd_value", "hard_value"), "fp32")
+_HEAVIEST = {"DIV": JSD, "TEACHER": PROJECTED, "HAS_BIAS_S": True, "HAS_BIAS_T": True, "HARD": True,
+             "SEPARATE": True, "NEED_DH": True, "NEED_DW": True}
+_OTHER_VARIANTS = (
+    *[(name, {"DIV": VOCAB_DIVERGENCE_IDS[name]}) for name in ("kl", "soft_ce", "reverse_kl")],
+    *[(f"jsd,{name}", {"TEACHER": VOCAB_TEACHER_IDS[name], "HAS_BIAS_T": False}) for name in ("logits", "topk")],
+    ("no biases", {"HAS_BIAS_S": False, "HAS_BIAS_T": False}),
+    ("hard at T=1", {"SEPARATE": False}),
+    ("no hard term", {"HARD": False, "SEPARATE": False}),
+)
+# The backward kernels also run without their GEMM (only db_s, or only dW_s with db_s, wanted).
+_WITHOUT_GEMM = {"bwd_dh": (("no dh", {"NEED_DH": False}),), "bwd_dw": (("no dW", {"NEED_DW": False}),)}
+AOT_KERNELS = [
+    AotKernel(fn=fn, table_key=key, label="jsd,projected,hard", pointers=_POINTERS, scalars=_SCALARS,
+              variant_meta=_HEAVIEST, variants=_OTHER_VARIANTS + _WITHOUT_GEMM.get(key, ()))
+    for fn, key in ((_vocab_fwd_kernel, "fwd"), (_vocab_bwd_dh_kernel, "bwd_dh"), (_vocab_bwd_dw_kernel, "bwd_dw"))
+]

@@ -12,10 +12,13 @@ Order (the plan is printed first, each step with its predicted duration on an H1
      (every bound; alpha at 10-80 nat separations against tests/ops/mi_exact.py's 90-digit evaluation;
      n up to 16384 against float64 and n = 65536 checked for consistency, since its float64
      reference would need ~15 n x n float64 matrices), routed (layer- and neuron-wise, E = 2 and 4,
-     with and without bias; fp32, bf16, fp16);
+     with and without bias; fp32, bf16, fp16), vocab KD (BERT's V = 30522; kl with a projected
+     teacher at N = 4096, d_s 384, d_t 768; jsd with dense teacher logits at d_s 768; reverse KL with
+     a spread top-k teacher at an odd N; hard labels at T = 2, ignored rows; fp32, bf16);
   2. torch.compile(fullgraph=True) of a step that uses all three ops, against eager;
   3. timings, most informative first (tools/gpu_roofline.py TIMING_CASES): each op's fwd+bwd
-     against its anchor (SDPA flash, three cuBLAS GEMMs, dense F.linear, the peers' KD step), the
+     against its anchor (SDPA flash, three cuBLAS GEMMs, dense F.linear, the peers' KD step, the
+     four cuBLAS GEMMs of the vocabulary loss's materialised logits and gradients), the
      median of triton.testing.do_bench (host overhead included) and of do_bench_cudagraph (kernels
      only), with the roofline's predictions beside them.
 A step that does not fit the rest of --budget-s (predicted) is skipped and recorded as such; a
@@ -28,7 +31,10 @@ bounds (tests/ops/test_attention_relation.py: loss 1e-5, gradients 1e-4 fp32, 5e
 tests/ops/test_routed_linear.py: 1e-5, 5e-3, 2e-2) or twice the rounding of the exact result to the
 output dtype, or Higham's gamma_n growth for the longer sums at these sizes, whichever is larger;
 MI at moderate scores uses tests/ops/test_mi_bound.py's (value 1e-5, gradients 2e-4 fp32 / 5e-3 / 2e-2)
-with the same growth; MI at confident critics uses tests/ops/mi_exact.py's exact_errors bounds.
+with the same growth; MI at confident critics uses tests/ops/mi_exact.py's exact_errors bounds. Vocab KD
+(against pykd.vocab_kd_loss_reference in float64 on the same exactly representable inputs) uses the
+relation bounds with the growth of its vocabulary-long sums and width-long dots, gamma(V + d_s + d_t):
+bf16's 2e-2 covers G rounded to bf16 (2^-8) before the gradient dots.
 """
 import argparse
 import json
@@ -83,6 +89,7 @@ LOSSES = ("kl", "ce", "mse_prob", "mse_logit")
 RELATION_TOL = {"fp32": (1e-5, 1e-4), "fp16": (1e-5, 5e-3), "bf16": (1e-5, 2e-2)}
 MI_GRAD_TOL = {"fp32": 2e-4, "fp16": 5e-3, "bf16": 2e-2}
 ROUTED_TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 2e-2}
+VOCAB_TOL = {"fp32": (1e-5, 1e-4), "bf16": (1e-5, 2e-2)}
 MI_BOUNDS = [("infonce", 0.9, False), ("nwj", 0.9, False), ("js", 0.9, False), ("tuba", 0.9, True),
              ("alpha", 0.0, True), ("alpha", 0.5, True), ("alpha", 0.9, True), ("alpha", 1.0, False)]
 COMPILE_S = 1.0       # predicted seconds to compile one new Triton kernel variant on the device's host
@@ -107,18 +114,24 @@ class Sizes:
     compile_relation: tuple = (2, 128, 384, 384, 12)
     compile_mi: tuple = (256, 64)
     compile_routed: tuple = (256, 384, 1536)
+    vocab: tuple = (4096, 30522, 384, 768)         # (N, V, d_s, d_t): BERT's vocabulary
+    vocab_logits: tuple = (1024, 30522, 768, 0)    # a dense teacher: no d_t
+    vocab_topk: tuple = (511, 30522, 384, 0)       # a spread top-k teacher, an odd N
+    vocab_k: int = 64
 
 
 DRY = Sizes(relation=(2, 24, 32, 16, 2), relation_odd=(2, 21, 32, 32, 2), relation_long=(1, 48, 16, 16, 1),
             relation_wide=((1, 20, 256, 256, 2), (1, 20, 256, 256, 1)), mi_n=37, mi_embed=16, mi_reference_n=64,
             mi_huge_n=96, mi_confident_n=12, routed=(21, 23, 33, 41, 29), compile_relation=(2, 16, 16, 16, 2),
-            compile_mi=(24, 8), compile_routed=(20, 16, 24))
+            compile_mi=(24, 8), compile_routed=(20, 16, 24), vocab=(21, 37, 16, 24), vocab_logits=(19, 41, 24, 0),
+            vocab_topk=(17, 39, 16, 0), vocab_k=5)
 
 
 def dry_case(case: gpu_roofline.Case) -> gpu_roofline.Case:
     """A timing case shrunk to interpreter size (same op, dtype and anchor)."""
     params = {"relation": lambda p: (1, 2, 16, 32), "mi": lambda p: (48, 16),
-              "routed": lambda p: (32, 24, 40, p[3], p[4]), "kd": lambda p: (2, 16)}[case.op](case.params)
+              "routed": lambda p: (32, 24, 40, p[3], p[4]), "kd": lambda p: (2, 16),
+              "vocab": lambda p: (24, 40, 16, 32)}[case.op](case.params)
     return gpu_roofline.Case(case.op, params, case.dtype, case.anchor, case.priority, case.target)
 
 
@@ -390,6 +403,47 @@ def routed_check(device, dtype: str, neuron_wise: bool, with_bias: bool, experts
             "pass": all(e <= t for e, t in zip(errors, tols))}
 
 
+def vocab_check(device, dtype: str, divergence: str, teacher: str, shape: tuple, k: int) -> dict:
+    """The Triton path's value and gradients against the float64 reference on the same inputs
+    (tests/ops/vocab_cases.py's make_case: exactly representable in the dtype, every third row
+    ignored, hard labels at weight 0.5, T = 2, jsd's beta 0.3)."""
+    from tests.ops.vocab_cases import Case, make_case
+
+    n, vocab, d_s, d_t = shape
+    label = (f"vocab {divergence} {teacher} {dtype} N={n} V={vocab} d_s={d_s}"
+             f"{f' d_t={d_t}' if teacher == 'projected' else ''}{f' k={k}' if teacher.startswith('topk') else ''}")
+    # The reference keeps about a dozen N x V float64 arrays (logits, log-softmaxes, their
+    # probabilities, autograd's buffers) alive.
+    too_big = reference_too_big(device, 24, n * vocab)
+    if too_big:
+        return {"check": label, "pass": None, "note": f"not run: {too_big}"}
+    rng = torch.Generator().manual_seed(zlib.crc32(label.encode()))
+    kind, options = teacher, dict(divergence=divergence, beta=0.3, temperature=2.0, hard_label_weight=0.5)
+    if teacher == "topk_spread":
+        kind, options["topk_tail"] = "topk", "spread"
+    case = make_case(rng, n=n, vocab=vocab, d_s=d_s, d_t=max(d_t, 1), teacher=kind, dtype=DTYPES[dtype], k=k,
+                     device=device, **options)
+    value = case.run("triton")
+    grads = torch.autograd.grad(value, case.students())
+    wide = {key: x.double() if x.is_floating_point() else x for key, x in case.teacher.items()}
+    students64 = [x.detach().double().requires_grad_() for x in case.students()]
+    reference = Case(students64[0], students64[1], students64[2] if case.b_s is not None else None, wide,
+                     case.labels, case.options)
+    ref_value = reference.run("reference")
+    ref_grads = torch.autograd.grad(ref_value, reference.students())
+    growth = gamma(vocab + d_s + d_t)
+    value_err = abs(float(value.detach()) - float(ref_value.detach())) / abs(float(ref_value.detach()))
+    value_tol = max(VOCAB_TOL[dtype][0], growth)
+    errors, tols = [], []
+    for grad, ref_grad, student in zip(grads, ref_grads, case.students()):
+        errors.append(rel_err(grad, ref_grad))
+        tols.append(max(VOCAB_TOL[dtype][1], 2 * rel_err(ref_grad.to(student.dtype), ref_grad), 4 * growth))
+    del reference, students64, ref_grads
+    return {"check": label, "value": float(value.detach()), "value_rel_err": value_err, "value_bound": value_tol,
+            "grad_rel_err": max(errors), "grad_bound": min(tols),
+            "pass": value_err <= value_tol and all(e <= t for e, t in zip(errors, tols))}
+
+
 def compile_check(device, sizes: Sizes, dry: bool) -> dict:
     """torch.compile(fullgraph=True) of one step using all three ops: the same value and gradients as eager."""
     gen = torch.Generator().manual_seed(7)
@@ -458,6 +512,15 @@ def correctness_steps(device, sizes: Sizes, dry: bool) -> list[Step]:
                           "correctness", cost(variants),
                           lambda: [routed_check(device, dtype, neuron_wise, with_bias, experts, sizes.routed)]))
 
+    def vocab(dtype, divergence, teacher, shape):
+        n, vocab_size, d_s, _ = shape
+        variants = {("vocab", kernel, dtype, divergence, teacher, n % 16 == 0, d_s % 16 == 0)
+                    for kernel in ("fwd", "dh", "dw")}
+        # The float64 reference: ~0.1 s of device time per 10^8 logits, the inputs drawn on the host.
+        steps.append(Step(f"vocab {divergence} {teacher} {dtype} shape={shape}", "correctness",
+                          cost(variants, 1.0 + 2e-8 * n * vocab_size),
+                          lambda: [vocab_check(device, dtype, divergence, teacher, shape, sizes.vocab_k)]))
+
     # Core: every loss and dtype on ragged masks with NaN padding; MI's heaviest bound; routed MoS default.
     for dtype in ("bf16", "fp32", "fp16"):
         for loss in LOSSES:
@@ -466,6 +529,8 @@ def correctness_steps(device, sizes: Sizes, dry: bool) -> list[Step]:
         mi(dtype, "alpha", 0.9, True, sizes.mi_n)
     for dtype in ("bf16", "fp32", "fp16"):
         routed(dtype, True, True, 2)
+    for dtype in ("bf16", "fp32"):
+        vocab(dtype, "kl", "projected", sizes.vocab)
     # MI at confident critics (10-80 nats), against the 90-digit evaluation.
     for dtype, separations in (("fp32", (10, 20, 40, 80)), ("bf16", (20, 80))):
         for bound, alpha, with_q in (("alpha", 0.5, True), ("alpha", 1.0, False), ("infonce", 0.9, False)):
@@ -502,6 +567,9 @@ def correctness_steps(device, sizes: Sizes, dry: bool) -> list[Step]:
         for bound, alpha, with_q in MI_BOUNDS:
             if (bound, alpha) != ("alpha", 0.9):
                 mi(dtype, bound, alpha, with_q, sizes.mi_n)
+    for dtype in ("bf16", "fp32"):
+        vocab(dtype, "jsd", "logits", sizes.vocab_logits)
+    vocab("bf16", "reverse_kl", "topk_spread", sizes.vocab_topk)
     return steps
 
 
@@ -610,6 +678,34 @@ def routed_steps(case, device):
     return ours, anchor
 
 
+def vocab_steps(case, device):
+    """kl with a projected teacher and both biases at T = 2, every row selected; the anchor: the
+    four GEMMs of the materialised logits (z_s, z_t) and of the student's gradients (z_s standing in
+    for G)."""
+    n, vocab, d_s, d_t = case.params
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+
+    def make(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(grad)
+
+    h_s, w_s, b_s = make(n, d_s, grad=True), make(vocab, d_s, scale=d_s**-0.5, grad=True), make(vocab, grad=True)
+    h_t, w_t, b_t = make(n, d_t), make(vocab, d_t, scale=d_t**-0.5), make(vocab)
+
+    def ours():
+        loss = pykd.vocab_kd_loss(h_s, w_s, b_s, h_t, w_t, b_t, divergence="kl", temperature=2.0, backend="triton")
+        return torch.autograd.grad(loss, [h_s, w_s, b_s])
+
+    h_const, w_const, t_const, wt_const = h_s.detach(), w_s.detach(), h_t.detach(), w_t.detach()
+
+    def anchor():
+        z_s = h_const @ w_const.T
+        z_t = t_const @ wt_const.T
+        return z_t, z_s @ w_const, z_s.T @ h_const
+
+    return ours, anchor
+
+
 def kd_steps(case, device):
     from kd_step import kd_step
 
@@ -632,8 +728,8 @@ def timing_row(case, real, device) -> dict:
     roofline predictions beside the measurement."""
     work, anchor_work = gpu_roofline.case_work(real)
     floor, bound = gpu_roofline.floor_seconds(work, gpu_roofline.H100)
-    ours, anchor = {"relation": relation_steps, "mi": mi_steps, "routed": routed_steps, "kd": kd_steps}[case.op](
-        case, device)
+    ours, anchor = {"relation": relation_steps, "mi": mi_steps, "routed": routed_steps, "kd": kd_steps,
+                    "vocab": vocab_steps}[case.op](case, device)
     fill = gpu_roofline.grid_fill(real)
     row = {"case": case.label, "op": case.op, "params": list(case.params), "dtype": case.dtype,
            "anchor": case.anchor, "target": case.target, "H100_floor_us": 1e6 * floor, "H100_bound": bound,

@@ -14,7 +14,8 @@ the four ceilings (they run on different pipes, so at best they overlap):
 
 Each case stands beside the anchor the issue compares it with (SDPA flash fwd+bwd at the same
 (B, heads, L, d) for the relation loss, the three cuBLAS GEMMs S = a b^T, G b, G^T a for MI,
-dense F.linear fwd+bwd for the routed op, the peers' KD step for pykd's), counted the same way,
+dense F.linear fwd+bwd for the routed op, the peers' KD step for pykd's, the four cuBLAS GEMMs of
+the materialised logits and their gradients for the vocabulary KD loss), counted the same way,
 and the old measured figure where one exists (bench/results/gpu_check_h100*.json, which predate
 the kernel changes listed in OLD_FIGURES_PREDATE). The prediction of a measurement is
 
@@ -191,6 +192,40 @@ def dense_work(tokens, d, f, dtype) -> Work:
     return work
 
 
+# ---- vocabulary KD loss: kernels/vocab_kd.py ----
+# Per logit element (row, word), (forward, dh, dW), kl with a projected teacher: the forward's two
+# top-split steps (one exp each; the per-row rescales are per row, not per element), the backward's
+# q and p; other fp32 instructions read off the kernels (masks, running maxima, shifts, the cross
+# sum; G, its row sums, the top word's select).
+VOCAB_MUFU = (2, 2, 2)
+VOCAB_ALU = (30, 16, 16)
+
+
+def vocab_work(n, vocab, d_s, d_t, dtype) -> Work:
+    """Forward (the student's and the projected teacher's logit dots), dh and dW (each recomputes
+    both and adds its dot with G, which is rounded to the 16-bit dtype for 16-bit inputs)."""
+    elements = float(n) * vocab
+    logit_dots = 3 * 2.0 * (d_s + d_t) * elements
+    grad_dots = 2 * 2.0 * d_s * elements
+    work = _dot_flops(logit_dots + grad_dots, dtype)
+    work.mufu = sum(VOCAB_MUFU) * elements
+    work.alu = (sum(VOCAB_ALU) + (2 * TF32X3_SPLIT_ALU if dtype == "fp32" else 0)) * elements
+    b = BYTES[dtype]
+    inputs = (n * (d_s + d_t) + vocab * (d_s + d_t)) * b
+    # Inputs read by each of the three kernels; dh and dW accumulated in fp32 (zeroed, written, cast).
+    work.bytes = 3 * inputs + (n + vocab) * d_s * (4 + 4 + 4 + b) + 8 * 4 * n
+    return work
+
+
+def gemm4_work(n, vocab, d_s, d_t, dtype) -> Work:
+    """The four cuBLAS GEMMs of the floor: z_s = h_s W_s^T and z_t = h_t W_t^T (N x V, written),
+    dh = G W_s and dW = G^T h_s (G read twice)."""
+    flops = 2.0 * n * vocab * (d_s + d_t) + 2 * 2.0 * n * vocab * d_s
+    work = Work(flops_fp32=flops) if dtype == "fp32" else Work(flops_16=flops)
+    work.bytes = 4.0 * n * vocab * BYTES[dtype] + 3 * (n + vocab) * (d_s + d_t) * BYTES[dtype]
+    return work
+
+
 # ---- KD step (bench/kd_step.py): MiniLM-L6 teacher fwd, 3-layer student fwd + bwd, fp32 ----
 KD_HIDDEN, KD_FFN, KD_HEADS, KD_TEACHER_LAYERS, KD_STUDENT_LAYERS = 384, 1536, 12, 6, 3
 
@@ -226,8 +261,9 @@ def kd_work(batch, length, way: str) -> Work:
 class Case:
     """One timed case of tools/gpu_check.py: the op, its sizes and dtype, and its anchor."""
 
-    op: str            # "relation", "mi", "routed", "kd"
-    params: tuple      # relation (B, heads, d, L); mi (n, e); routed (tokens, d, f, E, neuron_wise); kd (B, L)
+    op: str            # "relation", "mi", "routed", "kd", "vocab"
+    params: tuple      # relation (B, heads, d, L); mi (n, e); routed (tokens, d, f, E, neuron_wise); kd (B, L);
+    #                    vocab (N, V, d_s, d_t)
     dtype: str
     anchor: str
     priority: int      # order in gpu_check's timing phase (most informative first)
@@ -237,7 +273,7 @@ class Case:
     @property
     def label(self) -> str:
         names = {"relation": ("B", "A", "d", "L"), "mi": ("n", "e"), "routed": ("tokens", "d", "f", "E", "neuron"),
-                 "kd": ("B", "L")}[self.op]
+                 "kd": ("B", "L"), "vocab": ("N", "V", "d_s", "d_t")}[self.op]
         return f"{self.op} " + " ".join(f"{k}={v}" for k, v in zip(names, self.params)) + f" {self.dtype}"
 
 
@@ -253,6 +289,8 @@ def case_work(case: Case) -> tuple[Work, Work]:
     if case.op == "routed":
         tokens, d, f, experts, neuron_wise = case.params
         return routed_work(tokens, d, f, experts, case.dtype, bool(neuron_wise)), dense_work(tokens, d, f, case.dtype)
+    if case.op == "vocab":
+        return vocab_work(*case.params, case.dtype), gemm4_work(*case.params, case.dtype)
     batch, length = case.params
     return kd_work(batch, length, "pykd"), kd_work(batch, length, "peers")
 
@@ -277,20 +315,23 @@ TIMING_CASES = tuple(sorted(
                                           (4096, 768, 3072, 4, 1)),
                                  "fp32": ((4096, 768, 3072, 2, 1), (128, 768, 3072, 2, 1))},
              {"bf16": 2, "fp32": 6}, ("bf16",), 1.3)
-    + _cases("kd", "peers", {"fp32": ((16, 512), (16, 2048))}, {"fp32": 3}, (), None),
+    + _cases("kd", "peers", {"fp32": ((16, 512), (16, 2048))}, {"fp32": 3}, (), None)
+    # BERT's vocabulary, 4096 positions, a 384-wide student against a 768-wide projected teacher.
+    + _cases("vocab", "gemm4", {"bf16": ((4096, 30522, 384, 768),)}, {"bf16": 3}, (), None),
     key=lambda c: (c.priority, c.op, c.dtype)))
 
 # Stated assumptions of the predictions (the next device run measures them).
 ASSUMPTIONS = {
     # Fraction of the roofline floor reached: Triton kernels without warp specialisation, first
     # tuning; cuBLAS GEMMs and FlashAttention-2 on an H100 reach about half of theirs at these sizes.
-    "attainment": {"relation": 0.3, "mi": 0.3, "routed": 0.5, "kd": 0.5, "sdpa": 0.4, "gemm3": 0.6,
-                   "dense": 0.6, "peers": 0.5},
+    "attainment": {"relation": 0.3, "mi": 0.3, "routed": 0.5, "kd": 0.5, "vocab": 0.3, "sdpa": 0.4, "gemm3": 0.6,
+                   "dense": 0.6, "peers": 0.5, "gemm4": 0.6},
     # Host time of one fwd + bwd call (ms): the old H100 run's smallest cases, whose floors are a few
     # microseconds (relation L=128: 0.72 ms; MI n=1024: 1.18 ms; routed 128 tokens: 0.64-0.78 ms,
     # dense F.linear 0.22-0.28 ms); SDPA and the bare GEMMs are a few launches.
-    "host_ms": {"relation": 0.7, "mi": 1.0, "routed": 0.7, "kd": 20.0, "sdpa": 0.25, "gemm3": 0.05, "dense": 0.25,
-                "peers": 25.0},
+    # vocab: the value checks read the labels back (one sync) before its three launches.
+    "host_ms": {"relation": 0.7, "mi": 1.0, "routed": 0.7, "kd": 20.0, "vocab": 1.0, "sdpa": 0.25, "gemm3": 0.05,
+                "dense": 0.25, "peers": 25.0, "gemm4": 0.05},
 }
 
 OLD_FIGURES = {"relation": "bench/results/gpu_check_h100.json", "mi": "bench/results/gpu_check_h100.json",
@@ -335,7 +376,7 @@ def grid_fill(case: Case) -> float:
     if case.op == "kd":
         return 1.0
     sys.path.insert(0, str(ROOT))
-    from kernels import attention_relation, mi_bound, routed_linear
+    from kernels import attention_relation, mi_bound, routed_linear, vocab_kd
     from kernels.configs import DTYPE_CLASSES
 
     cls = case.dtype if case.dtype in DTYPE_CLASSES else "fp32"
@@ -347,6 +388,9 @@ def grid_fill(case: Case) -> float:
         n, embed = case.params
         chosen = mi_bound.CONFIGS["fwd", cls, "sm_90", mi_bound.width_bucket(embed)]
         programs = math.ceil(n / chosen.block("BLOCK_M"))
+    elif case.op == "vocab":  # the forward and dh grids run over row blocks only
+        chosen = vocab_kd.CONFIGS["fwd", cls, "sm_90", None]
+        programs = math.ceil(case.params[0] / chosen.block("BLOCK_M"))
     else:
         tokens, _, f, experts, _ = case.params
         chosen = routed_linear.CONFIGS["fwd", cls, "sm_90", routed_linear.expert_bucket(experts)]

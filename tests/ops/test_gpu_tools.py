@@ -92,7 +92,7 @@ def test_gpu_check_dry_run_passes(tmp_path):
     checks = [row for step in record["steps"] for row in step.get("rows", []) if "check" in row]
     assert checks and all(row["pass"] for row in checks)
     timings = [row for step in record["steps"] for row in step.get("rows", []) if "case" in row]
-    assert {row["op"] for row in timings} == {"relation", "mi", "routed", "kd"}
+    assert {row["op"] for row in timings} == {"relation", "mi", "routed", "kd", "vocab"}
     assert all(math.isfinite(row["ms"]) and row["predicted_ms"] > 0 for row in timings)
     assert record["predicted_total_s"] > 0 and "predicted on an H100" in result.stdout
     assert (tmp_path / "gpu_check_cpu_dry_run.md").read_text().startswith("# gpu_check on CPU (dry run)")
