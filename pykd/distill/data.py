@@ -37,12 +37,51 @@ def load_corpus(name: str):
         if not Path(name).is_file():
             raise FileNotFoundError(f"data.dataset {name!r} looks like a local file but does not exist")
         check_text_file(name)
-        return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
+        try:
+            return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
+        except Exception as error:  # datasets wraps its readers' errors (pyarrow, pandas, json) in its own
+            raise ValueError(unreadable_file_message(name, error)) from error
     try:
         return load_dataset(name, split="train")
     except Exception as error:  # the hub client raises many types when offline
         raise ValueError(f"data.dataset {name!r} is neither a built-in corpus ({', '.join(CORPORA)}), nor a "
                          f"local .csv/.json/.jsonl/.txt file, nor loadable from the hub: {error}") from error
+
+
+INT64 = (-2**63, 2**63 - 1)
+
+
+def unreadable_file_message(path: str, error: BaseException) -> str:
+    """Why HF's builder could not read a local data file, in words naming the file (and, for an integer
+    beyond int64 in a CSV, the cell), from the innermost error of the chain it raised."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OverflowError) and path.lower().endswith(".csv"):
+        cell = _int64_overflow(path)
+        if cell is not None:
+            row, column, value = cell
+            return (f"data.dataset {path!r}: column {column!r} row {row} holds {value}, an integer beyond int64 "
+                    f"[{INT64[0]}, {INT64[1]}] that the CSV reader cannot hold: write class names as text, or "
+                    "integers within int64")
+    return (f"data.dataset {path!r} cannot be read as a {Path(path).suffix.lstrip('.')} file: "
+            f"{type(cause).__name__}: {cause}; check the file's format (a header row for CSV, one JSON object per "
+            "line for JSONL)")
+
+
+def _int64_overflow(path: str):
+    """(row, column, value) of the first CSV cell holding an integer outside int64, None if there is none."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        for row, cells in enumerate(reader):
+            for column, cell in zip(header, cells):
+                text = cell.strip()
+                if text.lstrip("+-").isdigit() and not INT64[0] <= int(text) <= INT64[1]:
+                    return row, column, text
+    return None
 
 
 def check_text_file(path: str) -> None:
