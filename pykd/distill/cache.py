@@ -114,3 +114,58 @@ def rows_digest(dataset, columns) -> str:
 def key_digest(key: dict) -> str:
     """The fingerprint of a cached entry: 32 hex digits of sha256 over its (JSON) key."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class DirectoryInUse(ValueError):
+    """Another process holds the directory's lock (see DirectoryLock)."""
+
+
+class DirectoryLock:
+    """One writer per directory: a non-blocking exclusive lock (flock) on directory/.pykd.lock.
+
+    Two `pykd distill` runs on one output directory once overwrote each other's checkpoint partials and
+    interleaved log.jsonl; the second is now refused at once, naming the directory and the holder. The
+    kernel drops the lock when its holder exits, however it dies (SIGKILL included), so a lock file left
+    by a dead process locks nothing: the next run takes it over. The file holds the holder's pid, for the
+    message.
+
+    Args:
+        directory: the directory (created when missing).
+        key: the config key naming it, for the message.
+    """
+
+    NAME = ".pykd.lock"
+
+    def __init__(self, directory, key: str):
+        self.path, self.key = Path(directory) / self.NAME, key
+        self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> None:
+        """Takes the lock (a no-op when this object holds it); DirectoryInUse when another holds it."""
+        if self._handle is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open past this method: the open file is the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise DirectoryInUse(f"{self.key} {str(self.path.parent)!r} is in use by another pykd run (pid "
+                                 f"{holder}): wait for it to end, or give this run another {self.key}") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        """Drops the lock (the file stays: removing it could race a run that is taking it)."""
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
