@@ -208,7 +208,7 @@ def _dimension(name: str, spec) -> Dimension:
     low, high = spec.get("low"), spec.get("high")
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
     if not numbers or not low < high:
-        raise ValueError(f"hpo dimension space.{name} needs finite numbers low < high, got low={low!r}, "
+        raise ValueError(f"hpo dimension space.{name} needs numbers low < high, both finite, got low={low!r}, "
                          f"high={high!r}")
     if spec.get("log") and low <= 0:
         raise ValueError(f"hpo dimension space.{name} is log-scaled, so low must be > 0, got {low}")

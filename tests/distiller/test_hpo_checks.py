@@ -43,7 +43,7 @@ def test_conditionals_listed_before_their_parents_are_still_drawn(tmp_path):
                                     {"low": 0.0, "high": float("nan")}])
 def test_an_infinite_bound_is_refused_when_the_space_loads(tmp_path, bounds):
     """It once crashed the first trial with a raw OverflowError."""
-    with pytest.raises(ValueError, match=r"hpo dimension space.hard_weight needs finite numbers low < high"):
+    with pytest.raises(ValueError, match=r"hpo dimension space.hard_weight needs numbers low < high, both finite"):
         _spec(tmp_path, {"hard_weight": bounds})
 
 
