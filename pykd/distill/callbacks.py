@@ -30,10 +30,12 @@ import json
 import math
 from pathlib import Path
 
+from ..loading import reading
 from .cache import replace_atomically
 from .stopping import NonFiniteTraining
 
 LOG = "log.jsonl"
+CHECKPOINT_NAME = "checkpoint.pt"  # pykd.distill.checkpoint.CHECKPOINT (that module needs torch, this one nothing)
 
 
 class TrainerCallback:
@@ -71,12 +73,14 @@ def read_log(path: Path, until_step: int) -> list[dict]:
     if not path.exists():
         return []
     kept = []
-    for line in path.read_text().splitlines():
+    with reading(path, "training log", f"delete it (the run's log then restarts; {CHECKPOINT_NAME} is kept)"):
+        text = path.read_text(encoding="utf-8")
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= until_step:
+        if isinstance(record, dict) and record.get("step", 0) <= until_step:
             kept.append(record)
     return kept
 

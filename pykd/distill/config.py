@@ -15,6 +15,7 @@ from typing import Literal
 
 import yaml
 
+from ..loading import read_yaml
 from ..nas.config import SEARCH_KEYS as NAS_SEARCH_KEYS
 from ..nas.config import NasConfig
 from ..nas.config import validate as validate_nas
@@ -278,9 +279,9 @@ def load_values(path: str | None, overrides: list[str] = ()) -> dict:
     """The run config's values (the YAML file at `path`, None: the defaults, plus --set overrides) as
     nested dicts, checked as `load` checks them: what pykd hpo and pykd recommend build pipelines on."""
     values = {}
-    if path is not None:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
+    if path is not None:  # an empty file is the defaults, as an empty mapping would be
+        values = read_yaml(path, "run config", "give a YAML run configuration (`pykd config` prints the "
+                           "default one)") or {}
     values = apply_overrides(values, list(overrides))
     from_dict(values)
     return values

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..loading import LoadError, bad_file, load_error
 from .corpora import CORPORA, SPLIT_COLUMN, SPLIT_SEED
 
 TASK_KINDS = ("classification", "regression", "unlabeled")  # data.kind
@@ -40,7 +41,7 @@ def load_corpus(name: str):
         try:
             return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
         except Exception as error:  # datasets wraps its readers' errors (pyarrow, pandas, json) in its own
-            raise ValueError(unreadable_file_message(name, error)) from error
+            raise unreadable_data_file(name, error) from error
     try:
         return load_dataset(name, split="train")
     except Exception as error:  # the hub client raises many types when offline
@@ -51,9 +52,9 @@ def load_corpus(name: str):
 INT64 = (-2**63, 2**63 - 1)
 
 
-def unreadable_file_message(path: str, error: BaseException) -> str:
-    """Why HF's builder could not read a local data file, in words naming the file (and, for an integer
-    beyond int64 in a CSV, the cell), from the innermost error of the chain it raised."""
+def unreadable_data_file(path: str, error: BaseException) -> LoadError:
+    """Why HF's builder could not read a local data file, naming the file (and, for an integer beyond int64
+    in a CSV, the cell), from the innermost error of the chain it raised."""
     cause = error
     while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__
@@ -61,12 +62,12 @@ def unreadable_file_message(path: str, error: BaseException) -> str:
         cell = _int64_overflow(path)
         if cell is not None:
             row, column, value = cell
-            return (f"data.dataset {path!r}: column {column!r} row {row} holds {value}, an integer beyond int64 "
-                    f"[{INT64[0]}, {INT64[1]}] that the CSV reader cannot hold: write class names as text, or "
-                    "integers within int64")
-    return (f"data.dataset {path!r} cannot be read as a {Path(path).suffix.lstrip('.')} file: "
-            f"{type(cause).__name__}: {cause}; check the file's format (a header row for CSV, one JSON object per "
-            "line for JSONL)")
+            return bad_file("data.dataset", path, f"has in column {column!r}, row {row}, the integer {value}, beyond "
+                            f"int64 [{INT64[0]}, {INT64[1]}], which the CSV reader cannot hold",
+                            "write class names as text, or integers within int64")
+    return load_error(cause, path, f"{Path(path).suffix.lstrip('.').upper()} data file",
+                      "check its format (a header row for CSV, one JSON object per line for JSONL), or give "
+                      "data.dataset another file")
 
 
 def _int64_overflow(path: str):

@@ -55,6 +55,7 @@ from ..distill.augment import OPERATIONS
 from ..distill.cache import file_lock, replace_atomically
 from ..distill.callbacks import TrainerCallback
 from ..distill.distributed import broadcast, world
+from ..loading import read_yaml
 from . import pipeline
 
 DEFAULT_SPACE = """
@@ -130,11 +131,11 @@ class SearchSpec:
 
 def load_space(path: str | None = None) -> SearchSpec:
     """The space file at `path` (None: DEFAULT_SPACE); study keys it omits take DEFAULT_SPACE's values."""
-    text = DEFAULT_SPACE
-    if path is not None:
-        with open(path) as handle:
-            text = handle.read()
-    values = yaml.safe_load(text) or {}
+    if path is None:
+        values = yaml.safe_load(DEFAULT_SPACE)
+    else:
+        values = read_yaml(path, "hpo space file", "give a YAML file with study and space sections (see "
+                           "pykd.distiller.hpo.DEFAULT_SPACE)") or {}
     where = path or "the default space"
     if not isinstance(values, dict):
         raise ValueError(f"hpo space file {where} must be a mapping with study and space sections")
