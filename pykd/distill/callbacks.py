@@ -35,7 +35,6 @@ from .cache import replace_atomically
 from .stopping import NonFiniteTraining
 
 LOG = "log.jsonl"
-CHECKPOINT_NAME = "checkpoint.pt"  # pykd.distill.checkpoint.CHECKPOINT (that module needs torch, this one nothing)
 
 
 class TrainerCallback:
@@ -73,7 +72,7 @@ def read_log(path: Path, until_step: int) -> list[dict]:
     if not path.exists():
         return []
     kept = []
-    with reading(path, "training log", f"delete it (the run's log then restarts; {CHECKPOINT_NAME} is kept)"):
+    with reading(path, "training log", "delete it (the run's log then restarts; its checkpoint is kept)"):
         text = path.read_text(encoding="utf-8")
     for line in text.splitlines():
         try:
