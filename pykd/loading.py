@@ -64,15 +64,17 @@ def load_error(error: Exception, path, what: str, way_out: str) -> LoadError:
     if isinstance(error, UnicodeDecodeError):
         return LoadError(what, path, f"is not UTF-8 text (undecodable byte at offset {error.start})", way_out)
     if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
-        reason = str(error).split("WeightsUnpickler error: ")[-1].split(". ")[0]
-        return LoadError(what, path, f"holds objects other than tensors and plain values ({reason}); pykd does not "
-                         "unpickle those, since that can run arbitrary code", way_out)
+        reason = _first_line(str(error).split("WeightsUnpickler error:")[-1]).split(". ")[0]
+        if reason.startswith(("Unsupported global", "Unsupported class")):
+            return LoadError(what, path, f"holds objects other than tensors and plain values ({reason}); pykd does "
+                             "not unpickle those, since that can run arbitrary code", way_out)
+        return LoadError(what, path, f"is unreadable, truncated or not a {what} (UnpicklingError: {reason})", way_out)
     return LoadError(what, path, f"is unreadable, truncated or not a {what} ({type(error).__name__}: "
                      f"{_first_line(error)})", way_out)
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message (torch's and yaml's run over several)."""
+def _first_line(error) -> str:
+    """The first line of an exception's message (torch's, yaml's and SQLAlchemy's run over several)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else "no message"
 

@@ -281,7 +281,8 @@ def open_storage(url: str, max_retries: int = 3, heartbeat_interval: int = HEART
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                                               grace_period=grace_period, heartbeat_stale_trial_callback=retry)
     except Exception as error:  # noqa: BLE001 - SQLAlchemy, drivers and the OS raise many types
-        raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {error}") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "no message"  # SQLAlchemy adds lines
+        raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {first}") from None
 
 
 def drop_torn_journal_line(path: Path, lock, log=print) -> None:
