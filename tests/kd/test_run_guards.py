@@ -116,11 +116,27 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_frees_it
     assert _steps(run / "log.jsonl") == [1, 2]
 
 
-def test_a_trainer_holds_its_output_dir_until_its_run_ends(tmp_path):
+HOLDER = """
+import sys, time
+from pykd.distill.cache import DirectoryLock
+DirectoryLock(sys.argv[1], "train.output_dir").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_trainer_is_refused_before_loading_anything_while_another_process_holds_its_dir(tmp_path):
     values = _values(tmp_path, steps=2)
-    first = Trainer(run_config.from_dict(values), "distill")
-    with pytest.raises(DirectoryInUse, match=rf"train.output_dir '{tmp_path / 'run'}' is in use .*pid {os.getpid()}"):
-        Trainer(run_config.from_dict(values), "distill")
-    first.train()
-    second = Trainer(run_config.from_dict(values), "distill")  # free again once the first run ended
-    assert second.train()[-1]["step"] == 2
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DirectoryInUse, match=rf"train.output_dir '{tmp_path / 'run'}' is in use by another pykd "
+                                                 rf"run \(pid {holder.pid}\)"):
+            Trainer(run_config.from_dict(values), "distill")
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    first = Trainer(run_config.from_dict(values), "distill")  # the dead holder's lock file locks nothing
+    second = Trainer(run_config.from_dict(values), "distill")  # one process: one writer, the lock is shared
+    assert first.train()[-1]["step"] == 2 and second.train()[-1]["step"] == 2
