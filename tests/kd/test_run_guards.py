@@ -90,6 +90,7 @@ def test_a_nan_gradient_with_a_finite_loss_stops_the_run_before_the_update(tmp_p
 
 # ---- one run per output directory ----
 
+@pytest.mark.slow  # three `pykd distill` processes (the in-process test below covers the lock in seconds)
 def test_a_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_frees_it(tmp_path):
     """Two `pykd distill` on one directory once corrupted each other (a checkpoint partial lost, log.jsonl
     holding steps twice). The second is refused at once; a SIGKILLed holder leaves no stale lock."""
