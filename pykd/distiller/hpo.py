@@ -553,7 +553,9 @@ class TrialObjective:
     config into its directory, hands it to the other torchrun ranks and trains it (run_trial).
 
     A trial stopped by SIGINT/SIGTERM is re-queued (so the next worker resumes it from its checkpoint) and
-    the stop propagates; Optuna fails it. The metric is the study's; a NaN one fails the trial.
+    the stop propagates; Optuna fails it. The metric is the study's; a NaN one fails the trial, as does a
+    training whose loss or gradients turned non-finite (a pipeline that diverges, e.g. a learning rate too
+    high, is a result of the search, not a reason to stop it).
     """
 
     def __init__(self, spec: SearchSpec, base_values: dict, metric: str, log=print):
@@ -562,7 +564,7 @@ class TrialObjective:
     def __call__(self, trial) -> float:
         import optuna
 
-        from ..distill.stopping import TrainingInterrupted
+        from ..distill.stopping import NonFiniteTraining, TrainingInterrupted
 
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         directory = trial_directory(self.spec.study["output"], trial)
@@ -573,6 +575,9 @@ class TrialObjective:
             return run_trial(values, self.metric, trial)
         except optuna.TrialPruned:
             raise
+        except NonFiniteTraining as error:
+            self.log(f"[hpo] trial {trial.number}: diverged ({error})")
+            return math.nan  # Optuna fails a trial whose value is NaN, and the study goes on
         except TrainingInterrupted:
             requeue(trial.study, trial, self.spec.study["max_retries"], self.log)
             self.log(f"[hpo] trial {trial.number}: fail")

@@ -119,3 +119,25 @@ def test_a_torn_last_journal_line_is_dropped_and_the_study_resumes(tmp_path):
     reopened = optuna.load_study(study_name=spec.study["name"], storage=hpo.open_storage(f"journal:{journal}"))
     states = [t.state.name for t in reopened.get_trials(deepcopy=False)]
     assert states.count("COMPLETE") == 2 and len(states) == 3  # the torn trial stays RUNNING, for recovery
+
+
+def test_a_trial_whose_training_diverges_fails_and_the_study_goes_on(tmp_path, monkeypatch):
+    """The Trainer now stops a non-finite run with NonFiniteTraining; in a study that is one failed trial."""
+    from pykd.distill.stopping import NonFiniteTraining
+
+    spec = _spec(tmp_path, {"hard_weight": {"low": 0.0, "high": 1.0}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    calls = []
+
+    def diverging(values, metric, trial=None):
+        calls.append(values["train"]["output_dir"])
+        if len(calls) == 1:
+            raise NonFiniteTraining("training stopped at step 2: not finite: loss nan")
+        return 0.5
+
+    monkeypatch.setattr(hpo, "run_trial", diverging)
+    monkeypatch.setattr(hpo.run_config, "write_run_config", lambda values, directory: None)
+    lines = []
+    study.optimize(hpo.TrialObjective(spec, BASE, "accuracy", log=lines.append), n_trials=2)
+    assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["FAIL", "COMPLETE"]
+    assert any("trial 0: diverged (training stopped at step 2" in line for line in lines)
