@@ -227,3 +227,14 @@ def test_training_logs(tmp_path):
     assert read_log(path, 10) == []
     path.write_bytes(FOREIGN)
     _refused(lambda: read_log(path, 10), path, "training log")
+
+
+def test_the_command_line_prints_one_line_and_exits_2(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from pykd.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b'train: {steps: 3, output_dir: "runs/cut')
+    assert main(["distill", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pykd distill: error: run config {path} is unreadable, truncated") and err.count("\n") == 1
