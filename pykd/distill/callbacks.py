@@ -138,6 +138,7 @@ class NonFiniteStop(TrainerCallback):
             self.saved_step = trainer.step
 
     def on_before_optimizer_step(self, trainer, terms: dict, grad_norm: float) -> None:
+        from .checkpoint import CHECKPOINT
         from .distributed import max_over_ranks
 
         bad = {name: value for name, value in terms.items() if not math.isfinite(value)}
@@ -146,7 +147,7 @@ class NonFiniteStop(TrainerCallback):
         if not max_over_ranks(int(bool(bad)), trainer.device):
             return
         what = ", ".join(f"{name} {value}" for name, value in bad.items()) or "another rank's loss or gradient"
-        kept = (f"the checkpoint {trainer.output_dir / 'checkpoint.pt'} of step {self.saved_step} is kept"
+        kept = (f"the checkpoint {trainer.output_dir / CHECKPOINT} of step {self.saved_step} is kept"
                 if self.saved_step is not None else "no checkpoint had been written yet")
         raise NonFiniteTraining(
             f"training stopped at step {trainer.step + 1}: not finite: {what}. The step was not applied and "
