@@ -144,7 +144,10 @@ def load_space(path: str | None = None) -> SearchSpec:
         raise ValueError(f"hpo space file {where}: unknown section(s) {unknown}; it takes study and space")
     study = dict(yaml.safe_load(DEFAULT_SPACE)["study"])
     study.update(values.get("study") or {})
-    return SearchSpec(_checked_study(study), parse_dimensions(values.get("space") or {}))
+    try:
+        return SearchSpec(_checked_study(study), parse_dimensions(values.get("space") or {}))
+    except ValueError as error:
+        raise ValueError(f"hpo space file {where}: {error}") from None
 
 
 def _checked_study(study: dict) -> dict:
@@ -435,21 +438,31 @@ def trial_values(base_values: dict, params: dict, directory) -> dict:
 
 
 def check_space(spec: SearchSpec, base_values: dict) -> None:
-    """Every value a trial can draw makes a valid run config: each choice and both bounds of every dimension,
-    drawn with parent values that enable it, on the base config. A value the run config refuses once was
-    found only by a started trial, which stayed RUNNING in the study."""
+    """Every value a trial can draw makes a valid run config: each choice, every value of an integer range
+    of at most INT_VALUES_CHECKED values (a head count must divide a width) and both bounds of any other
+    range, drawn with parent values that enable it, on the base config. A value the run config refuses
+    once was found only by a started trial, which stayed RUNNING in the study."""
     by_name = {d.name: d for d in spec.dimensions}
     for dimension in spec.dimensions:
         enabling = _enabling(dimension.name, by_name)
-        values = dimension.choices if dimension.choices is not None else [dimension.low, dimension.high]
-        for value in values:
-            if dimension.integer:
-                value = int(value)
+        for value in _values_to_check(dimension):
             try:
                 run_config.from_dict(trial_values(base_values, {**enabling, dimension.name: value}, "unused"))
             except ValueError as error:
                 raise ValueError(f"hpo dimension space.{dimension.name} can draw {value!r}, which the run config "
                                  f"refuses: {error}") from None
+
+
+INT_VALUES_CHECKED = 256
+
+
+def _values_to_check(dimension: Dimension) -> list:
+    if dimension.choices is not None:
+        return dimension.choices
+    if dimension.integer:
+        low, high = int(dimension.low), int(dimension.high)
+        return list(range(low, high + 1)) if high - low < INT_VALUES_CHECKED else [low, high]
+    return [dimension.low, dimension.high]
 
 
 def _enabling(name: str, by_name: dict) -> dict:

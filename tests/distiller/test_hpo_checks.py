@@ -53,6 +53,8 @@ def test_an_infinite_bound_is_refused_when_the_space_loads(tmp_path, bounds):
     ({"intermediate": {"choices": ["mse"]}, "intermediate_weight": {"low": -1.0, "high": 1.0}},
      r"space.intermediate_weight can draw -1.0, which the run config refuses: config key losses.hidden.weight"),
     ({"train.lr": {"low": 0.0, "high": 1e-3}}, r"space.train.lr can draw 0.0, .*config key train.lr must be > 0"),
+    ({"student.num_attention_heads": {"low": 4, "high": 8, "int": True}},
+     r"space.student.num_attention_heads can draw 5, .*must divide student.hidden_size"),
     ({"intermediate": {"choices": ["none"]}, "mapping": {"choices": ["skip"]}},
      r"space.mapping is never drawn: space.intermediate's choices \['none'\]"),
 ])
