@@ -55,7 +55,7 @@ def reading(path, what: str, way_out: str):
 
 def load_error(error: Exception, path, what: str, way_out: str) -> LoadError:
     """The LoadError saying what `error`, raised while reading `path`, means for the user."""
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, FileNotFoundError) and not Path(path).exists():  # else a file inside it is missing
         return LoadError(what, path, "does not exist", way_out)
     if isinstance(error, IsADirectoryError):
         return LoadError(what, path, "is a directory, not a file", way_out)
@@ -68,8 +68,9 @@ def load_error(error: Exception, path, what: str, way_out: str) -> LoadError:
         if reason.startswith(("Unsupported global", "Unsupported class")):
             return LoadError(what, path, f"holds objects other than tensors and plain values ({reason}); pykd does "
                              "not unpickle those, since that can run arbitrary code", way_out)
-        return LoadError(what, path, f"is unreadable, truncated or not a {what} (UnpicklingError: {reason})", way_out)
-    return LoadError(what, path, f"is unreadable, truncated or not a {what} ({type(error).__name__}: "
+        return LoadError(what, path, f"is unreadable, truncated or not a valid {what} (UnpicklingError: {reason})",
+                         way_out)
+    return LoadError(what, path, f"is unreadable, truncated or not a valid {what} ({type(error).__name__}: "
                      f"{_first_line(error)})", way_out)
 
 

@@ -163,6 +163,6 @@ def test_a_csv_integer_beyond_int64_names_the_file_column_and_row(tmp_path):
 def test_a_local_file_its_builder_cannot_read_names_the_file(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": \n')
-    with pytest.raises(ValueError, match=r"JSONL data file .*rows.jsonl is unreadable, truncated or not a JSONL "
+    with pytest.raises(ValueError, match=r"JSONL data file .*rows.jsonl is unreadable, truncated or not a valid JSONL "
                                          r"data file \(.*Error: .*\); check its format .* give data.dataset"):
         data.load_corpus(str(path))

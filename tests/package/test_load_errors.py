@@ -158,6 +158,29 @@ def test_data_files(tmp_path):
             _refused(lambda path=path: load(path), path)
 
 
+def test_augmented_set_caches(tmp_path):
+    """A cached augmented set (a datasets directory) with its files truncated, emptied or foreign."""
+    datasets = pytest.importorskip("datasets")
+    from pykd.distill.augment import load_augmented_set
+
+    target = tmp_path / "augmented"
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(50)], "label": [i % 2 for i in range(50)]}) \
+        .save_to_disk(str(target))
+    arrow = next(target.glob("*.arrow"))
+    whole = arrow.read_bytes()
+
+    def read():
+        return load_augmented_set(target)[:]
+
+    assert len(read()["text"]) == 50
+    for data in _copies(whole).values():
+        arrow.write_bytes(data)
+        _refused(read, target, "augmented-set cache")
+    arrow.write_bytes(whole)
+    (target / "state.json").unlink()
+    _refused(read, target, "is unreadable, truncated or not a valid augmented-set cache")
+
+
 # ---- CSV: the KD runs table ----
 
 def test_kd_runs_tables(tmp_path):
