@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..loading import reading
 from .cache import cache_dir, key_digest, model_digest, publish_directory, rows_digest, tokenizer_digest
 
 OPERATIONS = ("swap", "delete", "synonym", "mlm")
@@ -292,8 +293,6 @@ def augmented_train_set(train_set, augment_config, teacher, collate, kind: str, 
     rows), gold (1 for original rows), teacher_logits (the teacher's logits: the soft labels).
     One process builds a missing set (under the cache's lock); others, DDP ranks too, wait and load it.
     """
-    from datasets import load_from_disk
-
     device = device or torch.device("cpu")
     masked_lm = None
     if "mlm" in augment_config.policy:
@@ -310,7 +309,15 @@ def augmented_train_set(train_set, augment_config, teacher, collate, kind: str, 
                 f"({augment_config.policy}), cached in {target}")
 
         publish_directory(build, target)
-    return load_from_disk(str(target))
+    return load_augmented_set(target)
+
+
+def load_augmented_set(target: Path):
+    """The cached augmented set in the directory `target` (a bad copy is a LoadError naming it)."""
+    from datasets import load_from_disk
+
+    with reading(target, "augmented-set cache", "delete that directory: the set is built again on the next run"):
+        return load_from_disk(str(target))
 
 
 def _extended(train_set, augment_config, teacher, collate, kind: str, device, masked_lm):

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
+import typing
 from pathlib import Path
 
 
@@ -114,3 +115,73 @@ def rows_digest(dataset, columns) -> str:
 def key_digest(key: dict) -> str:
     """The fingerprint of a cached entry: 32 hex digits of sha256 over its (JSON) key."""
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class DirectoryInUse(ValueError):
+    """Another process holds the directory's lock (see DirectoryLock)."""
+
+
+class DirectoryLock:
+    """One writer per directory: a non-blocking exclusive lock (flock) on directory/.pykd.lock.
+
+    Two `pykd distill` runs on one output directory once overwrote each other's checkpoint partials and
+    interleaved log.jsonl; the second is now refused at once, naming the directory and the holder. The
+    kernel drops the lock when its holder exits, however it dies (SIGKILL included), so a lock file left
+    by a dead process locks nothing: the next run takes it over. The file holds the holder's pid, for the
+    message. Within one process the lock is shared (counted): Trainers built one after another in a
+    session or a test, or a step that builds a second one on the directory, are one writer's doing.
+
+    Args:
+        directory: the directory (created when missing).
+        key: the config key naming it, for the message.
+    """
+
+    NAME = ".pykd.lock"
+    _open: typing.ClassVar[dict] = {}  # this process's locks: resolved path -> [open file, holders]
+    _guard: typing.ClassVar = threading.Lock()
+
+    def __init__(self, directory, key: str):
+        self.path, self.key = Path(directory) / self.NAME, key
+        self.held = False
+
+    def acquire(self) -> None:
+        """Takes the lock (a no-op when this object holds it); DirectoryInUse when another process holds it."""
+        if self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        with self._guard:
+            if key not in self._open:
+                self._open[key] = [self._lock_file(), 0]
+            self._open[key][1] += 1
+        self.held = True
+
+    def _lock_file(self):
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open past this method: the open file is the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise DirectoryInUse(f"{self.key} {str(self.path.parent)!r} is in use by another pykd run (pid "
+                                 f"{holder}): wait for it to end, or give this run another {self.key}") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    def release(self) -> None:
+        """Drops this object's hold; the last holder in the process unlocks (the file stays: removing it could
+        race a run that is taking it)."""
+        if not self.held:
+            return
+        key = str(self.path.resolve())
+        with self._guard:
+            entry = self._open[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                entry[0].close()
+        self.held = False

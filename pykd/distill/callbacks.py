@@ -7,6 +7,10 @@ first), at these points of `Trainer.train`:
 
     on_train_begin(trainer)              after resuming (trainer.step is the checkpoint's step), before any step
     on_step_begin(trainer, step)         before optimiser step `step` (0-based) runs
+    on_before_optimizer_step(trainer, terms, grad_norm)
+                                         the step's gradients are summed (and averaged over the ranks), not yet
+                                         clipped nor applied: terms = its loss terms so far, grad_norm = their
+                                         total 2-norm before clipping (a float)
     on_step_end(trainer, terms)          after it: trainer.step counts it, terms = its loss terms (grad_accum mean)
     on_log(trainer, record)              a record joined trainer.history: {"step", "lr", terms...} averaged over
                                          the steps since the last one, or {"step", "eval": metrics (, "final")}
@@ -17,14 +21,18 @@ first), at these points of `Trainer.train`:
                                          with its checkpoint written (not when an exception ends it)
 
 An exception raised by a callback ends the run (HPO's pruning raises optuna.TrialPruned from
-on_evaluate). Writers of other reports (TensorBoard, a model card on "model" saves) are callbacks too.
+on_evaluate; NonFiniteStop, one of the Trainer's defaults, raises NonFiniteTraining before a NaN step is
+applied). Writers of other reports (TensorBoard, a model card on "model" saves) are callbacks too.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from ..loading import reading
 from .cache import replace_atomically
+from .stopping import NonFiniteTraining
 
 LOG = "log.jsonl"
 
@@ -36,6 +44,9 @@ class TrainerCallback:
         pass
 
     def on_step_begin(self, trainer, step: int) -> None:
+        pass
+
+    def on_before_optimizer_step(self, trainer, terms: dict, grad_norm: float) -> None:
         pass
 
     def on_step_end(self, trainer, terms: dict) -> None:
@@ -61,12 +72,14 @@ def read_log(path: Path, until_step: int) -> list[dict]:
     if not path.exists():
         return []
     kept = []
-    for line in path.read_text().splitlines():
+    with reading(path, "training log", "delete it (the run's log then restarts; its checkpoint is kept)"):
+        text = path.read_text(encoding="utf-8")
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= until_step:
+        if isinstance(record, dict) and record.get("step", 0) <= until_step:
             kept.append(record)
     return kept
 
@@ -101,3 +114,42 @@ class ConsoleLog(TrainerCallback):
         if trainer.rank == 0:
             print(f"[{trainer.mode}] step {trainer.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                   flush=True)
+
+
+class NonFiniteStop(TrainerCallback):
+    """Stops a run whose loss or gradient norm turns NaN or infinite, before that step is applied.
+
+    A NaN once ran to the end unnoticed (NaN losses logged, exit 0, a saved model of NaN weights). Now the
+    step's update is never applied and nothing more is saved: the last checkpoint stays the last finite
+    state, and the error (a ValueError: exit 2 on the command line) names the step, the term and that
+    checkpoint. Under torchrun the ranks agree (any rank's NaN stops every rank at the same step).
+    """
+
+    def __init__(self):
+        self.saved_step: int | None = None
+
+    def on_train_begin(self, trainer) -> None:
+        from .checkpoint import CHECKPOINT
+
+        self.saved_step = trainer.step if (trainer.output_dir / CHECKPOINT).exists() else None
+
+    def on_save(self, trainer, path: Path, what: str) -> None:
+        if what == "checkpoint":
+            self.saved_step = trainer.step
+
+    def on_before_optimizer_step(self, trainer, terms: dict, grad_norm: float) -> None:
+        from .checkpoint import CHECKPOINT
+        from .distributed import max_over_ranks
+
+        bad = {name: value for name, value in terms.items() if not math.isfinite(value)}
+        if not math.isfinite(grad_norm):
+            bad["gradient norm"] = grad_norm
+        if not max_over_ranks(int(bool(bad)), trainer.device):
+            return
+        what = ", ".join(f"{name} {value}" for name, value in bad.items()) or "another rank's loss or gradient"
+        kept = (f"the checkpoint {trainer.output_dir / CHECKPOINT} of step {self.saved_step} is kept"
+                if self.saved_step is not None else "no checkpoint had been written yet")
+        raise NonFiniteTraining(
+            f"training stopped at step {trainer.step + 1}: not finite: {what}. The step was not applied and "
+            f"{kept}. Lower train.lr, keep train.clip_norm > 0 or check the data and loss weights, then start "
+            "afresh (train.resume=false or another train.output_dir)")

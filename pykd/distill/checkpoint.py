@@ -7,13 +7,13 @@ objective, optimiser, scheduler, every generator's state (`rng_state`), the step
 """
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..loading import bad_file, load_tensors
 from .cache import replace_atomically
 
 CHECKPOINT = "checkpoint.pt"
@@ -73,17 +73,8 @@ def read_checkpoint(path, device="cpu") -> dict:
         unsafe, another format) is a ValueError naming the file and the way out.
     """
     way_out = "delete it (the run then starts from step 0) or set train.resume=false"
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise ValueError(f"checkpoint {path} is unreadable ({error}); {way_out}") from None
-        reason = str(error).split("WeightsUnpickler error: ")[-1].split(". ")[0]
-        raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values ({reason}); "
-                         f"pykd does not unpickle those, since that can run arbitrary code: {way_out}") from None
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign file fails as OSError, EOFError, KeyError...
-        raise ValueError(f"checkpoint {path} is unreadable or truncated ({type(error).__name__}: {error}); "
-                         f"{way_out}") from None
+    state = load_tensors(path, "checkpoint", way_out, device)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a checkpoint of this pykd version (format {CHECKPOINT_FORMAT}); {way_out}")
+        raise bad_file("checkpoint", path, f"is not a checkpoint of this pykd version (format {CHECKPOINT_FORMAT})",
+                       way_out)
     return state

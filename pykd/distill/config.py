@@ -15,6 +15,7 @@ from typing import Literal
 
 import yaml
 
+from ..loading import read_yaml
 from ..nas.config import SEARCH_KEYS as NAS_SEARCH_KEYS
 from ..nas.config import NasConfig
 from ..nas.config import validate as validate_nas
@@ -27,6 +28,11 @@ from .mapping import MAPPINGS
 from .models import STUDENT_INITS
 from .optim import AUTOCAST, OPTIMIZERS
 from .options import above, at_least, build, check_ranges, option, within
+
+# A loss term's weight: 0 turns the term off; negative weights would maximise a distance.
+LOSS_WEIGHT = at_least(0)
+# What NumPy's and torch's generators take (train.seed + epoch seeds an epoch's order: torch takes any int64).
+SEED = within(0, 2**32 - 1)
 
 
 @dataclass
@@ -42,11 +48,11 @@ class TeacherConfig:
 class StudentConfig:
     init: Literal[STUDENT_INITS] = "teacher"
     checkpoint: str | None = None
-    num_hidden_layers: int = 3
-    hidden_size: int = 192
-    num_attention_heads: int = 6
-    intermediate_size: int = 768
-    dropout: float = 0.1
+    num_hidden_layers: int = option(3, at_least(1))
+    hidden_size: int = option(192, at_least(1))
+    num_attention_heads: int = option(6, at_least(1))  # a divisor of hidden_size (head size >= 1)
+    intermediate_size: int = option(768, at_least(1))
+    dropout: float = option(0.1, within(0, 1, high_open=True))  # a probability; 1 would drop everything
 
 
 @dataclass
@@ -66,14 +72,14 @@ class PredictionLoss:
     type: Literal[PREDICTION_TYPES] = "soft_ce"
     temperature: float = option(2.0, above(0))
     t_squared: bool = False  # Distiller's code does not multiply by T^2
-    weight: float = 1.0
-    hard_weight: float = 0.0
+    weight: float = option(1.0, LOSS_WEIGHT)
+    hard_weight: float = option(0.0, LOSS_WEIGHT)
 
 
 @dataclass
 class HiddenLoss:
     type: Literal[HIDDEN_TYPES] = "mse"
-    weight: float = 1.0
+    weight: float = option(1.0, LOSS_WEIGHT)
     mapping: Literal[MAPPINGS] = "skip"  # emd: BERT-EMD many-to-many
     pairs: list | None = None  # [[student, teacher], ...] hidden-state indices, with mapping pairs
     include_embeddings: bool = False
@@ -84,24 +90,24 @@ class HiddenLoss:
 class RelationLoss:
     relations: list[Literal[RELATIONS]] = option(factory=lambda: ["qk", "vv"], noun="relations")
     loss: Literal[RELATION_LOSSES] = "kl"
-    relation_heads: int = 6
+    relation_heads: int = option(6, at_least(1))  # a divisor of both models' widths (checked when they load)
     mapping: Literal[MAPPINGS] = "last"
     pairs: list | None = None  # [[student, teacher], ...] attention-layer indices, with mapping pairs
-    weight: float = 1.0
+    weight: float = option(1.0, LOSS_WEIGHT)
     emd_temperature: float = option(1.0, above(0))
 
 
 @dataclass
 class MILoss:
     bound: Literal[MI_BOUND_CHOICES] = "none"
-    alpha: float = 0.9
-    weight: float = 0.1
+    alpha: float = option(0.9, within(0, 1))  # 1: leave-one-out InfoNCE family, 0: TUBA (pykd.mi_lower_bound)
+    weight: float = option(0.1, LOSS_WEIGHT)
     mapping: Literal[MAPPINGS] = "last"  # not emd (the critics train per layer pair)
     pairs: list | None = None
     samples: Literal[MI_SAMPLES] = "examples"  # examples (masked-mean pooled) | tokens
-    max_tokens: int = 512
-    critic_hidden: int = 256
-    critic_dim: int = 128
+    max_tokens: int = option(512, at_least(2))  # a bound contrasts each sample with at least one other
+    critic_hidden: int = option(256, at_least(1))
+    critic_dim: int = option(128, at_least(1))
     baseline: bool = True
     gather: bool = True  # under torchrun, every rank's samples are negatives
 
@@ -131,7 +137,7 @@ class TrainConfig:
     eval_every: int = option(100, at_least(1))
     log_every: int = option(10, at_least(1))
     checkpoint_every: int = option(100, at_least(1))
-    seed: int = 0
+    seed: int = option(0, SEED)
     output_dir: str = "runs/distill"
     resume: bool = True
     progress: bool = True
@@ -146,7 +152,7 @@ class AugmentConfig:
     word_fraction: float = option(0.1, within(0, 1, low_open=True))  # share of an example's words an operation touches
     mlm_model: str | None = None  # AutoModelForMaskedLM path or hub name; mlm needs one (no package ships one)
     mlm_top_k: int = option(8, at_least(1))
-    seed: int = 0
+    seed: int = option(0, SEED)
     batch_size: int = option(64, at_least(1))  # examples per generation and teacher-labelling batch
     cache_dir: str | None = None  # where augmented sets are kept; null: <pykd cache>/augment
     mixup: bool = False  # mixup of word embeddings in the distillation step (batch doubled)
@@ -177,6 +183,11 @@ RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every"
 def _validate(config: RunConfig) -> RunConfig:
     """What depends on several keys (every key's type, choices and range were checked as it was built)."""
     check_ranges(config)
+    student = config.student
+    if student.init != "checkpoint" and student.hidden_size % student.num_attention_heads:
+        raise ValueError(f"config key student.num_attention_heads must divide student.hidden_size (head size "
+                         f"hidden_size / heads >= 1), got {student.num_attention_heads} heads for "
+                         f"{student.hidden_size}")
     if config.student.init == "checkpoint" and not config.student.checkpoint:
         raise ValueError("student.init is 'checkpoint' but student.checkpoint is not set")
     if config.data.kind == "unlabeled" and config.losses.prediction.type != "none":
@@ -272,9 +283,9 @@ def load_values(path: str | None, overrides: list[str] = ()) -> dict:
     """The run config's values (the YAML file at `path`, None: the defaults, plus --set overrides) as
     nested dicts, checked as `load` checks them: what pykd hpo and pykd recommend build pipelines on."""
     values = {}
-    if path is not None:
-        with open(path) as handle:
-            values = yaml.safe_load(handle) or {}
+    if path is not None:  # an empty file is the defaults, as an empty mapping would be
+        values = read_yaml(path, "run config", "give a YAML run configuration (`pykd config` prints the "
+                           "default one)") or {}
     values = apply_overrides(values, list(overrides))
     from_dict(values)
     return values

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..loading import LoadError, bad_file, load_error
 from .corpora import CORPORA, SPLIT_COLUMN, SPLIT_SEED
 
 TASK_KINDS = ("classification", "regression", "unlabeled")  # data.kind
@@ -37,12 +38,51 @@ def load_corpus(name: str):
         if not Path(name).is_file():
             raise FileNotFoundError(f"data.dataset {name!r} looks like a local file but does not exist")
         check_text_file(name)
-        return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
+        try:
+            return load_dataset(LOCAL_BUILDERS[suffix], data_files=name, split="train")
+        except Exception as error:  # datasets wraps its readers' errors (pyarrow, pandas, json) in its own
+            raise unreadable_data_file(name, error) from error
     try:
         return load_dataset(name, split="train")
     except Exception as error:  # the hub client raises many types when offline
         raise ValueError(f"data.dataset {name!r} is neither a built-in corpus ({', '.join(CORPORA)}), nor a "
                          f"local .csv/.json/.jsonl/.txt file, nor loadable from the hub: {error}") from error
+
+
+INT64 = (-2**63, 2**63 - 1)
+
+
+def unreadable_data_file(path: str, error: BaseException) -> LoadError:
+    """Why HF's builder could not read a local data file, naming the file (and, for an integer beyond int64
+    in a CSV, the cell), from the innermost error of the chain it raised."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OverflowError) and path.lower().endswith(".csv"):
+        cell = _int64_overflow(path)
+        if cell is not None:
+            row, column, value = cell
+            return bad_file("data.dataset", path, f"has in column {column!r}, row {row}, the integer {value}, beyond "
+                            f"int64 [{INT64[0]}, {INT64[1]}], which the CSV reader cannot hold",
+                            "write class names as text, or integers within int64")
+    return load_error(cause, path, f"{Path(path).suffix.lstrip('.').upper()} data file",
+                      "check its format (a header row for CSV, one JSON object per line for JSONL), or give "
+                      "data.dataset another file")
+
+
+def _int64_overflow(path: str):
+    """(row, column, value) of the first CSV cell holding an integer outside int64, None if there is none."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        for row, cells in enumerate(reader):
+            for column, cell in zip(header, cells):
+                text = cell.strip()
+                if text.lstrip("+-").isdigit() and not INT64[0] <= int(text) <= INT64[1]:
+                    return row, column, text
+    return None
 
 
 def check_text_file(path: str) -> None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# The metrics an evaluation of each labelled task reports (what pykd hpo's study.metric may name).
+METRICS = {"classification": ("accuracy", "f1", "mcc"), "regression": ("pearson", "spearman")}
+
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict:
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..loading import load_error
+
 if TYPE_CHECKING:
     from .config import StudentConfig
 
@@ -47,6 +49,9 @@ def load_pretrained(name: str, task_kind: str, num_labels: int | None = None) ->
     except OSError as error:
         raise ValueError(f"cannot load model {name!r} (resolved to {path!r}): not a local model directory and "
                          f"not reachable on the Hugging Face hub ({error})") from error
+    except Exception as error:  # noqa: BLE001 - a damaged weights or config file: safetensors, json, torch errors
+        raise load_error(error, path, "model directory", "save the model again (pykd finetune, or "
+                         "save_pretrained)") from None
 
 
 def load_tokenizer(name: str):

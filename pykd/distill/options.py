@@ -27,7 +27,8 @@ from dataclasses import dataclass
 class Range:
     """The numbers a key takes: low and/or high bounds (None: unbounded), each inclusive unless open.
     A null value (of an optional key) is never out of range; `or_null` makes the message say it is allowed.
-    NaN lies in no range."""
+    NaN and the infinities lie in no range: no key says "no limit" with an infinity (null says it where a
+    key allows it), and an infinite rate or weight would only train to NaN."""
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -35,7 +36,7 @@ class Range:
     or_null: bool = False
 
     def contains(self, value) -> bool:
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
             return False
@@ -56,7 +57,9 @@ class Range:
 
     def check(self, key: str, value) -> None:
         if value is not None and not self.contains(value):
-            raise ValueError(f"config key {key} must {self.describe()}, got {value}")
+            infinite = isinstance(value, float) and math.isinf(value)
+            raise ValueError(f"config key {key} must {self.describe()}, got {value}"
+                             + (" (a finite number is needed)" if infinite else ""))
 
 
 def at_least(low, or_null: bool = False) -> Range:
@@ -144,8 +147,9 @@ def _convert(value, hint, key: str, metadata):
     if target in (int, float):
         if isinstance(value, str):
             value = _number(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (target is int and value != int(value)):
-            raise ValueError(f"config key {key} must be {target.__name__}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (target is int and not _integral(value)):
+            bounds = f" (and {metadata['range'].describe()})" if "range" in metadata else ""
+            raise ValueError(f"config key {key} must be {target.__name__}{bounds}, got {value!r}")
         return target(value)
     if target is str:
         if not isinstance(value, str):
@@ -173,6 +177,11 @@ def _check_items(value: list, hint, key: str, metadata) -> None:
     if bad or (non_empty and not value):
         what = f"{'a non-empty list of ' if non_empty else ''}{metadata.get('noun', 'values')}"
         raise ValueError(f"config key {key} takes {what} from {choices}, got {bad or value}")
+
+
+def _integral(value) -> bool:
+    """An int, or a float holding one (int(.inf) and int(.nan) would raise their own errors)."""
+    return isinstance(value, int) or (math.isfinite(value) and value.is_integer())
 
 
 def _number(text: str):

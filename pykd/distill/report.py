@@ -1,7 +1,6 @@
 """The demo's report: accuracy, size and CPU latency of teacher and student, learning curves."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -9,6 +8,9 @@ import torch
 from torch import nn
 
 from . import data as data_module
+from ..loading import reading
+from .callbacks import LOG
+from .callbacks import read_log as read_records
 from .config import RunConfig
 from .models import load_pretrained, load_tokenizer
 
@@ -31,8 +33,11 @@ def cpu_latency_ms(model: nn.Module, batch: dict, repeats: int = 5) -> float:
 
 
 def read_log(run_dir) -> list[dict]:
-    with open(Path(run_dir) / "log.jsonl") as handle:
-        return [json.loads(line) for line in handle]
+    """The run's log.jsonl records (a line torn by a kill mid-write skipped, as a resumed run does)."""
+    path = Path(run_dir) / LOG
+    with reading(path, "training log", f"run the training of {run_dir} again"):
+        path.stat()  # a missing log is an error here (the report needs one), not an empty history
+        return read_records(path, float("inf"))
 
 
 def final_eval(records: list[dict]) -> dict:

@@ -26,6 +26,11 @@ class TrainingInterrupted(Exception):
         return 128 + self.signum
 
 
+class NonFiniteTraining(ValueError):
+    """A loss term or the gradient norm of an optimiser step was NaN or infinite: the step was not applied,
+    and the run stopped with its last checkpoint as it was (pykd.distill.callbacks.NonFiniteStop)."""
+
+
 class StopRequests:
     """While active, SIGINT and SIGTERM only record a request to stop, which the loop honours at the
     next step boundary; the first one also restores the previous handlers, so a second signal stops

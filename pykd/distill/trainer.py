@@ -25,6 +25,7 @@ reading one runs no code. Resuming with a config that differs in a key the check
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import tempfile
 import time
@@ -35,7 +36,8 @@ from torch import nn
 
 from . import data as data_module
 from .augment import WordEmbeddingMixup
-from .callbacks import LOG, ConsoleLog, JsonlLog, TrainerCallback, read_log
+from .cache import DirectoryLock
+from .callbacks import LOG, ConsoleLog, JsonlLog, NonFiniteStop, TrainerCallback, read_log
 from .checkpoint import CHECKPOINT, read_checkpoint, rng_state, seed_everything, set_rng_state, write_checkpoint
 from .config import RunConfig, resume_conflicts, to_dict
 from .distributed import average_gradients, max_over_ranks, world
@@ -59,7 +61,10 @@ class Trainer:
             given (it prefixes the log lines and is recorded in checkpoints).
         build_step: builds the step module (a pykd.distill.steps.TrainingStep) from the trainer, after the
             data has loaded (trainer.tokenizer, num_labels and label_names are set); None: the mode's.
-        callbacks: TrainerCallbacks, after the default JsonlLog and ConsoleLog.
+        callbacks: TrainerCallbacks, after the defaults JsonlLog, ConsoleLog and NonFiniteStop.
+
+    One run per output directory: rank 0 holds train.output_dir's DirectoryLock from construction to
+    the end of `train` (a second run on the directory is refused at once, naming it).
 
     A step module with `owns_backward = True` (pykd.nas's SandwichStep) runs its own backward
     passes inside forward, scaled by 1 / grad_accum; under DDP it is not wrapped (DDP allows one
@@ -75,12 +80,23 @@ class Trainer:
         if mode == "finetune" and config.data.kind == "unlabeled":
             raise ValueError("fine-tuning needs a labeled task: data.kind is 'unlabeled'")
         self.config, self.mode = config, mode
-        self.callbacks: list[TrainerCallback] = [JsonlLog(), ConsoleLog(), *callbacks]
+        self.callbacks: list[TrainerCallback] = [JsonlLog(), ConsoleLog(), NonFiniteStop(), *callbacks]
         self.rank, self.world = world()
         self.output_dir = Path(config.train.output_dir)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
             torch.device("cpu")
         self._check_output_dir()
+        self._lock = DirectoryLock(self.output_dir, "train.output_dir")
+        self._hold_output_dir()
+        try:
+            self._build(build_step)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _build(self, build_step) -> None:
+        """Data, step module, optimiser and schedule (with the directory held: a refused run loads nothing)."""
+        config = self.config
         seed_everything(config.train.seed)
         self._load_data()
         self.step_module: TrainingStep = (build_step or self._default_step)(self).to(self.device)
@@ -113,6 +129,10 @@ class Trainer:
         except OSError as error:
             raise ValueError(f"train.output_dir {str(self.output_dir)!r} is not a writable directory: "
                              f"{error.strerror or error}") from None
+
+    def _hold_output_dir(self) -> None:
+        if self.rank == 0:
+            self._lock.acquire()
 
     def _load_data(self) -> None:
         config = self.config.data
@@ -257,6 +277,13 @@ class Trainer:
             TrainingInterrupted: SIGINT or SIGTERM arrived; the checkpoint holds the last finished step.
             ValueError: the checkpoint is unreadable, unsafe, or from a run with another configuration.
         """
+        self._hold_output_dir()
+        try:
+            return self._train(stop_after)
+        finally:
+            self._lock.release()
+
+    def _train(self, stop_after: int | None) -> list[dict]:
         train = self.config.train
         if train.resume and (self.output_dir / CHECKPOINT).exists():
             self.load_checkpoint(self.output_dir / CHECKPOINT)
@@ -321,8 +348,10 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / train.grad_accum
         if self.world > 1 and self.model is self.step_module:
             average_gradients(self.step_module)
-        if train.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), train.clip_norm)
+        # The norm before clipping; an infinite max_norm measures it without clipping (a factor of 1).
+        norm = torch.nn.utils.clip_grad_norm_(self.step_module.parameters(),
+                                              train.clip_norm if train.clip_norm > 0 else math.inf)
+        self._fire("on_before_optimizer_step", totals, float(norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

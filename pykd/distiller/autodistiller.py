@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..distill import config as run_config
+from ..loading import bad_file, reading
 from .pipeline import encode_config, pipeline_values
 
 META_FEATURES = ("log_train_size", "classes", "label_entropy", "mean_words", "std_words", "mean_tokens",
@@ -161,11 +162,13 @@ def read_table(path: str) -> list[Run]:
         raise FileNotFoundError(f"KD runs table {path} does not exist: generate it with "
                                 "`python tools/kd_runs_table.py` (or pass --table)")
     runs = []
-    with open(path, newline="") as handle:
+    way_out = "regenerate it (`python tools/kd_runs_table.py`) or pass another --table"
+    # a truncated row's missing cells read as None, a foreign file's as anything: float/json errors name the file
+    with reading(path, "KD runs table", way_out), open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             missing = [k for k in ("dataset", "pipeline", "params", "ratio", *META_FEATURES) if k not in row]
             if missing:
-                raise ValueError(f"KD runs table {path} lacks the column(s) {missing}")
+                raise bad_file("KD runs table", path, f"lacks the column(s) {missing}", way_out)
             if not math.isfinite(float(row["ratio"])):  # a teacher scoring 0 leaves the ratio undefined
                 continue
             runs.append(Run(row["dataset"], row["pipeline"], json.loads(row["params"]),

@@ -27,7 +27,12 @@ a study by pointing at the same storage and study name. Under torchrun, rank 0 t
 and broadcasts each trial's config and pruning decisions; every rank trains the same trial.
 
 The space and the base config are fingerprinted into the study's user attrs; resuming a study with
-another space or base config is refused.
+another space or base config is refused. Before the first trial, the whole space is checked against the
+base config (`check_space`: every choice and both bounds of every dimension make a valid run config, and
+study.metric is one the task reports), so no trial is started only to be refused. A fixed study.seed
+seeds a fresh study; a study resumed with trials in it draws from (seed, trials so far), so a worker
+restarted after a signal does not repeat the draws of the trials before it. A journal file whose last
+line was torn by a worker killed mid-write has that line dropped (with a note) when it opens.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -49,6 +55,7 @@ from ..distill.augment import OPERATIONS
 from ..distill.cache import file_lock, replace_atomically
 from ..distill.callbacks import TrainerCallback
 from ..distill.distributed import broadcast, world
+from ..loading import read_yaml
 from . import pipeline
 
 DEFAULT_SPACE = """
@@ -124,11 +131,11 @@ class SearchSpec:
 
 def load_space(path: str | None = None) -> SearchSpec:
     """The space file at `path` (None: DEFAULT_SPACE); study keys it omits take DEFAULT_SPACE's values."""
-    text = DEFAULT_SPACE
-    if path is not None:
-        with open(path) as handle:
-            text = handle.read()
-    values = yaml.safe_load(text) or {}
+    if path is None:
+        values = yaml.safe_load(DEFAULT_SPACE)
+    else:
+        values = read_yaml(path, "hpo space file", "give a YAML file with study and space sections (see "
+                           "pykd.distiller.hpo.DEFAULT_SPACE)") or {}
     where = path or "the default space"
     if not isinstance(values, dict):
         raise ValueError(f"hpo space file {where} must be a mapping with study and space sections")
@@ -137,7 +144,10 @@ def load_space(path: str | None = None) -> SearchSpec:
         raise ValueError(f"hpo space file {where}: unknown section(s) {unknown}; it takes study and space")
     study = dict(yaml.safe_load(DEFAULT_SPACE)["study"])
     study.update(values.get("study") or {})
-    return SearchSpec(_checked_study(study), parse_dimensions(values.get("space") or {}))
+    try:
+        return SearchSpec(_checked_study(study), parse_dimensions(values.get("space") or {}))
+    except ValueError as error:
+        raise ValueError(f"hpo space file {where}: {error}") from None
 
 
 def _checked_study(study: dict) -> dict:
@@ -172,7 +182,21 @@ def parse_dimensions(space: dict) -> list[Dimension]:
         if parent is not None and parent[0] not in names:
             raise ValueError(f"hpo dimension space.{dimension.name} is drawn only for some values of "
                              f"{parent[0]}, so space.{parent[0]} must be in the space too")
-    return dimensions
+    return dependency_order(dimensions)
+
+
+def dependency_order(dimensions: list[Dimension]) -> list[Dimension]:
+    """The dimensions with every parent before its children, in the file's order otherwise: drawing is
+    define-by-run, so a child listed before its parent was once never drawn."""
+    depth = {}
+
+    def level(name: str) -> int:
+        if name not in depth:
+            parent = pipeline.DIMENSIONS.get(name)
+            depth[name] = 0 if parent is None else level(parent[0]) + 1
+        return depth[name]
+
+    return sorted(dimensions, key=lambda d: level(d.name))  # stable: ties keep the file's order
 
 
 def _dimension(name: str, spec) -> Dimension:
@@ -186,9 +210,10 @@ def _dimension(name: str, spec) -> Dimension:
         _check_choices(name, choices)
         return Dimension(name, choices=choices)
     low, high = spec.get("low"), spec.get("high")
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
     if not numbers or not low < high:
-        raise ValueError(f"hpo dimension space.{name} needs numbers low < high, got low={low!r}, high={high!r}")
+        raise ValueError(f"hpo dimension space.{name} needs numbers low < high, both finite, got low={low!r}, "
+                         f"high={high!r}")
     if spec.get("log") and low <= 0:
         raise ValueError(f"hpo dimension space.{name} is log-scaled, so low must be > 0, got {low}")
     integer = bool(spec.get("int", False))
@@ -226,7 +251,7 @@ def sample_pipeline(trial, dimensions: list[Dimension]) -> dict:
 # ---- storage and study ----
 
 def open_storage(url: str, max_retries: int = 3, heartbeat_interval: int = HEARTBEAT_INTERVAL,
-                 grace_period: int = GRACE_PERIOD):
+                 grace_period: int = GRACE_PERIOD, log=print):
     """An Optuna storage for `url`: journal:PATH (a journal file) or an SQLAlchemy URL.
 
     An RDB storage records each running trial's heartbeat every heartbeat_interval seconds; a trial
@@ -239,9 +264,13 @@ def open_storage(url: str, max_retries: int = 3, heartbeat_interval: int = HEART
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
 
+            from optuna.storages.journal import JournalFileSymlinkLock
+
             path = url[len("journal:"):]
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(path))
+            lock = JournalFileSymlinkLock(path)
+            drop_torn_journal_line(Path(path), lock, log)
+            return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=lock))
         engine, lock = None, None
         if url.startswith("sqlite:///"):
             database = Path(url[len("sqlite:///"):])
@@ -255,7 +284,29 @@ def open_storage(url: str, max_retries: int = 3, heartbeat_interval: int = HEART
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                                               grace_period=grace_period, heartbeat_stale_trial_callback=retry)
     except Exception as error:  # noqa: BLE001 - SQLAlchemy, drivers and the OS raise many types
-        raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {error}") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "no message"  # SQLAlchemy adds lines
+        raise ValueError(f"hpo storage {url!r} cannot be opened: {type(error).__name__}: {first}") from None
+
+
+def drop_torn_journal_line(path: Path, lock, log=print) -> None:
+    """A journal file not ending in a newline was torn by a worker killed mid-write (Optuna appends whole
+    lines under the journal's lock, taken here): its last line is dropped. Optuna's reader skips such a line
+    as a write in progress, and the next append would join it into a line no reader parses, leaving a
+    study that cannot resume."""
+    if not path.is_file():
+        return
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+    finally:
+        lock.release()
+    log(f"[hpo] journal {path}: dropped its torn last line ({len(data) - keep} bytes, a write its worker did "
+        "not finish)")
 
 
 def original_trial(trial) -> int:
@@ -306,12 +357,19 @@ def requeue(study, trial, max_retries: int, log=print) -> bool:
     return True
 
 
-def _sampler(study: dict):
+def _sampler(study: dict, trials_so_far: int = 0):
+    """The study's sampler. A fixed seed seeds a fresh study as given; a study that already holds trials
+    (a worker restarted after a signal, or a second run) is seeded from (seed, trials so far), which would
+    otherwise replay the earlier trials' draws exactly."""
+    import numpy as np
     import optuna
 
+    seed = study["seed"]
+    if seed is not None and trials_so_far:
+        seed = int(np.random.SeedSequence([seed, trials_so_far]).generate_state(1)[0])
     if study["sampler"] == "random":
-        return optuna.samplers.RandomSampler(seed=study["seed"])
-    return optuna.samplers.TPESampler(seed=study["seed"], n_startup_trials=study["startup_trials"])
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=study["startup_trials"])
 
 
 def pruner(study: dict, base):
@@ -342,6 +400,7 @@ def open_study(spec: SearchSpec, base_values: dict):
     study = optuna.create_study(study_name=spec.study["name"], storage=storage, sampler=_sampler(spec.study),
                                 pruner=pruner(spec.study, base), direction=spec.study["direction"],
                                 load_if_exists=True)
+    study.sampler = _sampler(spec.study, len(study.get_trials(deepcopy=False)))
     expected = {"pykd_space": spec.fingerprint(), "pykd_base_config": _base_fingerprint(base_values)}
     for key, value in expected.items():
         stored = study.user_attrs.get(key)
@@ -357,9 +416,69 @@ def open_study(spec: SearchSpec, base_values: dict):
 # ---- trials ----
 
 def metric_name(spec: SearchSpec, base) -> str:
-    if spec.study["metric"]:
-        return spec.study["metric"]
-    return "pearson" if base.data.kind == "regression" else "accuracy"
+    """study.metric (checked against the task's metrics), or the task's default."""
+    from ..distill.metrics import METRICS
+
+    metric = spec.study["metric"]
+    if not metric:
+        return "pearson" if base.data.kind == "regression" else "accuracy"
+    known = METRICS.get(base.data.kind)
+    if known is not None and metric not in known:
+        raise ValueError(f"hpo key study.metric must be one of {known} (the metrics a {base.data.kind} evaluation "
+                         f"reports), got {metric!r}")
+    return metric
+
+
+def trial_values(base_values: dict, params: dict, directory) -> dict:
+    """The run-config values of the trial that draws `params`, training in `directory`."""
+    values = pipeline.pipeline_values(base_values, params)
+    values.setdefault("train", {})["output_dir"] = str(directory)
+    values.setdefault("teacher", {}).setdefault("cache_logits", True)
+    return values
+
+
+def check_space(spec: SearchSpec, base_values: dict) -> None:
+    """Every value a trial can draw makes a valid run config: each choice, every value of an integer range
+    of at most INT_VALUES_CHECKED values (a head count must divide a width) and both bounds of any other
+    range, drawn with parent values that enable it, on the base config. A value the run config refuses
+    once was found only by a started trial, which stayed RUNNING in the study."""
+    by_name = {d.name: d for d in spec.dimensions}
+    for dimension in spec.dimensions:
+        enabling = _enabling(dimension.name, by_name)
+        for value in _values_to_check(dimension):
+            try:
+                run_config.from_dict(trial_values(base_values, {**enabling, dimension.name: value}, "unused"))
+            except ValueError as error:
+                raise ValueError(f"hpo dimension space.{dimension.name} can draw {value!r}, which the run config "
+                                 f"refuses: {error}") from None
+
+
+INT_VALUES_CHECKED = 256
+
+
+def _values_to_check(dimension: Dimension) -> list:
+    if dimension.choices is not None:
+        return dimension.choices
+    if dimension.integer:
+        low, high = int(dimension.low), int(dimension.high)
+        return list(range(low, high + 1)) if high - low < INT_VALUES_CHECKED else [low, high]
+    return [dimension.low, dimension.high]
+
+
+def _enabling(name: str, by_name: dict) -> dict:
+    """Values of `name`'s ancestors (from their dimensions) under which `name` is drawn."""
+    parent = pipeline.DIMENSIONS.get(name)
+    if parent is None:
+        return {}
+    parent_name, allowed = parent
+    dimension = by_name[parent_name]
+    candidates = dimension.choices if dimension.choices is not None else [dimension.low]
+    ancestors = _enabling(parent_name, by_name)
+    for candidate in candidates:
+        if pipeline.applies(name, {**ancestors, parent_name: candidate}):
+            return {**ancestors, parent_name: candidate}
+    raise ValueError(f"hpo dimension space.{name} is never drawn: space.{parent_name}'s choices {candidates} "
+                     f"do not include a value that uses it ({list(allowed) if allowed else 'any but none'})")
 
 
 def _alive(pid: int) -> bool:
@@ -447,7 +566,9 @@ class TrialObjective:
     config into its directory, hands it to the other torchrun ranks and trains it (run_trial).
 
     A trial stopped by SIGINT/SIGTERM is re-queued (so the next worker resumes it from its checkpoint) and
-    the stop propagates; Optuna fails it. The metric is the study's; a NaN one fails the trial.
+    the stop propagates; Optuna fails it. The metric is the study's; a NaN one fails the trial, as does a
+    training whose loss or gradients turned non-finite (a pipeline that diverges, e.g. a learning rate too
+    high, is a result of the search, not a reason to stop it).
     """
 
     def __init__(self, spec: SearchSpec, base_values: dict, metric: str, log=print):
@@ -456,19 +577,20 @@ class TrialObjective:
     def __call__(self, trial) -> float:
         import optuna
 
-        from ..distill.stopping import TrainingInterrupted
+        from ..distill.stopping import NonFiniteTraining, TrainingInterrupted
 
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         directory = trial_directory(self.spec.study["output"], trial)
-        values = pipeline.pipeline_values(self.base_values, sample_pipeline(trial, self.spec.dimensions))
-        values.setdefault("train", {})["output_dir"] = str(directory)
-        values.setdefault("teacher", {}).setdefault("cache_logits", True)
+        values = trial_values(self.base_values, sample_pipeline(trial, self.spec.dimensions), directory)
         run_config.write_run_config(values, directory)
         broadcast({"number": trial.number, "values": values})
         try:
             return run_trial(values, self.metric, trial)
         except optuna.TrialPruned:
             raise
+        except NonFiniteTraining as error:
+            self.log(f"[hpo] trial {trial.number}: diverged ({error})")
+            return math.nan  # Optuna fails a trial whose value is NaN, and the study goes on
         except TrainingInterrupted:
             requeue(trial.study, trial, self.spec.study["max_retries"], self.log)
             self.log(f"[hpo] trial {trial.number}: fail")
@@ -488,8 +610,9 @@ def run_study(base_values: dict, spec: SearchSpec, trials: int, log=print) -> di
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"--trials must be an integer >= 1, got {trials!r}")
-    base = run_config.from_dict(base_values)  # a bad base config fails before any trial
+    base = run_config.from_dict(base_values)  # a bad base config, space or metric fails before any trial
     metric = metric_name(spec, base)
+    check_space(spec, base_values)
     if world()[0] != 0:
         while (job := broadcast(None)) is not None:
             run_trial(job["values"], metric)

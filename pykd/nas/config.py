@@ -63,7 +63,7 @@ class NasProxy:
     top_k: int = option(0, at_least(0))  # 0: off
     dataset: str = "rotten_tomatoes"
     steps: int = option(100, at_least(1))
-    lr: float = 1e-4
+    lr: float = option(1e-4, above(0))
 
 
 @dataclass
@@ -89,7 +89,8 @@ class NasConfig:
     evolution: NasEvolution = field(default_factory=NasEvolution)
     nsga2: NasNsga2 = field(default_factory=NasNsga2)
     proxy: NasProxy = field(default_factory=NasProxy)
-    eval_batches: int | None = None  # held-out batches scored per candidate (null: the whole eval split)
+    # held-out batches scored per candidate (null: the whole eval split)
+    eval_batches: int | None = option(None, at_least(1, or_null=True))
     output: str = "runs/nas"  # supernet-<sub-space>/ training runs and search/ results go here
 
 

@@ -26,6 +26,7 @@ import torch
 
 from ..distill import data as data_module
 from ..distill.losses import RelationTerms, layer_qkv
+from ..loading import bad_file, load_tensors, reading
 from .space import COSTS, format_cost
 from .superlm import SUPERNET_FILE
 from .config import build_space, supernet_dir, supernet_options
@@ -209,13 +210,20 @@ def load_supernet(run_dir, teacher, space, nas):
     path = Path(run_dir) / "model" / SUPERNET_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no trained SuperLM at {path}: run `pykd nas train` with the same config first")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    way_out = f"train it again with `pykd nas train` (after deleting {Path(run_dir) / 'checkpoint.pt'})"
+    saved = load_tensors(path, "SuperLM file", way_out)
+    missing = [key for key in ("config", "state") if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise bad_file("SuperLM file", path, f"lacks the entries {missing} a trained SuperLM has (it holds {found})",
+                       way_out)
     supernet = SuperLM.from_teacher(teacher, space, **supernet_options(nas))
     try:
         supernet.check_config_dict(saved["config"])
     except ValueError as error:
         raise ValueError(f"{path} holds a SuperLM of another configuration than this run's: {error}") from None
-    supernet.load_state_dict(saved["state"])
+    with reading(path, "SuperLM file", way_out):  # right config, wrong tensors: load_state_dict's RuntimeError
+        supernet.load_state_dict(saved["state"])
     return supernet.eval()
 
 

@@ -182,7 +182,7 @@ def test_cli_errors_exit_2(base, tmp_path, capsys):
                           ([config, "--trials", "1", "--set", "losses.prediction.type=kl"],
                            "pykd hpo: error: config key losses.prediction.type"),
                           ([config, "--trials", "1", "--space", str(tmp_path / "missing.yaml")],
-                           "pykd hpo: error: [Errno 2] No such file or directory")):
+                           "pykd hpo: error: hpo space file " + str(tmp_path / "missing.yaml") + " does not exist")):
         assert main(["hpo", *args]) == 2
         err = capsys.readouterr().err
         assert message in err, err

@@ -181,3 +181,20 @@ def test_rows_at_reads_rows_in_the_order_asked():
     rows = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]})
     assert data.rows_at(rows, [2, 0, 2]) == [{"text": "c", "label": 2}, {"text": "a", "label": 0},
                                              {"text": "c", "label": 2}]
+
+
+def test_a_csv_integer_beyond_int64_names_the_file_column_and_row(tmp_path):
+    """It once ended in a raw DatasetGenerationError traceback (issue 21, section 3)."""
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\nhello,1\nworld,99999999999999999999999\n")
+    with pytest.raises(ValueError, match=r"data.dataset .*big.csv has in column 'label', row 1, the integer "
+                                         r"99999999999999999999999, beyond int64"):
+        data.load_corpus(str(path))
+
+
+def test_a_local_file_its_builder_cannot_read_names_the_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": \n')
+    with pytest.raises(ValueError, match=r"JSONL data file .*rows.jsonl is unreadable, truncated or not a valid JSONL "
+                                         r"data file \(.*Error: .*\); check its format .* give data.dataset"):
+        data.load_corpus(str(path))
