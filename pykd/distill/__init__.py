@@ -9,6 +9,7 @@ What it holds:
     mapping.py, losses.py     layer mappings (EMD included) and the loss stages (prediction, hidden, relation, MI)
     models.py                 teachers and the students cut from them
     steps.py                  the training steps (TrainingStep: distil, fine-tune)
+    kd_loss.py                the distillation objective as a loss module for any loop (pykd.KDLoss)
     trainer.py, callbacks.py  the training loop and its callbacks (JSONL log, console)
     checkpoint.py, distributed.py, optim.py, stopping.py   checkpoints, torchrun, optimiser/schedule/autocast,
                               clean stops on SIGINT/SIGTERM

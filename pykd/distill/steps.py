@@ -96,6 +96,13 @@ class DistillStep(TrainingStep):
         return forward_view(output, recorded, mask)
 
     def forward(self, batch: dict):
+        return self.objective(*self.views(batch))
+
+    def views(self, batch: dict, student: nn.Module | None = None):
+        """(teacher view, student view, labels, label_rows): what the objective reads of the batch's forwards.
+
+        student: the module to run as the student (default self.student), e.g. its DDP wrapper."""
+        student_model = self.student if student is None else student
         self.teacher.eval()
         teacher_inputs = student_inputs = model_inputs(batch)
         rows = len(batch["attention_mask"])
@@ -110,11 +117,11 @@ class DistillStep(TrainingStep):
         else:
             with torch.no_grad():
                 teacher = self._run(self.teacher, teacher_inputs)
-        student = self._run(self.student, student_inputs)
+        student = self._run(student_model, student_inputs)
         if "teacher_logits" in batch:  # the soft labels cached with an augmented training set
             teacher.logits = torch.cat([batch["teacher_logits"].float(), teacher.logits[rows:].float()])
         labels, label_rows = _gold_labels(batch, len(student.mask))
-        return self.objective(teacher, student, labels, label_rows)
+        return teacher, student, labels, label_rows
 
     def cached_logits_suffice(self, batch: dict) -> bool:
         """The batch carries the teacher's cached logits, and the objective reads nothing else of the
