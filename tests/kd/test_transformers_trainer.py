@@ -1,0 +1,95 @@
+"""pykd.integrations.transformers.DistillationTrainer on the packaged teacher: a few steps with gradient
+accumulation, step evaluation, checkpoints and load_best_model_at_end; the logged terms, TensorBoard through
+report_to, and the saved student with its model card."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+datasets = pytest.importorskip("datasets")
+from pykd.distill.config import StudentConfig
+from pykd.distill.models import build_student, load_pretrained, load_tokenizer
+from pykd.integrations.transformers import DistillationTrainer
+from tests.kd_fixtures import tiny_csv
+
+LOSSES = {"relation": {"relation_heads": 4}, "hidden": {"mapping": "uniform"}}
+
+
+def _tokenized(tokenizer, path, rows):
+    table = datasets.load_dataset("csv", data_files=path, split="train").select(range(rows))
+    return table.map(lambda b: tokenizer(b["text"], truncation=True, max_length=16), batched=True,
+                     remove_columns=["text"])
+
+
+def _accuracy(prediction):
+    logits, labels = prediction
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def test_a_few_steps_log_every_term_and_save_the_student_with_a_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    tokenizer = load_tokenizer("minilm-l6")
+    teacher = load_pretrained("minilm-l6", "classification", num_labels=2)
+    student = build_student(teacher, StudentConfig(num_hidden_layers=2, hidden_size=96, num_attention_heads=3,
+                                                   intermediate_size=192, dropout=0.0))
+    data = tiny_csv(tmp_path, rows=40)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, eval_strategy="steps", eval_steps=2,
+        save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="accuracy",
+        report_to=["tensorboard"], use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = DistillationTrainer(model=student, teacher=teacher, losses=LOSSES, teacher_name="minilm-l6", args=args,
+                                  train_dataset=_tokenized(tokenizer, data, 32),
+                                  eval_dataset=_tokenized(tokenizer, data, 8),
+                                  data_collator=transformers.DataCollatorWithPadding(tokenizer),
+                                  processing_class=tokenizer, compute_metrics=_accuracy)
+    learned = {id(p) for p in trainer.kd_loss.parameters()}
+    assert learned  # the hidden-state projections 96 -> 384
+    projection = [p.clone() for p in trainer.kd_loss.parameters()]
+    trainer.train()
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert learned <= held and all(not torch.equal(a, b) for a, b in zip(projection, trainer.kd_loss.parameters()))
+
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry and "prediction" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3, 4]
+    for entry in steps:  # weights 1: the Trainer's loss (mean over the micro-batches) is the terms' sum
+        total = entry["prediction"] + entry["hidden"] + entry["relation"]
+        assert abs(entry["loss"] - total) <= 1e-5 * total
+    assert trainer.state.best_model_checkpoint is not None
+    assert [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "pykd_objective.pt").exists() and (checkpoint / "README.md").exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(path.parent)) for path in (tmp_path / "run").rglob("events.out.tfevents.*")]
+    tags = set().union(*(set(e.Reload().Tags()["scalars"]) for e in events))
+    assert {"train/prediction", "train/hidden", "train/relation", "train/loss"} <= tags
+
+    final = tmp_path / "student"
+    trainer.save_model(str(final))
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(final)
+    assert saved.config.num_hidden_layers == 2 and saved.config.hidden_size == 96
+    assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in student.parameters())
+    assert set(torch.load(final / "pykd_objective.pt")) == set(trainer.kd_loss.objective.state_dict())
+    card = ModelCard.load(final / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.data.library_name == "transformers" and "accuracy" in card.data.metrics
+    best = next(e for e in trainer.state.log_history if "eval_accuracy" in e
+                and e["step"] == trainer.state.best_global_step)  # the weights load_best_model_at_end kept
+    assert f"| accuracy | {best['eval_accuracy']:.4f} |" in card.text
+    assert f"| loss | {best['eval_loss']:.4f} |" in card.text
+    assert "relation_heads: 4" in card.text
+
+
+def test_an_optimizer_without_the_learned_parts_is_refused(tmp_path):
+    teacher = load_pretrained("minilm-l6", "classification", num_labels=2)
+    student = build_student(teacher, StudentConfig(num_hidden_layers=1, hidden_size=96, num_attention_heads=3,
+                                                   intermediate_size=192))
+    optimizer = torch.optim.AdamW(student.parameters())
+    trainer = DistillationTrainer(model=student, teacher=teacher, losses={"relation": {"relations": []}},
+                                  optimizers=(optimizer, None),
+                                  args=transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    with pytest.raises(ValueError, match="lacks 2 of the loss module's 2 learned parameters"):
+        trainer.create_optimizer()
