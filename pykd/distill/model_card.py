@@ -66,9 +66,13 @@ def _architecture_lines(model: nn.Module, sequence_length: int) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
 
 
+def _figure(value: float) -> str:
+    return f"{value:.4g}"
+
+
 def model_card(model: nn.Module, *, title: str, teacher: str, task_kind: str, sequence_length: int, made_by: str,
                config: dict | None = None, datasets: tuple = (), metrics: dict | None = None,
-               teacher_model: nn.Module | None = None) -> str:
+               teacher_model: nn.Module | None = None, distilled: bool = True) -> str:
     """The card's text.
 
     Args:
@@ -77,19 +81,28 @@ def model_card(model: nn.Module, *, title: str, teacher: str, task_kind: str, se
         task_kind: classification | regression | unlabeled. sequence_length: the length FLOPs are counted at.
         made_by: one sentence on how the model was made (the command or API that wrote it).
         config: what made it (the run config, or its losses section), shown as YAML.
-        datasets: dataset names; metrics: {name: final value} of the model's evaluation.
-        teacher_model: the teacher, to put its size beside the student's.
+        datasets: the data's names (the front matter lists those that are not local files: the Hub wants ids).
+        metrics: {name: final value} of the model's evaluation.
+        teacher_model: the teacher, to put its size beside the student's. distilled: False for a fine-tuned model.
     """
     metrics = dict(metrics or {})
+    datasets = [str(d) for d in datasets if d]
     front = {"library_name": "transformers", "base_model": base_model_id(teacher),
              "pipeline_tag": PIPELINE_TAGS.get(task_kind, "feature-extraction"),
-             "tags": ["pykd", "knowledge-distillation", "distillation", model.config.model_type],
-             "datasets": [str(d) for d in datasets if d], "metrics": sorted(metrics)}
+             "tags": ["pykd", *(["knowledge-distillation", "distillation"] if distilled else []),
+                      model.config.model_type]}
+    hub_datasets = [d for d in datasets if not Path(d).exists()]
+    if hub_datasets:
+        front["datasets"] = hub_datasets
+    front["metrics"] = sorted(metrics)
+    how = "distilled from" if distilled else "fine-tuned from"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {title}", "",
-             f"A {model.config.model_type} encoder distilled from `{base_model_id(teacher)}` with "
-             f"[pykd](https://pypi.org/project/pykd-distill/). {made_by}", "", "## Architecture", "",
-             *_architecture_lines(model, sequence_length), ""]
+             f"A {model.config.model_type} encoder {how} `{base_model_id(teacher)}` with "
+             f"[pykd](https://pypi.org/project/pykd-distill/). {made_by}", ""]
+    if datasets:
+        lines += ["Data: " + ", ".join(f"`{d}`" for d in datasets) + ".", ""]
+    lines += ["## Architecture", "", *_architecture_lines(model, sequence_length), ""]
     if teacher_model is not None:
         ratio = count_parameters(model) / count_parameters(teacher_model)
         lines += [f"The teacher has {count_parameters(teacher_model):,} parameters and "
@@ -97,7 +110,8 @@ def model_card(model: nn.Module, *, title: str, teacher: str, task_kind: str, se
                   f"{ratio:.1%} of its parameters.", ""]
     lines += ["## Evaluation", ""]
     if metrics:
-        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())), ""]
+        rows = (f"| {name} | {_figure(value)} |" for name, value in sorted(metrics.items()))
+        lines += ["| metric | value |", "|---|---|", *rows, ""]
     else:
         lines += ["No evaluation was run for this directory.", ""]
     if config:
@@ -133,10 +147,10 @@ class ModelCardLog(TrainerCallback):
             return
         config = trainer.config
         models = trainer.step_module.models()
-        verb = "Fine-tuned by `pykd finetune`" if trainer.mode == "finetune" else f"Made by `pykd {trainer.mode}`"
+        verb = f"Made by `pykd {trainer.mode}`"
         write_model_card(path, trainer.step_module.trained_model(), teacher=config.teacher.path,
                          task_kind=config.data.kind, sequence_length=config.data.max_length,
                          made_by=f"{verb} in {trainer.step} steps; the run's config follows.",
                          config=to_dict(config), datasets=(config.data.dataset,),
                          metrics=final_metrics(trainer.history),
-                         teacher_model=models[1] if len(models) > 1 else None)
+                         teacher_model=models[1] if len(models) > 1 else None, distilled=trainer.mode != "finetune")
