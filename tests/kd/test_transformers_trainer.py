@@ -93,3 +93,29 @@ def test_an_optimizer_without_the_learned_parts_is_refused(tmp_path):
                                   args=transformers.TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
     with pytest.raises(ValueError, match="lacks 2 of the loss module's 2 learned parameters"):
         trainer.create_optimizer()
+
+
+def test_bf16_on_cpu_trains_with_finite_terms(tmp_path):
+    """TrainingArguments(bf16=True): the Trainer's autocast; the terms are fp32 (the objective upcasts)."""
+    teacher = load_pretrained("minilm-l6", "classification", num_labels=2)
+    student = build_student(teacher, StudentConfig(num_hidden_layers=1, hidden_size=96, num_attention_heads=3,
+                                                   intermediate_size=192))
+    tokenizer = load_tokenizer("minilm-l6")
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                                          bf16=True, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, teacher=teacher, losses=LOSSES, args=args,
+                                  train_dataset=_tokenized(tokenizer, tiny_csv(tmp_path, rows=16), 8),
+                                  data_collator=transformers.DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "relation" in e]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import accelerate now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "pykd.integrations.transformers", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'pykd-distill\[transformers\]'.*'accelerate'"):
+        importlib.import_module("pykd.integrations.transformers")
