@@ -87,11 +87,13 @@ class DistillStep(TrainingStep):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def _run(self, model: nn.Module, inputs: dict) -> ForwardView:
+    def _run(self, model: nn.Module, inputs: dict, captured: nn.Module | None = None) -> ForwardView:
+        """model's forward as the objective reads it; captured: the transformers model inside `model` when
+        model is a wrapper (DDP, torch.compile), which pykd.capture records."""
         mask = inputs["attention_mask"].bool()
         if not self.objective.needs_capture:
             return forward_view(model(**inputs, output_hidden_states=True), None, mask)
-        with capture(model) as recorded:
+        with capture(model if captured is None else captured) as recorded:
             output = model(**inputs, output_hidden_states=True)
         return forward_view(output, recorded, mask)
 
@@ -101,7 +103,8 @@ class DistillStep(TrainingStep):
     def views(self, batch: dict, student: nn.Module | None = None):
         """(teacher view, student view, labels, label_rows): what the objective reads of the batch's forwards.
 
-        student: the module to run as the student (default self.student), e.g. its DDP wrapper."""
+        student: the module to run as the student (default self.student), e.g. its DDP wrapper (the
+            capture records self.student inside it)."""
         student_model = self.student if student is None else student
         self.teacher.eval()
         teacher_inputs = student_inputs = model_inputs(batch)
@@ -117,7 +120,7 @@ class DistillStep(TrainingStep):
         else:
             with torch.no_grad():
                 teacher = self._run(self.teacher, teacher_inputs)
-        student = self._run(student_model, student_inputs)
+        student = self._run(student_model, student_inputs, captured=self.student)
         if "teacher_logits" in batch:  # the soft labels cached with an augmented training set
             teacher.logits = torch.cat([batch["teacher_logits"].float(), teacher.logits[rows:].float()])
         labels, label_rows = _gold_labels(batch, len(student.mask))

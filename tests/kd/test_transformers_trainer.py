@@ -119,3 +119,55 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.delitem(sys.modules, "pykd.integrations.transformers", raising=False)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'pykd-distill\[transformers\]'.*'accelerate'"):
         importlib.import_module("pykd.integrations.transformers")
+
+
+DDP_SCRIPT = """
+import sys, torch, transformers
+from pykd.distill.config import StudentConfig
+from pykd.distill.models import build_student
+from pykd.integrations.transformers import DistillationTrainer
+
+out = sys.argv[1]
+config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=32, num_labels=2)
+config._attn_implementation = "sdpa"
+torch.manual_seed(0)
+teacher = transformers.BertForSequenceClassification(config)
+student = build_student(teacher, StudentConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                               intermediate_size=24, dropout=0.0))
+generator = torch.Generator().manual_seed(1)
+rows = [{"input_ids": torch.randint(1, 50, (8,), generator=generator),
+         "attention_mask": torch.ones(8, dtype=torch.long),
+         "labels": int(torch.randint(0, 2, (), generator=generator))} for _ in range(32)]
+args = transformers.TrainingArguments(out, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                                      logging_steps=1, use_cpu=True, ddp_backend="gloo", report_to=[],
+                                      save_strategy="no", disable_tqdm=True, seed=0)
+trainer = DistillationTrainer(model=student, teacher=teacher, losses={"relation": {"relation_heads": 2}},
+                              args=args, train_dataset=rows)
+trainer.train()
+rank = torch.distributed.get_rank()
+torch.save({"kd": trainer.kd_loss.state_dict(), "student": student.state_dict(),
+            "logs": [e for e in trainer.state.log_history if "hidden" in e]}, f"{out}/rank{rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_keeps_the_learned_parts_equal_on_every_rank(tmp_path):
+    """Two gloo ranks see different batches: without averaging, the projections' updates would differ."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert zero["kd"].keys() == one["kd"].keys() and zero["kd"]
+    for key in zero["kd"]:
+        assert torch.equal(zero["kd"][key], one["kd"][key]), key
+    for key in zero["student"]:
+        assert torch.equal(zero["student"][key], one["student"][key]), key
+    assert [e["hidden"] for e in zero["logs"]] == [e["hidden"] for e in one["logs"]]  # means over the ranks
