@@ -19,12 +19,15 @@ first), at these points of `Trainer.train`:
 An exception raised by a callback ends the run (HPO's pruning raises optuna.TrialPruned from
 on_evaluate). Writers of other reports are callbacks too: `train.report_to` picks the trackers each
 log record goes to (REPORTERS: jsonl, tensorboard; `reporters` builds their callbacks), and
-pykd.distill.model_card.ModelCardLog writes a model card on "model" saves.
+pykd.distill.model_card.ModelCardLog writes a model card on "model" saves. `report_summary` sends the
+summary of an HPO study or a NAS search to the same trackers.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,3 +171,34 @@ REPORTER_CALLBACKS = {"jsonl": JsonlLog, "tensorboard": TensorBoardLog}
 def reporters(report_to) -> list[TrainerCallback]:
     """One callback per tracker of train.report_to (each once, in the order given)."""
     return [REPORTER_CALLBACKS[name]() for name in dict.fromkeys(report_to)]
+
+
+SUMMARY_EVENTS = "events.out.tfevents.summary"  # TensorBoard reads any file whose name holds "tfevents"
+
+
+def write_tensorboard_summary(directory, series: dict) -> Path:
+    """directory/events.out.tfevents.summary holding series {tag: [(step, value), ...]} as scalars.
+
+    Written atomically under one fixed name, so a later summary (another HPO worker's, a rerun search)
+    replaces it instead of adding a second copy of every point."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".summary.") as staging:
+        writer = SummaryWriter(staging)
+        for tag, points in series.items():
+            for step, value in points:
+                writer.add_scalar(tag, value, step)
+        writer.close()
+        (written,) = Path(staging).glob("events.out.tfevents.*")
+        target = directory / SUMMARY_EVENTS
+        replace_atomically(target, lambda partial: shutil.copyfile(written, partial))
+    return target
+
+
+def report_summary(report_to, directory, series: dict) -> None:
+    """A study's or a search's summary series to the trackers of train.report_to that take series
+    (tensorboard: directory/tensorboard; the JSONL side is the summary's own CSV and JSON files)."""
+    if "tensorboard" in report_to:
+        write_tensorboard_summary(Path(directory) / TENSORBOARD_DIR, series)

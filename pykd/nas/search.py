@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from ..distill.callbacks import report_summary
 from ..distill.config import RunConfig, to_dict
 from ..distill.model_card import write_model_card
 from .algorithms import pareto_front, raise_no_candidate, search
@@ -55,7 +56,23 @@ def run_search(config: RunConfig, evaluator: Evaluator | None = None) -> dict:
     if nas.proxy.top_k:
         summary["proxy"] = proxy_search(config, sorted(feasible, key=lambda r: r["loss"])[: nas.proxy.top_k])
     write_results(Path(nas.output) / "search", rows, summary)
+    report_summary(config.train.report_to, Path(nas.output) / "search", search_series(rows, front))
     return summary
+
+
+def search_series(rows: list[dict], front: list[dict]) -> dict:
+    """The search as TensorBoard series: each candidate's loss and the best feasible loss so far, in scoring
+    order, and the loss-vs-FLOPs Pareto front (step = FLOPs)."""
+    best, so_far = float("inf"), []
+    for index, row in enumerate(rows):
+        if row["feasible"]:
+            best = min(best, row["loss"])
+        if best < float("inf"):
+            so_far.append((index, best))
+    pareto = sorted(front, key=lambda r: r["flops"])
+    return {"nas/candidate_loss": [(index, row["loss"]) for index, row in enumerate(rows)],
+            "nas/best_feasible_loss": so_far,
+            "nas/pareto_loss_by_flops": [(int(row["flops"]), row["loss"]) for row in pareto]}
 
 
 def proxy_search(config: RunConfig, top: list[dict]) -> dict:

@@ -110,3 +110,25 @@ def test_the_model_directory_holds_a_hub_model_card_with_the_run_figures(tmp_pat
     teacher_card = ModelCard.load(teacher_run / "model" / "README.md")
     assert "fine-tuned from" in teacher_card.text and "Made by `pykd finetune`" in teacher_card.text
     assert "knowledge-distillation" not in teacher_card.data.tags
+
+
+def test_a_summary_is_one_event_file_that_a_later_summary_replaces(tmp_path):
+    from pykd.distill.callbacks import SUMMARY_EVENTS, report_summary
+
+    report_summary(["jsonl"], tmp_path, {"hpo/value": [(0, 1.0)]})
+    assert not (tmp_path / "tensorboard").exists()  # jsonl only: the summary's own files
+    report_summary(["jsonl", "tensorboard"], tmp_path, {"hpo/value": [(0, 1.0), (1, 0.5)]})
+    report_summary(["tensorboard"], tmp_path, {"hpo/value": [(0, 1.0), (1, 0.5), (2, 0.25)], "hpo/best": [(2, 0.25)]})
+    assert [p.name for p in (tmp_path / "tensorboard").iterdir()] == [SUMMARY_EVENTS]
+    assert _scalars(tmp_path / "tensorboard") == {"hpo/value": [(0, 1.0), (1, 0.5), (2, 0.25)], "hpo/best": [(2, 0.25)]}
+
+
+def test_the_nas_search_series_follow_the_scoring_order_and_the_front():
+    from pykd.nas.search import search_series
+
+    rows = [{"loss": 3.0, "flops": 10, "feasible": False}, {"loss": 2.0, "flops": 30, "feasible": True},
+            {"loss": 2.5, "flops": 20, "feasible": True}, {"loss": 1.0, "flops": 50, "feasible": True}]
+    series = search_series(rows, front=[rows[3], rows[2], rows[1]])
+    assert series["nas/candidate_loss"] == [(0, 3.0), (1, 2.0), (2, 2.5), (3, 1.0)]
+    assert series["nas/best_feasible_loss"] == [(1, 2.0), (2, 2.0), (3, 1.0)]
+    assert series["nas/pareto_loss_by_flops"] == [(20, 2.5), (30, 2.0), (50, 1.0)]
