@@ -3,6 +3,7 @@
 The rooms, each importing only those below it:
 
     pykd.cli                    the command line (pykd finetune | distill | demo | nas | hpo | recommend)
+    pykd.integrations           pykd inside other frameworks (transformers' Trainer: DistillationTrainer)
     pykd.distiller              Distiller's meta layer: the pipeline vocabulary, HPO, AutoDistiller
     pykd.nas                    architecture search: spaces, SuperLM, sandwich training, search
     pykd.distill                the KD engine: config, data, losses, trainer
