@@ -132,3 +132,19 @@ def test_torch_compile_gives_the_eager_loss():
         assert torch.allclose(compiled.terms[name], eager.terms[name], rtol=1e-5, atol=1e-6), name
     compiled.loss.backward()
     assert any(p.grad is not None for p in student.parameters())
+
+
+def test_an_accelerate_loop_runs_the_prepared_student():
+    accelerate = pytest.importorskip("accelerate")
+    teacher, student = tiny_pair()
+    kd = pykd.KDLoss(teacher, student, LOSSES)
+    accelerator = accelerate.Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW([*student.parameters(), *kd.parameters()], lr=1e-2)
+    prepared, optimizer = accelerator.prepare(student, optimizer)
+    kd.to(accelerator.device)
+    before = [p.clone() for p in kd.parameters()]
+    out = kd(tiny_batch(), student=prepared)
+    accelerator.backward(out.loss)
+    optimizer.step()
+    assert set(out.terms) == {"prediction", "hidden", "relation", "mi"}
+    assert all(not torch.equal(a, b) for a, b in zip(before, kd.parameters()))
