@@ -148,3 +148,17 @@ def test_an_accelerate_loop_runs_the_prepared_student():
     optimizer.step()
     assert set(out.terms) == {"prediction", "hidden", "relation", "mi"}
     assert all(not torch.equal(a, b) for a, b in zip(before, kd.parameters()))
+
+
+def test_cached_teacher_logits_replace_the_teacher_forward():
+    teacher, student = tiny_pair()
+    kd = pykd.KDLoss(teacher, student, hidden={"type": "none"}, relation={"relations": []})
+    batch = tiny_batch()
+    live = kd(batch)
+    with torch.no_grad():
+        cached = dict(batch, teacher_logits=teacher(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"]).logits)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    out = kd(cached)
+    assert calls == [] and torch.allclose(out.terms["prediction"], live.terms["prediction"], rtol=1e-6)

@@ -171,3 +171,26 @@ def test_torchrun_ddp_keeps_the_learned_parts_equal_on_every_rank(tmp_path):
     for key in zero["student"]:
         assert torch.equal(zero["student"][key], one["student"][key]), key
     assert [e["hidden"] for e in zero["logs"]] == [e["hidden"] for e in one["logs"]]  # means over the ranks
+
+
+def test_cached_teacher_logits_skip_the_teacher_forward(tmp_path):
+    """A teacher_logits column (pykd's teacher cache, or computed once by the user) reaches the loss with
+    remove_unused_columns=False; an objective that needs only the logits then runs no teacher forward."""
+    tokenizer = load_tokenizer("minilm-l6")
+    teacher = load_pretrained("minilm-l6", "classification", num_labels=2)
+    student = build_student(teacher, StudentConfig(num_hidden_layers=1, hidden_size=96, num_attention_heads=3,
+                                                   intermediate_size=192))
+    rows = _tokenized(tokenizer, tiny_csv(tmp_path, rows=16), 8)
+    with torch.no_grad():
+        logits = [teacher(input_ids=torch.tensor([r["input_ids"]])).logits[0].tolist() for r in rows]
+    rows = rows.add_column("teacher_logits", logits)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                                          remove_unused_columns=False, use_cpu=True, report_to=[],
+                                          save_strategy="no", disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=rows,
+                                  losses={"hidden": {"type": "none"}, "relation": {"relations": []}},
+                                  data_collator=transformers.DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    assert calls == [] and len([e for e in trainer.state.log_history if "prediction" in e]) == 2
