@@ -121,6 +121,7 @@ def test_bad_input_names_the_key(arguments, message):
         pykd.KDLoss(teacher, student, **arguments)
 
 
+@pytest.mark.slow  # dynamo + AOT autograd tracing of two BERT forwards: 17-35 s on the 2 loaded cores
 def test_torch_compile_gives_the_eager_loss():
     teacher, student = tiny_pair()
     kd = pykd.KDLoss(teacher, student, {"relation": {"relation_heads": 2}})
