@@ -1,6 +1,8 @@
 """pykd.integrations.transformers.DistillationTrainer on the packaged teacher: a few steps with gradient
 accumulation, step evaluation, checkpoints and load_best_model_at_end; the logged terms, TensorBoard through
 report_to, and the saved student with its model card."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,6 +83,20 @@ def test_a_few_steps_log_every_term_and_save_the_student_with_a_card(tmp_path):
     assert f"| accuracy | {best['eval_accuracy']:.4g} |" in card.text
     assert f"| loss | {best['eval_loss']:.4g} |" in card.text
     assert "relation_heads: 4" in card.text
+
+    # resuming loads the checkpoint's learned parts into a fresh loss module
+    resumed = DistillationTrainer(model=student, teacher=teacher, losses=LOSSES, args=args,
+                                  train_dataset=_tokenized(tokenizer, data, 32),
+                                  eval_dataset=_tokenized(tokenizer, data, 8),
+                                  data_collator=transformers.DataCollatorWithPadding(tokenizer),
+                                  processing_class=tokenizer, compute_metrics=_accuracy)
+    saved_parts = torch.load(tmp_path / "run" / "checkpoint-4" / "pykd_objective.pt")
+    assert any(not torch.equal(v, saved_parts[k]) for k, v in resumed.kd_loss.objective.state_dict().items())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    # nothing was left to train; load_best_model_at_end then loaded the best checkpoint, with its parts
+    assert resumed.state.global_step == 4 and resumed.state.best_model_checkpoint == trainer.state.best_model_checkpoint
+    best_parts = torch.load(Path(resumed.state.best_model_checkpoint) / "pykd_objective.pt")
+    assert all(torch.equal(v, best_parts[k]) for k, v in resumed.kd_loss.objective.state_dict().items())
 
 
 def test_an_optimizer_without_the_learned_parts_is_refused(tmp_path):
