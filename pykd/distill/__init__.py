@@ -9,10 +9,12 @@ What it holds:
     mapping.py, losses.py     layer mappings (EMD included) and the loss stages (prediction, hidden, relation, MI)
     models.py                 teachers and the students cut from them
     steps.py                  the training steps (TrainingStep: distil, fine-tune)
-    trainer.py, callbacks.py  the training loop and its callbacks (JSONL log, console)
+    kd_loss.py                the distillation objective as a loss module for any loop (pykd.KDLoss)
+    trainer.py, callbacks.py  the training loop and its callbacks (train.report_to: JSONL, TensorBoard; console)
     checkpoint.py, distributed.py, optim.py, stopping.py   checkpoints, torchrun, optimiser/schedule/autocast,
                               clean stops on SIGINT/SIGTERM
     metrics.py, report.py     task metrics; the demo's report
+    model_card.py             the Hub model card (README.md) of every exported model directory
 
 What it may import: torch, transformers, datasets, scikit-learn, scipy, yaml, pykd.ops, pykd.capture, and of
 pykd.nas only pykd.nas.config (the nas section of the run config) and what that section takes its choices

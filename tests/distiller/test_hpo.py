@@ -420,3 +420,19 @@ def test_concurrent_summaries_into_one_directory_never_lose_a_file(tmp_path):
     assert errors == []
     assert target.read_text().split(",")[0] in ("a", "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trials.csv"]
+
+
+def test_the_summary_goes_to_tensorboard_with_report_to(tmp_path):
+    import optuna
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    study = optuna.create_study(direction="maximize")
+    distribution = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for x, value in ((0.1, 0.5), (0.2, 0.75), (0.3, 0.625)):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=distribution, value=value))
+    hpo.summarize(study, "memory", str(tmp_path), log=lambda line: None, report_to=["jsonl", "tensorboard"])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert scalars == {"hpo/value": [(0, 0.5), (1, 0.75), (2, 0.625)],
+                       "hpo/best_value": [(0, 0.5), (1, 0.75), (2, 0.75)]}

@@ -41,13 +41,16 @@ def test_unreachable_hub_names_are_clear_errors(tmp_path):
 
     script = ("from pykd.distill import data, models\n"
               "for load in (lambda: data.load_corpus('someone/no-such-dataset'),\n"
-              "             lambda: models.load_pretrained('someone/no-such-model', 'classification', 2)):\n"
-              "    try:\n        load()\n    except ValueError as error:\n        print(str(error).split(':')[0])\n")
+              "             lambda: models.load_pretrained('someone/no-such-model', 'classification', 2),\n"
+              "             lambda: models.load_tokenizer('someone/no-such-tokenizer')):\n"
+              "    try:\n        load()\n    except ValueError as error:\n        print(str(error).split(' (We')[0])\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     lines = done.stdout.splitlines()
     assert lines[0].startswith("data.dataset 'someone/no-such-dataset' is neither a built-in corpus"), done.stderr
     assert lines[1].startswith("cannot load model 'someone/no-such-model'"), done.stderr
+    assert lines[2].startswith("cannot load model 'someone/no-such-tokenizer'"), done.stderr
+    assert lines[2].endswith("(HF_HUB_OFFLINE is set: only the local Hugging Face cache was read)"), done.stderr
 
 
 # ---- checked before training: text files, text cells, labels, the split ----

@@ -193,6 +193,8 @@ def test_export_writes_a_plain_model_equal_to_the_sub_network(trained, tmp_path)
     config = run_config.from_dict(trained)
     arch = "layers=3,hidden=32,ffn_ratio=2,heads=4"
     output = tmp_path / "student"
+    if not search.searched_figures(config.nas, arch):  # the card shows what the search measured
+        search.run_search(config)
     search.export_candidate(config, arch, output)
     student = transformers.AutoModel.from_pretrained(output).eval()
     evaluator = evaluate.build_evaluator(config)
@@ -204,6 +206,14 @@ def test_export_writes_a_plain_model_equal_to_the_sub_network(trained, tmp_path)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="already exists"):
         search.export_candidate(config, arch, output)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == trained["teacher"]["path"] and card.data.pipeline_tag == "feature-extraction"
+    assert "| layers | 3 |" in card.text and "ffn_ratio=2" in card.text
+    assert f"| parameters | {sum(p.numel() for p in student.parameters()):,} |" in card.text
+    figures = search.searched_figures(config.nas, arch)
+    assert "relation_loss" in figures and f"| relation_loss | {figures['relation_loss']:.4g} |" in card.text
 
 
 @pytest.mark.parametrize("method", ["evolution", "nsga2"])
