@@ -9,12 +9,13 @@ sit beside its fields, and `validate` checks what depends on several keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..distill.losses import RELATIONS
-from ..distill.options import above, at_least, option, within
+from ..distill.options import Range, above, at_least, option, within
 from ..ops.attention_relation import LOSSES
 from .algorithms import SEARCH_METHODS
 from .mos import ROUTINGS
@@ -22,14 +23,18 @@ from .sandwich import INPLACE_TARGETS, OBJECTIVES
 from .space import COSTS, SPACES
 
 
+# A budget is finite: .inf (or NaN, which lies in no range) would lift the constraint silently; null is "none".
+BUDGET = Range(low=0, high=math.inf, low_open=True, high_open=True, or_null=True)
+
+
 @dataclass
 class NasBudget:
     """Search constraints. A value in (0, 1] is a fraction of the teacher's cost, a larger one absolute
     (parameters, FLOPs at nas.seq_len, milliseconds); null means unconstrained."""
-    params: float | None = option(None, above(0, or_null=True))
-    flops: float | None = option(None, above(0, or_null=True))
-    latency: float | None = option(None, above(0, or_null=True))
-    min_params: float | None = option(None, above(0, or_null=True))  # lower end of a parameter window (MoS)
+    params: float | None = option(None, BUDGET)
+    flops: float | None = option(None, BUDGET)
+    latency: float | None = option(None, BUDGET)
+    min_params: float | None = option(None, BUDGET)  # lower end of a parameter window (MoS)
 
 
 @dataclass
@@ -63,7 +68,7 @@ class NasProxy:
     top_k: int = option(0, at_least(0))  # 0: off
     dataset: str = "rotten_tomatoes"
     steps: int = option(100, at_least(1))
-    lr: float = 1e-4
+    lr: float = option(1e-4, above(0))
 
 
 @dataclass
@@ -89,7 +94,7 @@ class NasConfig:
     evolution: NasEvolution = field(default_factory=NasEvolution)
     nsga2: NasNsga2 = field(default_factory=NasNsga2)
     proxy: NasProxy = field(default_factory=NasProxy)
-    eval_batches: int | None = None  # held-out batches scored per candidate (null: the whole eval split)
+    eval_batches: int | None = option(None, at_least(1, or_null=True))  # held-out batches scored per candidate (null: the whole eval split)
     output: str = "runs/nas"  # supernet-<sub-space>/ training runs and search/ results go here
 
 

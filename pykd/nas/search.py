@@ -140,16 +140,11 @@ def print_summary(summary: dict) -> None:
 
 def export_candidate(config: RunConfig, arch_text: str, output) -> str:
     """Writes the sub-network `arch_text` of its trained SuperLM to the new directory `output`."""
-    from .architecture import Architecture
+    from .superlm import check_export_path, save_student
 
-    from .superlm import save_student
-
-    output = Path(output)
-    if output.exists():
-        raise ValueError(f"export path {str(output)!r} already exists; choose a new directory")
-    arch = Architecture.parse(arch_text)
+    output = check_export_path(output)
     teacher, space, tokenizer = load_teacher_and_space(config)
-    space.validate(arch)
+    arch = space.validate(space.parse(arch_text))
     subspace = space.subspace_of(arch)
     supernet = load_supernet(supernet_dir(config.nas, subspace.name), teacher, space, config.nas)
     save_student(supernet.export(arch), tokenizer, output)
