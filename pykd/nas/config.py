@@ -23,8 +23,19 @@ from .sandwich import INPLACE_TARGETS, OBJECTIVES
 from .space import COSTS, SPACES
 
 
-# A budget is finite: .inf (or NaN, which lies in no range) would lift the constraint silently; null is "none".
-BUDGET = Range(low=0, high=math.inf, low_open=True, high_open=True, or_null=True)
+@dataclass(frozen=True)
+class FiniteRange(Range):
+    """A Range whose values must also be finite: a budget of .inf would lift its constraint silently (null
+    is how a budget says "none"; NaN lies in no range)."""
+
+    def contains(self, value) -> bool:
+        return math.isfinite(value) and super().contains(value)
+
+    def describe(self) -> str:
+        return "be finite and " + super().describe().removeprefix("be ")
+
+
+BUDGET = FiniteRange(low=0, low_open=True, or_null=True)
 
 
 @dataclass
@@ -94,7 +105,8 @@ class NasConfig:
     evolution: NasEvolution = field(default_factory=NasEvolution)
     nsga2: NasNsga2 = field(default_factory=NasNsga2)
     proxy: NasProxy = field(default_factory=NasProxy)
-    eval_batches: int | None = option(None, at_least(1, or_null=True))  # held-out batches scored per candidate (null: the whole eval split)
+    # held-out batches scored per candidate (null: the whole eval split)
+    eval_batches: int | None = option(None, at_least(1, or_null=True))
     output: str = "runs/nas"  # supernet-<sub-space>/ training runs and search/ results go here
 
 

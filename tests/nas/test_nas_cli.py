@@ -93,7 +93,7 @@ def test_search_errors_exit_2(trained):
 @pytest.mark.parametrize("override, message", [
     ("nas.experts=0", "config key nas.experts must be >= 1, got 0"),
     ("nas.routing=token", "config key nas.routing must be one of ('layer', 'neuron'), got 'token'"),
-    ("nas.budget.flops=-2", "config key nas.budget.flops must be > 0 or null"),
+    ("nas.budget.flops=-2", "config key nas.budget.flops must be finite and > 0 or null, got -2"),
     ("nas.relations=[qq,xy]", "config key nas.relations takes"),
 ])
 def test_train_config_errors_exit_2(override, message):
@@ -109,3 +109,50 @@ def test_config_shows_the_nas_section():
     nas = yaml.safe_load(done.stdout)["nas"]
     assert nas["k"] == 3 and nas["sandwich_random"] == 2 and nas["relations"] == ["qq", "kk", "vv"]
     assert nas["evolution"]["population"] == 125 and nas["search"] == "enumerate"
+
+
+# ---- bad input refused before the work (issue 21, section 2 and 4) ----
+
+@pytest.mark.parametrize("override, message", [
+    ("nas.eval_batches=0", "config key nas.eval_batches must be >= 1 or null, got 0"),
+    ("nas.eval_batches=-1", "config key nas.eval_batches must be >= 1 or null, got -1"),
+    ("nas.proxy.lr=0", "config key nas.proxy.lr must be > 0, got 0.0"),
+    ("nas.budget.flops=.inf", "config key nas.budget.flops must be finite and > 0 or null, got inf"),
+    ("nas.budget.params=.nan", "config key nas.budget.params must be finite and > 0 or null, got nan"),
+    ("nas.budget.latency=.inf", "config key nas.budget.latency must be finite and > 0 or null, got inf"),
+    ("nas.budget.min_params=-.inf", "config key nas.budget.min_params must be finite and > 0 or null, got -inf"),
+    ("nas.latency.seq_len=65", "config key nas.latency.seq_len (65) exceeds the 64 positions of the teacher"),
+])
+def test_search_refuses_bad_values_before_scoring(trained, override, message):
+    tmp_path, config = trained
+    output = tmp_path / "refused"
+    done = _cli("nas", "search", config, "--set", override, "--set", f"nas.output={tmp_path / 'nas'}",
+                "--set", "nas.search=enumerate")
+    assert done.returncode == 2 and _error_line(done).startswith("pykd nas search: error:"), done.stderr[-2000:]
+    assert message in _error_line(done)
+    assert not output.exists()
+
+
+def test_export_under_a_file_names_the_path_and_why(trained):
+    tmp_path, config = trained
+    (tmp_path / "a-file").write_text("not a directory")
+    target = tmp_path / "a-file" / "sub" / "student"
+    done = _cli("nas", "export", config, "--arch", "layers=2,hidden=24,ffn_ratio=1,heads=2", "--output", str(target))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert _error_line(done) == (f"pykd nas export: error: export path {str(target)!r} cannot be created: its parent "
+                                 f"{str(tmp_path / 'a-file')!r} is a file, not a directory")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_directories_honour_the_umask(trained, umask):
+    tmp_path, config = trained
+    output = tmp_path / f"umask-{umask:o}"
+    previous = os.umask(umask)
+    try:
+        done = _cli("nas", "export", config, "--arch", "layers=2,hidden=24,ffn_ratio=1,heads=2", "--output", str(output))
+    finally:
+        os.umask(previous)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (output.stat().st_mode & 0o777) == 0o777 & ~umask
+    files = [p for p in output.rglob("*") if p.is_file()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
