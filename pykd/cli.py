@@ -6,7 +6,7 @@
     pykd config                                         print the embedded default configuration
     pykd nas train  [CONFIG.yaml] [--set ...]           one SuperLM per sub-space, sandwich rule (torchrun for DDP)
     pykd nas search [CONFIG.yaml] [--set ...]           score candidates, Pareto table and plot, best under budget
-    pykd nas export [CONFIG.yaml] --arch A --output DIR a plain transformers student cut from the trained SuperLM
+    pykd nas export [CONFIG.yaml] --arch A --output DIR [--pad-ffn]   a plain transformers student cut from the SuperLM
     pykd nas demo [--output DIR] [--set ...]            train, search, export, fine-tune and report on MiniLM-L6
     pykd hpo [CONFIG.yaml] --trials N [--space S.yaml] [--storage URL] [--set ...]   Optuna search of the KD pipeline
     pykd recommend [CONFIG.yaml] --data DATASET [--student ...] [--top-k K]   AutoDistiller's top-k pipelines
@@ -135,6 +135,8 @@ def _nas_parser(nas: argparse.ArgumentParser) -> None:
         if name == "export":
             action.add_argument("--arch", required=True, help="e.g. layers=4,hidden=256,ffn_ratio=3,heads=8")
             action.add_argument("--output", required=True, help="a new directory for the student")
+            action.add_argument("--pad-ffn", action="store_true",
+                                help="a per-layer architecture whose FFN widths differ: zero-pad them to the widest")
     demo = actions.add_parser("demo", help="the whole chain on the packaged MiniLM-L6 teacher, with a report")
     demo.add_argument("--output", default="runs/nas-demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
@@ -160,7 +162,7 @@ def _nas(args, run_config) -> None:
     else:
         from .nas.search import export_candidate
 
-        print(f"[nas export] {export_candidate(config, args.arch, args.output)}", flush=True)
+        print(f"[nas export] {export_candidate(config, args.arch, args.output, args.pad_ffn)}", flush=True)
 
 
 def _train(mode: str, config) -> None:

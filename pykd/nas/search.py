@@ -238,14 +238,17 @@ def print_summary(summary: dict) -> None:
 
 # ---- export ----
 
-def export_candidate(config: RunConfig, arch_text: str, output) -> str:
-    """Writes the sub-network `arch_text` of its trained SuperLM to the new directory `output`."""
+def export_candidate(config: RunConfig, arch_text: str, output, pad_ffn: bool = False) -> str:
+    """Writes the sub-network `arch_text` (either form, pykd.nas.architecture) of its trained SuperLM to the new
+    directory `output`; pad_ffn as SuperLM.export's (a per-layer architecture's FFN widths zero-padded)."""
+    from .architecture import parse_architecture
     from .superlm import check_export_path, save_student
 
     output = check_export_path(output)
+    parse_architecture(arch_text)  # a malformed architecture is refused before anything loads
     teacher, space, tokenizer = load_teacher_and_space(config)
     arch = space.validate(space.parse(arch_text))
     subspace = space.subspace_of(arch)
     supernet = load_supernet(supernet_dir(config.nas, subspace.name), teacher, space, config.nas)
-    save_student(supernet.export(arch), tokenizer, output)
+    save_student(supernet.export(arch, pad_ffn=pad_ffn), tokenizer, output)
     return str(output)

@@ -216,8 +216,8 @@ class SuperLM(nn.Module):
         if not pad_ffn:
             raise ValueError(f"per-layer architecture {arch} has different FFN widths per layer {arch.layer_ffn}: a "
                              f"stock transformers config has one intermediate_size, so it cannot be a stock model "
-                             f"of exactly this size; export(arch, pad_ffn=True) zero-pads every layer to "
-                             f"{max(arch.layer_ffn)} units (equal outputs, more parameters)")
+                             f"of exactly this size; export(arch, pad_ffn=True) (`pykd nas export --pad-ffn`) "
+                             f"zero-pads every layer to {max(arch.layer_ffn)} units (equal outputs, more parameters)")
         activation = _activation(self._teacher_config)
         if float(activation(torch.zeros(1))) != 0.0:
             raise ValueError(f"pad_ffn needs an FFN activation with act(0) = 0, the teacher's hidden_act is "

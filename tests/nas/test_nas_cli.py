@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from tests.nas.nas_fixtures import nas_values
+from tests.nas.nas_fixtures import TINY_LAYERWISE, nas_values
 
 
 def _cli(*args):
@@ -27,15 +27,23 @@ def _error_line(done) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("nascli")
+def _train(tmp_path, space=None):
     path = tmp_path / "nas.yaml"
-    path.write_text(json.dumps(nas_values(tmp_path, train={"steps": 2, "eval_every": 100, "log_every": 1,
-                                                           "checkpoint_every": 100, "progress": False})))
+    path.write_text(json.dumps(nas_values(tmp_path, space, train={"steps": 2, "eval_every": 100, "log_every": 1,
+                                                                  "checkpoint_every": 100, "progress": False})))
     done = _cli("nas", "train", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path, str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("nascli"))
+
+
+@pytest.fixture(scope="module")
+def trained_layerwise(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("nascli-layerwise"), TINY_LAYERWISE)
 
 
 def test_train_search_export_chain(trained):
@@ -124,13 +132,10 @@ def test_config_shows_the_nas_section():
     ("nas.latency.seq_len=65", "config key nas.latency.seq_len (65) exceeds the 64 positions of the teacher"),
 ])
 def test_search_refuses_bad_values_before_scoring(trained, override, message):
-    tmp_path, config = trained
-    output = tmp_path / "refused"
-    done = _cli("nas", "search", config, "--set", override, "--set", f"nas.output={tmp_path / 'nas'}",
-                "--set", "nas.search=enumerate")
+    _, config = trained
+    done = _cli("nas", "search", config, "--set", override)
     assert done.returncode == 2 and _error_line(done).startswith("pykd nas search: error:"), done.stderr[-2000:]
-    assert message in _error_line(done)
-    assert not output.exists()
+    assert message in _error_line(done) and "[nas search]" not in done.stdout  # nothing was scored
 
 
 def test_export_under_a_file_names_the_path_and_why(trained):
@@ -149,10 +154,52 @@ def test_exported_directories_honour_the_umask(trained, umask):
     output = tmp_path / f"umask-{umask:o}"
     previous = os.umask(umask)
     try:
-        done = _cli("nas", "export", config, "--arch", "layers=2,hidden=24,ffn_ratio=1,heads=2", "--output", str(output))
+        done = _cli("nas", "export", config, "--arch", "layers=2,hidden=24,ffn_ratio=1,heads=2",
+                    "--output", str(output))
     finally:
         os.umask(previous)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (output.stat().st_mode & 0o777) == 0o777 & ~umask
     files = [p for p in output.rglob("*") if p.is_file()]
     assert files and {p.stat().st_mode & 0o777 for p in files} == {0o666 & ~umask}
+
+
+# ---- per-layer spaces through the command line (issue 21, section 4) ----
+
+@pytest.mark.parametrize("method", ["enumerate", "evolution"])
+def test_per_layer_spaces_are_searched_and_their_candidates_written(trained_layerwise, method):
+    from pykd.nas import LayerwiseArchitecture, parse_architecture
+
+    tmp_path, config = trained_layerwise
+    done = _cli("nas", "search", config, "--set", f"nas.search={method}", "--set", "nas.evolution.population=6",
+                "--set", "nas.evolution.parents=3", "--set", "nas.evolution.mutations=3",
+                "--set", "nas.evolution.crossovers=3", "--set", "nas.evolution.generations=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    directory = tmp_path / "nas" / "search"
+    rows = json.loads((directory / "candidates.json").read_text())
+    archs = [parse_architecture(r["arch"]) for r in rows]
+    assert len(rows) == (40 if method == "enumerate" else len({r["arch"] for r in rows})) and len(rows) >= 6
+    assert any(isinstance(a, LayerwiseArchitecture) and not a.is_uniform() for a in archs)
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["best"]["latency"] > 0 and all(r["latency"] > 0 for r in rows if r["pareto"])
+
+
+@pytest.mark.parametrize("arch, pad, outcome", [
+    ("layers=2,hidden=24,heads=2/2,ffn_ratio=1/1", False, (2, 24, 2, 24)),
+    ("layers=1,hidden=48,heads=4,ffn_ratio=2", False, (1, 48, 4, 96)),  # str() of a one-layer candidate
+    ("layers=2,hidden=24,ffn_ratio=1,heads=2", False, (2, 24, 2, 24)),  # the uniform form of one
+    ("layers=2,hidden=24,heads=2/2,ffn_ratio=1/2", True, (2, 24, 2, 48)),
+    ("layers=2,hidden=24,heads=2/2,ffn_ratio=1/2", False, "different FFN widths per layer (24, 48)"),
+    ("layers=2,hidden=24,heads=2/4,ffn_ratio=1/1", False, "different head counts per layer (2, 4)"),
+], ids=["alike", "one-layer", "uniform-form", "padded", "ffn-differs", "heads-differ"])
+def test_per_layer_architectures_export_as_far_as_a_stock_model_holds_them(trained_layerwise, arch, pad, outcome):
+    tmp_path, config = trained_layerwise
+    output = tmp_path / f"student-{arch.replace('/', '-')}-{pad}"
+    done = _cli("nas", "export", config, "--arch", arch, "--output", str(output), *(["--pad-ffn"] if pad else []))
+    if isinstance(outcome, str):
+        assert done.returncode == 2 and outcome in _error_line(done) and not output.exists(), done.stderr[-2000:]
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    student = transformers.AutoConfig.from_pretrained(output)
+    assert (student.num_hidden_layers, student.hidden_size, student.num_attention_heads,
+            student.intermediate_size) == outcome
