@@ -124,6 +124,12 @@ def validate(nas: NasConfig) -> None:
         raise ValueError("config key nas.space is 'custom' but nas.custom_space is not set")
     if nas.space != "custom" and nas.custom_space:
         raise ValueError("config key nas.custom_space is set but nas.space is not 'custom'")
+    per_layer = nas.layerwise if nas.space != "custom" else any(
+        isinstance(s, dict) and s.get("layerwise") for s in (nas.custom_space or {}).get("subspaces", []))
+    if nas.proxy.top_k and per_layer:
+        raise ValueError("config key nas.proxy.top_k fine-tunes exported candidates, but a per-layer space's "
+                         "(nas.layerwise or a sub-space with layerwise: true) may differ in heads per layer, which no "
+                         "stock model holds: set nas.proxy.top_k to 0 or search a uniform space")
     if nas.evolution.parents > nas.evolution.population:
         raise ValueError(f"config key nas.evolution.parents ({nas.evolution.parents}) may not exceed "
                          f"nas.evolution.population ({nas.evolution.population})")

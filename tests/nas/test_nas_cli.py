@@ -203,3 +203,11 @@ def test_per_layer_architectures_export_as_far_as_a_stock_model_holds_them(train
     student = transformers.AutoConfig.from_pretrained(output)
     assert (student.num_hidden_layers, student.hidden_size, student.num_attention_heads,
             student.intermediate_size) == outcome
+
+
+def test_the_task_proxy_on_a_per_layer_space_is_refused_when_the_config_loads(trained_layerwise):
+    _, config = trained_layerwise
+    done = _cli("nas", "search", config, "--set", "nas.proxy.top_k=2")
+    assert done.returncode == 2 and "[nas search]" not in done.stdout
+    assert _error_line(done).startswith("pykd nas search: error: config key nas.proxy.top_k fine-tunes exported "
+                                        "candidates, but a per-layer space's")
