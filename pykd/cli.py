@@ -6,10 +6,11 @@
     pykd config                                         print the embedded default configuration
     pykd nas train  [CONFIG.yaml] [--set ...]           one SuperLM per sub-space, sandwich rule (torchrun for DDP)
     pykd nas search [CONFIG.yaml] [--set ...]           score candidates, Pareto table and plot, best under budget
-    pykd nas export [CONFIG.yaml] --arch A --output DIR a plain transformers student cut from the trained SuperLM
+    pykd nas export [CONFIG.yaml] --arch A --output DIR [--pad-ffn]   a plain transformers student cut from the SuperLM
     pykd nas demo [--output DIR] [--set ...]            train, search, export, fine-tune and report on MiniLM-L6
     pykd hpo [CONFIG.yaml] --trials N [--space S.yaml] [--storage URL] [--set ...]   Optuna search of the KD pipeline
-    pykd recommend [CONFIG.yaml] --data DATASET [--student ...] [--top-k K]   AutoDistiller's top-k pipelines
+    pykd recommend [CONFIG.yaml] --data DATASET [--student ...] [--top-k K] [--table T]   AutoDistiller's top-k
+    pykd runs-table [--datasets ...] [--output T.csv] ...   the KD runs table recommend learns from (--help)
 
 Without CONFIG the embedded default is used; --set overrides any key (YAML values).
 """
@@ -99,9 +100,12 @@ def _pipeline_search_parsers(commands) -> None:
     recommend.add_argument("--data", required=True, help="the dataset (any data.dataset value)")
     recommend.add_argument("--student", help="layers=L,hidden=H,heads=A,ffn=F (default: the config's student)")
     recommend.add_argument("--top-k", type=_at_least_one, default=3)
-    recommend.add_argument("--table", default="bench/results/kd_runs.csv", help="the KD runs table to learn from")
+    recommend.add_argument("--table", help="a KD runs table to learn from (`pykd runs-table`; default: the one "
+                                           "shipped with pykd)")
     recommend.add_argument("--output", default="runs/recommend", help="where the top-k configs are written")
     recommend.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    # Its options are pykd.distiller.runs_table's own parser's (main passes them on unparsed).
+    commands.add_parser("runs-table", add_help=False, help="build a KD runs table (`pykd runs-table --help`)")
 
 
 def _pipeline_search(args) -> None:
@@ -135,6 +139,8 @@ def _nas_parser(nas: argparse.ArgumentParser) -> None:
         if name == "export":
             action.add_argument("--arch", required=True, help="e.g. layers=4,hidden=256,ffn_ratio=3,heads=8")
             action.add_argument("--output", required=True, help="a new directory for the student")
+            action.add_argument("--pad-ffn", action="store_true",
+                                help="a per-layer architecture whose FFN widths differ: zero-pad them to the widest")
     demo = actions.add_parser("demo", help="the whole chain on the packaged MiniLM-L6 teacher, with a report")
     demo.add_argument("--output", default="runs/nas-demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
@@ -160,7 +166,7 @@ def _nas(args, run_config) -> None:
     else:
         from .nas.search import export_candidate
 
-        print(f"[nas export] {export_candidate(config, args.arch, args.output)}", flush=True)
+        print(f"[nas export] {export_candidate(config, args.arch, args.output, args.pad_ffn)}", flush=True)
 
 
 def _train(mode: str, config) -> None:
@@ -194,7 +200,10 @@ def main(argv=None) -> int:
     from .distill.corpora import FetchError  # needs numpy only
     from .distill.stopping import TrainingInterrupted  # needs nothing from the kd extra
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, passed_on = parser.parse_known_args(argv)
+    if passed_on and args.command != "runs-table":
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     command = f"nas {args.nas_command}" if args.command == "nas" else args.command
     try:
         _require_kd_extra()
@@ -209,6 +218,10 @@ def main(argv=None) -> int:
             _nas(args, run_config)
         elif args.command in ("hpo", "recommend"):
             _pipeline_search(args)
+        elif args.command == "runs-table":
+            from .distiller import runs_table
+
+            return runs_table.main(passed_on)
         else:
             _train(args.command, run_config.load(args.config, args.overrides))
         from .distill.distributed import leave_process_group

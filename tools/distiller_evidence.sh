@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Regenerates the KD runs table, its leave-one-dataset-out regret table and Distiller's three findings
-# (bench/results/kd_runs.csv, kd_runs_regret.md, distiller_findings.md) exactly as README reports them.
+# (the packaged pykd/distiller/data/kd_runs.csv with its provenance, bench/results/kd_runs_regret.md and
+# distiller_findings.md) exactly as README reports them.
 # About 2 h on 2 idle cores. Rows already in the table are skipped and every run resumes, so a killed
 # run picks up where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 COMMON=(--finetune-steps 200 --finetune-lr 1e-4 --distill-steps 100 --distill-lr 1e-4 --batch-size 16
-        --max-length 64 --teacher-train 4000 --max-eval 600 --runs runs/kd_runs --output bench/results/kd_runs.csv)
+        --max-length 64 --teacher-train 4000 --max-eval 600 --runs runs/kd_runs --output pykd/distiller/data/kd_runs.csv --regret bench/results/kd_runs_regret.md)
 BIG="layers=3,hidden=384,heads=12,ffn=1536"
 SMALL="layers=2,hidden=384,heads=12,ffn=1536"
 # Every pipeline on three datasets; a subset on reuters_grain, where the teacher is near the ceiling.
@@ -23,4 +24,4 @@ for setting in "--max-train 500 --students $BIG" "--max-train 4000 --students $S
 done
 # Finding (1): a pykd hpo study over the whole pipeline (rotten_tomatoes, the table's n=4000 3x384 setting).
 "$PY" -m pykd.cli hpo tools/configs/hpo_rotten_tomatoes.yaml --space tools/configs/hpo_space.yaml --trials "${TRIALS:-12}"
-"$PY" tools/distiller_findings.py --study "sqlite:///runs/hpo/rotten_tomatoes/study.db@distiller-rotten-tomatoes"
+"$PY" tools/distiller_findings.py --table pykd/distiller/data/kd_runs.csv --study "sqlite:///runs/hpo/rotten_tomatoes/study.db@distiller-rotten-tomatoes"

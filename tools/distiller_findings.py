@@ -1,6 +1,6 @@
 """Distiller's three findings, measured on pykd's KD runs table and HPO studies.
 
-    .venv/bin/python tools/distiller_findings.py [--table bench/results/kd_runs.csv]
+    .venv/bin/python tools/distiller_findings.py [--table pykd/distiller/data/kd_runs.csv]
         [--study sqlite:///runs/hpo-x/study.db@pykd-hpo ...] [--output bench/results/distiller_findings.md]
 
 (1) Which stage matters most: Optuna's fANOVA importances of each study (parameters drawn in every
@@ -35,7 +35,7 @@ def read_rows(path: str) -> list[dict]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "setting" not in rows[0]:
-        raise ValueError(f"{path}: no KD runs with a setting column (regenerate with tools/kd_runs_table.py)")
+        raise ValueError(f"{path}: no KD runs with a setting column (regenerate with `pykd runs-table`)")
     return rows
 
 
@@ -146,7 +146,7 @@ def parse_study(text: str) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--table", default=str(ROOT / "bench" / "results" / "kd_runs.csv"))
+    parser.add_argument("--table", default=str(ROOT / "pykd" / "distiller" / "data" / "kd_runs.csv"))
     parser.add_argument("--study", action="append", type=parse_study, default=[],
                         help="STORAGE_URL@STUDY_NAME of a pykd hpo study (repeatable)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "distiller_findings.md"))

@@ -1,7 +1,9 @@
 """AutoDistiller (Distiller, arXiv 2109.11105): rank KD pipelines for a dataset from past runs.
 
-A table of real KD runs (tools/kd_runs_table.py -> bench/results/kd_runs.csv) holds, per
-(dataset, pipeline), the dataset's meta-features, the pipeline and the student/teacher score ratio.
+A table of real KD runs (`pykd runs-table`, pykd.distiller.runs_table) holds, per (dataset, pipeline),
+the dataset's meta-features, the pipeline and the student/teacher score ratio. pykd ships one
+(`packaged_table`: data/kd_runs.csv with its provenance, data/kd_runs.provenance.json), read through
+importlib.resources, so an installed pykd recommends from any directory; `--table` takes a user's own.
 A regressor learns ratio = f(meta-features, pipeline encoding); for a new dataset it scores every
 pipeline of the table and returns the top k, each written as a run config `pykd distill` runs as is.
 
@@ -24,7 +26,9 @@ coarse splits and a linear ridge cannot rank pipelines differently per dataset a
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.resources
 import json
 import math
 import re
@@ -157,10 +161,37 @@ class Run:
     seed: int = 0  # tables with several seeds per (dataset, setting, pipeline) have a seed column
 
 
-def read_table(path: str) -> list[Run]:
+PACKAGED_TABLE = "kd_runs.csv"  # in the package's data/, beside kd_runs.provenance.json
+
+
+def packaged_table():
+    """The KD runs table shipped in the package (an importlib.resources Traversable)."""
+    return importlib.resources.files(__package__).joinpath("data", PACKAGED_TABLE)
+
+
+def packaged_provenance() -> dict:
+    """How the packaged table was made: the commands, date, machine, pykd and library versions."""
+    return json.loads(importlib.resources.files(__package__).joinpath("data", "kd_runs.provenance.json").read_text())
+
+
+@contextlib.contextmanager
+def table_file(table: str | None):
+    """A path to read: `table`, or with None the packaged table (a real file for as long as the block runs)."""
+    if table:
+        yield table
+        return
+    with importlib.resources.as_file(packaged_table()) as path:
+        yield str(path)
+
+
+def read_table(path: str | None) -> list[Run]:
+    """The runs of the table at `path` (None: the packaged table), those with a finite ratio."""
+    if path is None:
+        with table_file(None) as packaged:
+            return read_table(packaged)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"KD runs table {path} does not exist: generate it with "
-                                "`python tools/kd_runs_table.py` (or pass --table)")
+        raise FileNotFoundError(f"KD runs table {path} does not exist: make one with `pykd runs-table --output "
+                                f"{path}` or leave out --table to use the table shipped with pykd")
     runs = []
     way_out = "regenerate it (`python tools/kd_runs_table.py`) or pass another --table"
     # a truncated row's missing cells read as None, a foreign file's as anything: float/json errors name the file
@@ -245,14 +276,19 @@ def parse_student(text: str | None) -> dict:
     return values
 
 
-def recommend(base_values: dict, table: str, top_k: int, output: str, log=print) -> list[dict]:
-    """The top_k pipelines for base_values' dataset, each written as output/rank-K/config.yaml.
+def recommend(base_values: dict, table: str | None, top_k: int, output: str, log=print) -> list[dict]:
+    """The top_k pipelines for base_values' dataset, each written as output/rank-K/config.yaml; the ratio
+    model learns from the KD runs table `table` (None: the packaged one).
 
     Returns [{"rank", "pipeline", "predicted_ratio", "params", "config"}], best first.
     """
     config = run_config.from_dict(base_values)
     require_labels(config)
     runs = read_table(table)
+    if log:
+        made = packaged_provenance()
+        source = table or f"the table shipped with pykd {made['pykd']} (made {made['date']})"
+        log(f"[recommend] learning from {len(runs)} KD runs on {len({r.dataset for r in runs})} datasets: {source}")
     meta = meta_features(config)
     if log:
         log("[recommend] meta-features: " + ", ".join(f"{k} {v:.3g}" for k, v in meta.items()))

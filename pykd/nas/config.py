@@ -9,12 +9,13 @@ sit beside its fields, and `validate` checks what depends on several keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..distill.losses import RELATIONS
-from ..distill.options import above, at_least, option, within
+from ..distill.options import Range, above, at_least, option, within
 from ..ops.attention_relation import LOSSES
 from .algorithms import SEARCH_METHODS
 from .mos import ROUTINGS
@@ -22,14 +23,29 @@ from .sandwich import INPLACE_TARGETS, OBJECTIVES
 from .space import COSTS, SPACES
 
 
+@dataclass(frozen=True)
+class FiniteRange(Range):
+    """A Range whose values must also be finite: a budget of .inf would lift its constraint silently (null
+    is how a budget says "none"; NaN lies in no range)."""
+
+    def contains(self, value) -> bool:
+        return math.isfinite(value) and super().contains(value)
+
+    def describe(self) -> str:
+        return "be finite and " + super().describe().removeprefix("be ")
+
+
+BUDGET = FiniteRange(low=0, low_open=True, or_null=True)
+
+
 @dataclass
 class NasBudget:
     """Search constraints. A value in (0, 1] is a fraction of the teacher's cost, a larger one absolute
     (parameters, FLOPs at nas.seq_len, milliseconds); null means unconstrained."""
-    params: float | None = option(None, above(0, or_null=True))
-    flops: float | None = option(None, above(0, or_null=True))
-    latency: float | None = option(None, above(0, or_null=True))
-    min_params: float | None = option(None, above(0, or_null=True))  # lower end of a parameter window (MoS)
+    params: float | None = option(None, BUDGET)
+    flops: float | None = option(None, BUDGET)
+    latency: float | None = option(None, BUDGET)
+    min_params: float | None = option(None, BUDGET)  # lower end of a parameter window (MoS)
 
 
 @dataclass
@@ -108,6 +124,12 @@ def validate(nas: NasConfig) -> None:
         raise ValueError("config key nas.space is 'custom' but nas.custom_space is not set")
     if nas.space != "custom" and nas.custom_space:
         raise ValueError("config key nas.custom_space is set but nas.space is not 'custom'")
+    per_layer = nas.layerwise if nas.space != "custom" else any(
+        isinstance(s, dict) and s.get("layerwise") for s in (nas.custom_space or {}).get("subspaces", []))
+    if nas.proxy.top_k and per_layer:
+        raise ValueError("config key nas.proxy.top_k fine-tunes exported candidates, but a per-layer space's "
+                         "(nas.layerwise or a sub-space with layerwise: true) may differ in heads per layer, which no "
+                         "stock model holds: set nas.proxy.top_k to 0 or search a uniform space")
     if nas.evolution.parents > nas.evolution.population:
         raise ValueError(f"config key nas.evolution.parents ({nas.evolution.parents}) may not exceed "
                          f"nas.evolution.population ({nas.evolution.population})")

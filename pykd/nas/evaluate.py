@@ -27,6 +27,7 @@ import torch
 from ..distill import data as data_module
 from ..distill.losses import RelationTerms, layer_qkv
 from ..loading import bad_file, load_tensors, reading
+from .architecture import LayerwiseArchitecture
 from .space import COSTS, format_cost
 from .superlm import SUPERNET_FILE
 from .config import build_space, supernet_dir, supernet_options
@@ -166,6 +167,7 @@ class Evaluator:
     teacher_costs: dict = field(default_factory=dict)
     latency_cache: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)  # str(arch) -> row
+    on_score: object = None  # called with each newly scored row (search.py journals it)
     history: list = field(default_factory=list)  # search progress (evolution: best per generation)
 
     @property
@@ -181,11 +183,20 @@ class Evaluator:
     def latency(self, arch) -> float:
         key = str(arch)
         if key not in self.latency_cache:
-            model = self.supernets[self.space.subspace_of(arch).name].export(arch)
             settings = self.latency_config
-            self.latency_cache[key] = measure_latency_ms(model, settings.batch_size, settings.seq_len,
-                                                         settings.repeats, self.vocab_size)
+            self.latency_cache[key] = measure_latency_ms(self.timed_model(arch), settings.batch_size,
+                                                         settings.seq_len, settings.repeats, self.vocab_size)
         return self.latency_cache[key]
+
+    def timed_model(self, arch):
+        """What a candidate's latency is measured on: the exported stock model; for a per-layer space's
+        candidates (whose head counts or FFN widths may differ by layer, which no stock model holds) the
+        SuperLM with the candidate active, for every candidate of such a space alike so that they compare."""
+        supernet = self.supernets[self.space.subspace_of(arch).name]
+        if isinstance(arch, LayerwiseArchitecture):
+            supernet.set_active(arch)
+            return supernet
+        return supernet.export(arch)
 
     def feasible(self, arch) -> bool:
         return not self.budget.violations(self.costs(arch))
@@ -195,10 +206,16 @@ class Evaluator:
         if key not in self.results:
             subspace = self.space.subspace_of(arch)
             loss = held_out_loss(self.supernets[subspace.name], arch, self.cache, self.spec)
-            costs = self.costs(arch)
-            self.results[key] = {"arch": key, "subspace": subspace.name, "loss": loss, **costs,
-                                 "feasible": not self.budget.violations(costs)}
+            self.results[key] = self.row(arch, subspace.name, loss)
+            if self.on_score is not None:
+                self.on_score(self.results[key])
         return self.results[key]
+
+    def row(self, arch, subspace: str, loss: float) -> dict:
+        """A scored candidate's row: its loss, its costs and whether they meet the budget."""
+        costs = self.costs(arch)
+        return {"arch": str(arch), "subspace": subspace, "loss": loss, **costs,
+                "feasible": not self.budget.violations(costs)}
 
 
 # ---- loading trained SuperLMs ----
@@ -227,6 +244,19 @@ def load_supernet(run_dir, teacher, space, nas):
     return supernet.eval()
 
 
+def check_latency_positions(nas, teacher_config) -> None:
+    """nas.latency.seq_len within the teacher's positions (every student has the teacher's), before any work:
+    the latency of the best candidate and the front is measured at that length in every search."""
+    from ..distill.trainer import POSITIONS_AFTER_PADDING
+
+    positions = teacher_config.max_position_embeddings
+    if teacher_config.model_type in POSITIONS_AFTER_PADDING:
+        positions -= (teacher_config.pad_token_id or 0) + 1
+    if nas.latency.seq_len > positions:
+        raise ValueError(f"config key nas.latency.seq_len ({nas.latency.seq_len}) exceeds the {positions} positions "
+                         f"of the teacher {getattr(teacher_config, '_name_or_path', '')!r}")
+
+
 def load_teacher_and_space(config):
     from ..distill.models import load_pretrained, load_tokenizer
 
@@ -238,6 +268,7 @@ def load_teacher_and_space(config):
 def build_evaluator(config, cached: bool = True, supernets: dict | None = None) -> Evaluator:
     nas = config.nas
     teacher, space, tokenizer = load_teacher_and_space(config)
+    check_latency_positions(nas, teacher.config)
     if supernets is None:
         supernets = {s.name: load_supernet(supernet_dir(nas, s.name), teacher, space, nas)
                      for s in space.subspaces}

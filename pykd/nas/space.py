@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .architecture import FACTORS, Architecture, LayerwiseArchitecture, _is_int
+from .architecture import FACTORS, Architecture, LayerwiseArchitecture, _is_int, parse_architecture
 
 SPACES = ("autodistil", "custom")  # nas.space: AutoDistil's scaled to the teacher, or nas.custom_space
 COSTS = ("params", "flops", "latency")  # what a candidate costs (the search measures latency)
@@ -208,7 +208,15 @@ class SubSpace:
 
     @staticmethod
     def parse(text: str) -> Architecture:
-        return Architecture.parse(text)
+        """Either form; a per-layer one whose layers are alike is its uniform equivalent (str() of a per-layer
+        candidate is what a search over a per-layer space writes)."""
+        arch = parse_architecture(text)
+        if isinstance(arch, LayerwiseArchitecture):
+            if not arch.is_uniform():
+                raise ValueError(f"architecture {text!r} gives its layers different heads or FFN ratios, but the "
+                                 f"search space is not per-layer (nas.layerwise / a sub-space's layerwise)")
+            return arch.uniform()
+        return arch
 
     def to_dict(self) -> dict:
         return {"name": self.name, **{factor: list(getattr(self, factor)) for factor in FACTORS}}
@@ -321,7 +329,11 @@ class LayerwiseSubSpace(SubSpace):
 
     @staticmethod
     def parse(text: str) -> LayerwiseArchitecture:
-        return LayerwiseArchitecture.parse(text)
+        """Either form; a uniform one is the per-layer architecture with every layer alike."""
+        arch = parse_architecture(text)
+        if isinstance(arch, Architecture):
+            return LayerwiseArchitecture(arch.hidden, arch.layer_heads, (arch.ffn_ratio,) * arch.layers)
+        return arch
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "layerwise": True}

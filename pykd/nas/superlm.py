@@ -216,8 +216,8 @@ class SuperLM(nn.Module):
         if not pad_ffn:
             raise ValueError(f"per-layer architecture {arch} has different FFN widths per layer {arch.layer_ffn}: a "
                              f"stock transformers config has one intermediate_size, so it cannot be a stock model "
-                             f"of exactly this size; export(arch, pad_ffn=True) zero-pads every layer to "
-                             f"{max(arch.layer_ffn)} units (equal outputs, more parameters)")
+                             f"of exactly this size; export(arch, pad_ffn=True) (`pykd nas export --pad-ffn`) "
+                             f"zero-pads every layer to {max(arch.layer_ffn)} units (equal outputs, more parameters)")
         activation = _activation(self._teacher_config)
         if float(activation(torch.zeros(1))) != 0.0:
             raise ValueError(f"pad_ffn needs an FFN activation with act(0) = 0, the teacher's hidden_act is "
@@ -328,19 +328,54 @@ def _make_elastic(model: nn.Module) -> None:
     encoder.layer = ActiveLayers(list(encoder.layer))
 
 
+def check_export_path(path) -> Path:
+    """`path` as a new directory that can be made: ValueError naming it and why not (it exists, a parent is a
+    file, or the nearest existing parent is not writable). Checked before any model is loaded or built."""
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"export path {str(path)!r} already exists; choose a new directory")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"export path {str(path)!r} cannot be created: its parent {str(parent)!r} is a file, "
+                         f"not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"export path {str(path)!r} cannot be created: the directory {str(parent)!r} is not "
+                         f"writable")
+    return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(directory: Path) -> None:
+    """mkdtemp makes a 0700 directory (and some writers 0600 files): give the export the modes an ordinary
+    mkdir and open would, 0777 / 0666 less the umask, so the student is as readable as any other output."""
+    mask = _current_umask()
+    for root, folders, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    os.chmod(directory, 0o777 & ~mask)
+
+
 def save_student(model: nn.Module, tokenizer, path, extra=None) -> Path:
     """Writes model (save_pretrained) and tokenizer into a new directory `path`, atomically.
 
-    Refuses an existing path (ValueError). Everything is written to a temporary directory beside
-    `path` and renamed into place, so a failure leaves nothing at `path`. extra, optional: called with
-    that temporary directory to write more files (a model card) before the rename.
+    Refuses an existing path or one that cannot be made (ValueError). Everything is written to a
+    temporary directory beside `path` and renamed into place, so a failure leaves nothing at `path`;
+    the modes honour the umask. extra, optional: called with that temporary directory to write more
+    files (a model card) before the rename.
 
     Returns:
         The directory written.
     """
-    path = Path(path)
-    if path.exists():
-        raise ValueError(f"export path {str(path)!r} already exists; choose a new directory")
+    path = check_export_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -349,6 +384,7 @@ def save_student(model: nn.Module, tokenizer, path, extra=None) -> Path:
             tokenizer.save_pretrained(staging)
         if extra is not None:
             extra(staging)
+        _honour_umask(staging)
         if path.exists():
             raise ValueError(f"export path {str(path)!r} appeared while writing; nothing was written there")
         os.rename(staging, path)

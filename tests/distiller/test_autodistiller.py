@@ -1,5 +1,6 @@
 """AutoDistiller: meta-features, pipeline encoding, the ratio model, leave-one-dataset-out regret, the
-KD runs table tool and `pykd recommend`, on tiny models and data."""
+KD runs table (`pykd runs-table`, and the one shipped in the package) and `pykd recommend`, on tiny
+models and data."""
 import csv
 import json
 import math
@@ -8,17 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+import pykd
+
 from pykd.distill import config as run_config
-from tests.paths import load_tool
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 from tests.kd_fixtures import tiny_csv, tiny_teacher
 from pykd.distiller import autodistiller, pipeline
-
-kd_runs_table = load_tool("kd_runs_table")
+from pykd.distiller import runs_table as kd_runs_table
 
 TINY_STUDENT = "layers=2,hidden=24,heads=2,ffn=40"
 PIPELINES = "default,prediction_only,mi_alpha"
@@ -38,7 +40,9 @@ def table(tmp_path_factory):
             "--students", TINY_STUDENT, "--max-train", "30,60", "--finetune-steps", "4", "--distill-steps", "3",
             "--batch-size", "8",
             "--max-length", "20", "--output", str(output), "--runs", str(tmp / "runs")]
-    assert kd_runs_table.main(args) == 0
+    from pykd.cli import main
+
+    assert main(["runs-table", *args]) == 0  # the command an installed pykd has
     return {"path": output, "datasets": datasets, "teacher": teacher, "tmp": tmp, "args": args}
 
 
@@ -58,6 +62,26 @@ def test_the_table_holds_every_run_with_its_meta_features_and_resumes(table):
     assert kd_runs_table.main(table["args"]) == 0  # every row is there: nothing re-runs, nothing is added
     assert len(list(csv.DictReader(Path(table["path"]).read_text().splitlines()))) == len(rows)
     assert Path(str(table["path"]).replace(".csv", "_regret.md")).read_text().startswith("| held-out dataset |")
+    made = json.loads(kd_runs_table.provenance_path(table["path"]).read_text())["made_by"]
+    assert [m["rows_added"] for m in made] == [len(rows), 0] and made[0]["command"].startswith("pykd runs-table ")
+    assert made[0]["pykd"] == pykd.__version__ and made[0]["date"] and made[0]["machine"]
+    assert made[0]["versions"]["torch"] == torch.__version__
+
+
+def test_the_packaged_table_loads_from_any_directory(tmp_path, monkeypatch):
+    """`pykd recommend` without --table learns from the table shipped in the package, wherever it runs."""
+    import importlib.resources
+
+    monkeypatch.chdir(tmp_path)
+    runs = autodistiller.read_table(None)
+    assert len(runs) == 57 and {r.dataset for r in runs} == {"rotten_tomatoes", "chatterbot_topics",
+                                                              "wordnet_glosses", "reuters_grain"}
+    assert {r.pipeline for r in runs} == set(pipeline.PIPELINES)
+    resource = importlib.resources.files("pykd.distiller").joinpath("data", "kd_runs.csv")
+    assert resource.read_text().startswith("dataset,setting,pipeline,params,")
+    made = autodistiller.packaged_provenance()
+    assert made["pykd"] and made["date"] and made["machine"] and made["table"] == "kd_runs.csv"
+    assert all(m["command"].startswith("pykd runs-table ") for m in made["made_by"])
 
 
 def test_vocabulary_coverage_counts_whole_non_unknown_words():
@@ -147,6 +171,25 @@ def test_recommend_writes_top_k_configs_that_distill_runs(table, tmp_path):
     assert [r for r in history if r.get("final")]
 
 
+def test_recommend_without_a_table_learns_from_the_packaged_one_in_any_directory(table, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from pykd.cli import main
+
+    dataset = tiny_csv(tmp_path, rows=60, seed=4)
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"teacher": {"path": table["teacher"], "finetuned": str(
+        table["tmp"] / "runs" / "a_sentiment" / "teacher" / "model")}, "data": {"max_length": 20}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["recommend", str(base), "--data", dataset, "--student", TINY_STUDENT, "--top-k", "2",
+                 "--output", "rec"]) == 0
+    out = capsys.readouterr().out
+    assert "[recommend] learning from 57 KD runs on 4 datasets: the table shipped with pykd" in out
+    configs = sorted(elsewhere.glob("rec/rank-*/config.yaml"))
+    assert len(configs) == 2 and run_config.load(str(configs[0])).data.dataset == dataset
+
+
 def test_recommend_errors(table, tmp_path, capsys):
     from pykd.cli import main
 
@@ -159,7 +202,8 @@ def test_recommend_errors(table, tmp_path, capsys):
              (["--data", str(text), "--set", "data.kind=unlabeled", "--set", "losses.prediction.type=none"],
               "data.kind is 'unlabeled'"),
              (["--data", table["datasets"][0], "--student", "layers=two"], "--student takes layers="),
-             (["--data", table["datasets"][0], "--table", str(tmp_path / "none.csv")], "tools/kd_runs_table.py"))
+             (["--data", table["datasets"][0], "--table", str(tmp_path / "none.csv")],
+              f"KD runs table {tmp_path / 'none.csv'} does not exist: make one with `pykd runs-table --output"))
     for args, message in cases:
         table_args = [] if "--table" in args else ["--table", str(table["path"])]
         assert main(["recommend", str(base), *args, *table_args]) == 2

@@ -60,7 +60,7 @@ def test_bad_config_is_a_clear_error(overrides, message):
      r"losses.mi.bound must be one of \('infonce', 'nwj', 'tuba', 'js', 'alpha', 'none'\)"),
     (["augment.word_fraction=.nan"], r"augment.word_fraction must lie in \(0, 1\], got nan"),
     (["nas.noise=.nan"], r"nas.noise must be >= 0, got nan"),
-    (["nas.budget.flops=.nan"], r"nas.budget.flops must be > 0 or null, got nan"),
+    (["nas.budget.flops=.nan"], r"nas.budget.flops must be finite and > 0 or null, got nan"),
     (["nas.relations=[]"], r"nas.relations takes a non-empty list of relations from"),
 ])
 def test_every_key_is_checked_when_the_config_loads(overrides, message):

@@ -34,3 +34,7 @@ def nas_values(tmp_path, space=None, **sections) -> dict:
     for section, entries in sections.items():
         values.setdefault(section, {}).update(entries)
     return values
+
+# A per-layer (HAT / MoS) space inside the tiny teacher: 40 candidates, layers differing in heads and FFN ratio.
+TINY_LAYERWISE = {"subspaces": [{"name": "w", "layers": [1, 2], "hidden": [24, 48], "ffn_ratio": [1.0, 2.0],
+                                 "heads": [2, 4], "layerwise": True}]}

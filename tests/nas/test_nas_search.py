@@ -256,3 +256,54 @@ def test_task_proxy_fine_tunes_the_top_candidates_and_picks_by_accuracy(trained)
             f"{output}/proxy/{folder}/finetune/model")
         arch = Architecture.parse(row["arch"])
         assert (model.config.num_hidden_layers, model.config.hidden_size) == (arch.layers, arch.hidden)
+
+
+def _scored(directory: Path) -> dict:
+    """arch -> what a rerun must reproduce exactly (latency is a measurement, so left out)."""
+    rows = json.loads((directory / "candidates.json").read_text())
+    return {r["arch"]: (r["subspace"], r["loss"], r["params"], r["flops"], r["feasible"]) for r in rows}
+
+
+def test_an_interrupted_search_resumes_from_the_candidates_it_scored(trained, tmp_path, monkeypatch):
+    """Ctrl-C (or a late failure) after some candidates keeps them: the rerun scores only the rest, and a
+    torn last line or another configuration's journal is not trusted."""
+    import shutil
+
+    values = json.loads(json.dumps(trained))
+    values["nas"]["budget"] = {"flops": 0.7}
+    config = run_config.from_dict(values)
+    directory = Path(config.nas.output) / "search"
+    shutil.rmtree(directory, ignore_errors=True)
+    whole = search.run_search(config)
+    expected = _scored(directory)
+    shutil.rmtree(directory)
+
+    real, calls = evaluate.held_out_loss, []
+
+    def interrupted_after(count):
+        def loss(*args):
+            if len(calls) == count:
+                raise KeyboardInterrupt
+            calls.append(str(args[1]))
+            return real(*args)
+        return loss
+
+    monkeypatch.setattr(evaluate, "held_out_loss", interrupted_after(5))
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(config)
+    journal = directory / search.ScoreJournal.FILE
+    assert len(journal.read_text().splitlines()) == 1 + 5 and not (directory / "candidates.json").exists()
+    with open(journal, "ab") as handle:  # what a crash of the machine mid-write could leave
+        handle.write(b'{"arch": "layers=1,hid')
+
+    first = list(calls)
+    calls.clear()
+    monkeypatch.setattr(evaluate, "held_out_loss", interrupted_after(10 ** 6))
+    resumed = search.run_search(config)
+    assert not set(first) & set(calls) and len(first) + len(calls) == whole["evaluations"]
+    assert _scored(directory) == expected and resumed["best"]["arch"] == whole["best"]["arch"]
+
+    calls.clear()
+    values["nas"]["relation_loss"] = "kl"  # the journal's scores are not this configuration's
+    search.run_search(run_config.from_dict(values))
+    assert len(calls) == whole["evaluations"] and (directory / (search.ScoreJournal.FILE + ".stale")).exists()

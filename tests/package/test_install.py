@@ -6,7 +6,8 @@ The slow tests build a wheel from a copy of this checkout, install it into a fre
 environment (which sees this environment's torch through a .pth file, nothing else of it) and run
 an op there in a subprocess. They compile the sources twice (the wheel, then one just-in-time
 rebuild that the other cases find in the cache): about 7.5 CPU-minutes, most of it the compiles,
-which ninja spreads over the cores.
+which ninja spreads over the cores. The same install runs `pykd recommend` from another directory
+on a dataset the shipped KD runs table has never seen (package data read through importlib.resources).
 """
 import json
 import os
@@ -256,3 +257,32 @@ def test_without_sources_or_a_compiler_the_install_says_so(installed):
     result = _probe(installed, installed["root"] / "no-compiler", CXX="false")
     assert "undefined symbol" in result["error"] and "building it just in time" in result["error"]
     assert "A C++17 compiler and ninja" in result["error"]
+
+
+@pytest.mark.slow
+def test_pykd_recommend_runs_from_the_install_in_another_directory(installed):
+    from tests.kd_fixtures import tiny_csv, tiny_teacher
+
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    assert {"pykd/distiller/data/kd_runs.csv", "pykd/distiller/data/kd_runs.provenance.json"} <= set(names)
+    _set_extension(installed, "built")
+    work = installed["root"] / "recommend"
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir(parents=True)
+    teacher = tiny_teacher(work)  # its classification head is fresh: a teacher, if a poor one, for the meta-features
+    base = work / "base.yaml"
+    base.write_text(json.dumps({"teacher": {"path": teacher, "finetuned": teacher}, "data": {"max_length": 20}}))
+    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    environment.update(PYKD_CACHE=str(work / "cache"), HF_DATASETS_CACHE=str(work / "datasets"),
+                       PYKD_BUILD_DIR=str(installed["root"] / "unused-cache"))
+    where = _run([str(installed["python"]), "-c", "from pykd.distiller import autodistiller; "
+                  "print(autodistiller.packaged_table())"], cwd=elsewhere, env=environment)
+    assert Path(where.stdout.strip()) == installed["package"] / "distiller" / "data" / "kd_runs.csv"
+
+    done = _run([str(installed["python"].parent / "pykd"), "recommend", str(base), "--data", tiny_csv(work, rows=60),
+                 "--student", "layers=2,hidden=24,heads=2,ffn=40", "--top-k", "2", "--output", "rec"],
+                cwd=elsewhere, env=environment, timeout=900)
+    assert "[recommend] learning from 57 KD runs on 4 datasets: the table shipped with pykd" in done.stdout
+    assert len(list(elsewhere.glob("rec/rank-*/config.yaml"))) == 2, done.stdout
+    done = _run([str(installed["python"].parent / "pykd"), "runs-table", "--help"], cwd=elsewhere, env=environment)
+    assert "usage: pykd runs-table" in done.stdout
