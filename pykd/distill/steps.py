@@ -19,6 +19,7 @@ task loss) are the KD engine's; pykd.nas.sandwich.SandwichStep trains a SuperLM.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from ..capture import capture
 from .augment import augmented_train_set
 from .losses import DistillationObjective, ForwardView
+from .models import decoder_inputs
 from .teacher_cache import with_teacher_logits
 
 # Batch entries that are targets, not model inputs (the last two come from an augmented or teacher-cached set).
@@ -89,11 +91,14 @@ class DistillStep(TrainingStep):
 
     def _run(self, model: nn.Module, inputs: dict) -> ForwardView:
         mask = inputs["attention_mask"].bool()
-        if not self.objective.needs_capture:
-            return forward_view(model(**inputs, output_hidden_states=True), None, mask)
-        with capture(model) as recorded:
+        with contextlib.ExitStack() as stack:
+            recorded = stack.enter_context(capture(model)) if self.objective.needs_capture else None
+            head = stack.enter_context(decoder_inputs(model)) if self.objective.needs_decoder_inputs else None
             output = model(**inputs, output_hidden_states=True)
-        return forward_view(output, recorded, mask)
+        view = forward_view(output, recorded, mask)
+        if head is not None:  # masked-LM KD: the head's logits were never formed (models.decoder_inputs)
+            view.logits, view.decoder = None, head.view()
+        return view
 
     def forward(self, batch: dict):
         self.teacher.eval()

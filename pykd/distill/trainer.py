@@ -39,6 +39,7 @@ from .checkpoint import CHECKPOINT, read_checkpoint, rng_state, seed_everything,
 from .config import RunConfig, resume_conflicts, to_dict
 from .distributed import average_gradients, max_over_ranks, world
 from .losses import DistillationObjective, ModelShape
+from .masking import Masking
 from .metrics import task_metrics
 from .models import build_student, load_pretrained, load_tokenizer, resolve_model_path
 from .optim import autocast, build_optimizer, linear_schedule
@@ -71,8 +72,8 @@ class Trainer:
                  callbacks: list[TrainerCallback] | tuple = ()):
         if build_step is None and mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if mode == "finetune" and config.data.kind == "unlabeled":
-            raise ValueError("fine-tuning needs a labeled task: data.kind is 'unlabeled'")
+        if mode == "finetune" and config.data.kind in data_module.TEXT_ONLY_KINDS:
+            raise ValueError(f"fine-tuning needs a labeled task: data.kind is {config.data.kind!r}")
         self.config, self.mode = config, mode
         self.callbacks: list[TrainerCallback] = [JsonlLog(), ConsoleLog(), *callbacks]
         self.rank, self.world = world()
@@ -122,7 +123,9 @@ class Trainer:
             raise ValueError(f"the eval split has {len(self.eval_set)} example(s), a {config.kind} evaluation needs "
                              f"{least_eval}: raise data.eval_fraction ({config.eval_fraction}) or "
                              f"data.max_eval_examples ({config.max_eval_examples})")
-        self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind)
+        masking = Masking.of(config.masking, self.tokenizer) if config.kind == "mlm" else None
+        self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind, masking,
+                                            self.config.train.seed)
         self.label_names = splits.label_names
         self.num_labels = 1 if config.kind == "regression" else (len(self.label_names) if self.label_names else None)
 
@@ -152,7 +155,7 @@ class Trainer:
 
     def _distill_step(self) -> DistillStep:
         kind = self.config.data.kind
-        if kind != "unlabeled" and not self.config.teacher.finetuned:
+        if kind not in data_module.TEXT_ONLY_KINDS and not self.config.teacher.finetuned:
             raise ValueError("task-specific KD needs a teacher fine-tuned on the task: run `pykd finetune` and set "
                              "teacher.finetuned to its output directory (or use data.kind unlabeled)")
         if kind == "classification":
@@ -200,7 +203,8 @@ class Trainer:
         epoch, offset = divmod(start, len(self.train_set))
         order = self._epoch_order(epoch)
         indices = [order[(offset + i) % len(order)] for i in range(train.batch_size)]
-        batch = self.collate([self.train_set[i] for i in indices])
+        # mlm: a row's mask is keyed by its position in the run's sample sequence (pykd.distill.masking)
+        batch = self.collate([self.train_set[i] for i in indices], mask_keys=range(start, start + train.batch_size))
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ---- training ----
@@ -336,8 +340,9 @@ class Trainer:
         logits, labels, totals, batches = [], [], {}, 0
         for start in range(0, len(self.eval_set), batch_size):
             rows = [self.eval_set[i] for i in range(start, min(start + batch_size, len(self.eval_set)))]
-            batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
-            if kind == "unlabeled":
+            collated = self.collate(rows, mask_keys=range(start, start + len(rows)), stream="eval")
+            batch = {k: v.to(self.device) for k, v in collated.items()}
+            if kind in data_module.TEXT_ONLY_KINDS:
                 terms, loss = self.step_module(batch)
                 for name, value in {**terms, "loss": loss}.items():
                     totals[name] = totals.get(name, 0.0) + float(value)
@@ -345,7 +350,7 @@ class Trainer:
             else:
                 logits.append(model(**model_inputs(batch)).logits.float().cpu())
                 labels.append(batch["labels"].cpu())
-        if kind == "unlabeled":
+        if kind in data_module.TEXT_ONLY_KINDS:
             return {name: value / batches for name, value in totals.items()}
         return task_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), kind)
 
