@@ -118,6 +118,17 @@ def test_mlm_config_errors_name_the_key():
     assert load("data.kind=mlm", "losses.prediction.type=jsd").losses.prediction.beta == 0.5
 
 
+def test_the_example_is_distilberts_recipe():
+    from tests.paths import REPO
+
+    example = run_config.load(str(REPO / "examples" / "mlm_distill.yaml"))
+    prediction = example.losses.prediction
+    assert example.data.kind == "mlm" and example.losses.hidden.type == "cosine"
+    assert not example.losses.relation.relations
+    assert (prediction.type, prediction.temperature, prediction.t_squared, prediction.weight, prediction.hard_weight) \
+        == ("kl", 2.0, True, 5.0, 2.0)
+
+
 def test_a_model_without_a_trained_head_is_refused(tmp_path):
     headless = tiny_teacher(tmp_path)
     with pytest.raises(ValueError, match=r"teacher.path .* has no trained masked-LM head: .*pykd mlm-head"):
