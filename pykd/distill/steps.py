@@ -75,7 +75,9 @@ class DistillStep(TrainingStep):
     With `mixup` (augment.mixup) a training forward doubles the batch with mixed word embeddings
     (pykd.distill.augment.WordEmbeddingMixup); the teacher's logits label the mixed rows. Rows of an
     augmented training set bring the teacher's cached logits (their soft labels) and a gold flag: only
-    gold rows enter the hard-label loss.
+    gold rows enter the hard-label loss. With a masked-LM objective (data.kind mlm) both forwards run inside
+    pykd.distill.models.decoder_inputs: the heads' logits are never formed, ForwardView.decoder carries what
+    the fused vocabulary term projects.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, objective: DistillationObjective, mixup=None):
