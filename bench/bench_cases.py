@@ -123,7 +123,12 @@ def routed_step(variant, inputs):
 
 
 def step_for(op: str, variant: str, case: tuple):
-    """The fwd+bwd callable of `op` ("relation", "mi", "routed", "vocab" or "kd") at `case`, for timing or memory."""
+    """The fwd+bwd callable of `op` ("relation", "mi", "routed", "vocab", "kd" or "mlm") at `case`, for timing or
+    memory."""
+    if op == "mlm":
+        from mlm_kd_step import mlm_kd_step
+
+        return mlm_kd_step(variant, *case)
     if op == "kd":
         from kd_step import kd_step
 

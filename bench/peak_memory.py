@@ -2,7 +2,8 @@
 
     python bench/peak_memory.py OP VARIANT SIZE...  ->  prints MiB
     (OP "relation": B A_r d_r L;  OP "mi": n e;  OP "routed": tokens d f E neuron_wise;
-     OP "vocab": N V d;  OP "kd" with VARIANT pykd|peers: batch length)
+     OP "vocab": N V d;  OP "kd" with VARIANT pykd|peers: batch length;
+     OP "mlm" with VARIANT pykd|eager|eager_selected: batch length)
 
 Inputs are built and the step is run once (compiling, warming caches); then the kernel's
 high-water mark is reset (/proc/self/clear_refs) and the step runs again: the growth of

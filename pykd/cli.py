@@ -4,6 +4,7 @@
     pykd distill  [CONFIG.yaml] [--set key=value ...]   distil into a student (run under torchrun for DDP)
     pykd demo [--output DIR] [--set key=value ...]      fine-tune, distil, evaluate and report
     pykd config                                         print the embedded default configuration
+    pykd mlm-head [--output DIR] [--set key=value ...]  fit a masked-LM head on the packaged teacher's frozen encoder
     pykd nas train  [CONFIG.yaml] [--set ...]           one SuperLM per sub-space, sandwich rule (torchrun for DDP)
     pykd nas search [CONFIG.yaml] [--set ...]           score candidates, Pareto table and plot, best under budget
     pykd nas export [CONFIG.yaml] --arch A --output DIR [--pad-ffn]   a plain transformers student cut from the SuperLM
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     commands.add_parser("config")
+    head = commands.add_parser("mlm-head", help="fit a masked-LM head on the packaged MiniLM-L6 encoder (frozen); "
+                                                "DIR/model is an AutoModelForMaskedLM for data.kind mlm")
+    head.add_argument("--output", default="runs/mlm-head")
+    head.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     _nas_parser(commands.add_parser("nas", help="architecture search: train SuperLMs, search, export, demo"))
     _pipeline_search_parsers(commands)
     return parser
@@ -214,6 +219,10 @@ def main(argv=None) -> int:
             yaml.safe_dump(run_config.to_dict(run_config.DEFAULT), sys.stdout, sort_keys=False)
         elif args.command == "demo":
             demo(args.output, args.overrides)
+        elif args.command == "mlm-head":
+            from .distill.mlm_head import fit_head
+
+            print(f"[mlm-head] {fit_head(args.output, args.overrides)}", flush=True)
         elif args.command == "nas":
             _nas(args, run_config)
         elif args.command in ("hpo", "recommend"):

@@ -24,7 +24,8 @@ from .augment import OPERATIONS
 from .cache import replace_atomically
 from .callbacks import REPORTERS
 from .data import TASK_KINDS
-from .losses import HIDDEN_TYPES, MI_BOUND_CHOICES, MI_SAMPLES, PREDICTION_TYPES, RELATIONS
+from .losses import HIDDEN_TYPES, MI_BOUND_CHOICES, MI_SAMPLES, MLM_POSITIONS, PREDICTION_TYPES, RELATIONS, \
+    VOCAB_ONLY_TYPES
 from .mapping import MAPPINGS
 from .models import STUDENT_INITS
 from .optim import AUTOCAST, OPTIMIZERS
@@ -57,6 +58,15 @@ class StudentConfig:
 
 
 @dataclass
+class MaskingConfig:
+    """data.kind mlm: BERT's masking (pykd.distill.masking), seeded by train.seed."""
+    probability: float = option(0.15, within(0, 1, low_open=True))  # share of a row's tokens to predict
+    mask_fraction: float = option(0.8, within(0, 1))  # of those, replaced by the mask token
+    random_fraction: float = option(0.1, within(0, 1))  # by a random word (the rest stay as they are)
+    whole_word: bool = False  # a word's tokens are chosen together
+
+
+@dataclass
 class DataConfig:
     # a built-in corpus (pykd.distill.corpora.CORPORA) | a local csv/json/jsonl/txt file | a hub name
     dataset: str = "rotten_tomatoes"
@@ -66,6 +76,7 @@ class DataConfig:
     eval_fraction: float = option(0.1, within(0, 1, low_open=True, high_open=True))
     max_train_examples: int | None = option(None, at_least(1))  # null: all
     max_eval_examples: int | None = option(None, at_least(1))
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
 @dataclass
@@ -75,6 +86,11 @@ class PredictionLoss:
     t_squared: bool = False  # Distiller's code does not multiply by T^2
     weight: float = option(1.0, LOSS_WEIGHT)
     hard_weight: float = option(0.0, LOSS_WEIGHT)
+    # data.kind mlm (pykd.vocab_kd_loss on the MLM heads): jsd's teacher weight, and the positions distilled:
+    # masked (the masked positions, DistilBERT's restrict_ce_to_mask) or all (every non-padding token); the
+    # hard-label term (the student's MLM cross-entropy) is always on the masked positions.
+    beta: float = option(0.5, within(0, 1))
+    positions: Literal[MLM_POSITIONS] = "masked"
 
 
 @dataclass
@@ -199,11 +215,35 @@ def _validate(config: RunConfig) -> RunConfig:
     if config.data.kind == "unlabeled" and config.teacher.cache_logits:
         raise ValueError("teacher.cache_logits caches the teacher's task logits, which task-agnostic KD "
                          "(data.kind unlabeled) does not have: set it to false")
+    _validate_masked_lm(config)
     for name in ("hidden", "relation", "mi"):
         _check_layer_pairs(f"losses.{name}", getattr(config.losses, name))
     validate_nas(config.nas)
     _validate_augment(config)
     return config
+
+
+def _validate_masked_lm(config: RunConfig) -> None:
+    """Masked-LM KD (data.kind mlm) distils vocabulary distributions with the fused kernel; the other kinds
+    distil task logits."""
+    prediction, masking = config.losses.prediction, config.data.masking
+    if masking.mask_fraction + masking.random_fraction > 1:
+        raise ValueError(f"config keys data.masking.mask_fraction ({masking.mask_fraction}) and "
+                         f"data.masking.random_fraction ({masking.random_fraction}) must sum to at most 1")
+    if config.data.kind != "mlm":
+        if prediction.type in VOCAB_ONLY_TYPES:
+            raise ValueError(f"losses.prediction.type {prediction.type} is for masked-LM KD (data.kind mlm); "
+                             f"a {config.data.kind} task takes soft_ce, mse or none")
+        return
+    if prediction.type == "mse":
+        raise ValueError("losses.prediction.type mse needs the vocabulary logits, which masked-LM KD (data.kind "
+                         "mlm) never forms: use soft_ce, kl, reverse_kl, jsd or none")
+    if config.teacher.cache_logits:
+        raise ValueError("teacher.cache_logits caches task logits; masked-LM KD (data.kind mlm) projects the "
+                         "teacher's hidden states through its head instead: set it to false")
+    if config.augment.policy or config.augment.mixup:
+        raise ValueError("augmentation (augment.policy, augment.mixup) needs a labelled task; data.kind mlm "
+                         "makes its labels by masking")
 
 
 def _check_layer_pairs(prefix: str, term) -> None:

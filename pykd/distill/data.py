@@ -23,7 +23,10 @@ from pathlib import Path
 from ..loading import LoadError, bad_file, load_error
 from .corpora import CORPORA, SPLIT_COLUMN, SPLIT_SEED
 
-TASK_KINDS = ("classification", "regression", "unlabeled")  # data.kind
+TASK_KINDS = ("classification", "regression", "unlabeled", "mlm")  # data.kind
+# Kinds read as text only: unlabeled (task-agnostic KD on hidden states and relations) and mlm (masked-LM KD:
+# the labels are made by masking, pykd.distill.masking).
+TEXT_ONLY_KINDS = ("unlabeled", "mlm")
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
@@ -129,7 +132,7 @@ def prepare(dataset, kind: str, name: str) -> Prepared:
     """
     check_columns(dataset, kind, name)
     dataset, notes = drop_empty_text(dataset, name)
-    if kind == "unlabeled":
+    if kind in TEXT_ONLY_KINDS:
         return Prepared(dataset, None, notes)
     if kind == "regression":
         return Prepared(regression_labels(dataset, name), None, notes)
@@ -256,7 +259,7 @@ def _truncated(train, evaluation, max_train, max_eval):
 
 
 def check_columns(dataset, kind: str, name: str) -> None:
-    needed = ["text"] + ([] if kind == "unlabeled" else ["label"])
+    needed = ["text"] + ([] if kind in TEXT_ONLY_KINDS else ["label"])
     missing = [c for c in needed if c not in dataset.column_names]
     if missing:
         unlabelled = " (it has no labels)" if "label" in missing else ""
@@ -315,22 +318,47 @@ def rows_at(dataset, indices: list[int]) -> list[dict]:
 
 class Collator:
     """Pads a list of rows into tensors: rows holding token ids (pretokenize) are padded as they are,
-    text rows are tokenized first (the same ids either way)."""
+    text rows are tokenized first (the same ids either way); mlm rows are tokenized per batch (whole-word
+    masking reads the fast tokenizer's word ids, which padding token ids cannot give).
 
-    def __init__(self, tokenizer, max_length: int, kind: str):
+    Args:
+        tokenizer, max_length, kind: the run's tokenizer, data.max_length and data.kind.
+        masking: data.kind mlm's pykd.distill.masking.Masking (input_ids masked, labels made); seed its
+            seed (train.seed).
+
+    Calling it takes the rows and, for mlm, `mask_keys` (one int per row) and `stream` ("train" or "eval"):
+    a row's mask is a function of (seed, stream, key) only (pykd.distill.masking); other kinds ignore them.
+    """
+
+    def __init__(self, tokenizer, max_length: int, kind: str, masking=None, seed: int = 0):
+        if kind == "mlm" and masking is None:
+            raise ValueError("a data.kind mlm collator needs the masking (pykd.distill.masking.Masking)")
         self.tokenizer, self.max_length, self.kind = tokenizer, max_length, kind
+        self.masking, self.seed = masking, seed
 
-    def __call__(self, rows: list[dict]) -> dict:
+    def __call__(self, rows: list[dict], mask_keys: list[int] | None = None, stream: str = "train") -> dict:
+        if "input_ids" in rows[0] and self.kind != "mlm":
+            features = [{name: r[name] for name in TOKEN_FIELDS if name in r} for r in rows]
+            return self._with_labels(dict(self.tokenizer.pad(features, padding=True, return_tensors="pt")), rows)
+        pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+        encoding = self.tokenizer([r["text"] for r in rows], pairs, padding=True, truncation=True,
+                                  max_length=self.max_length, return_tensors="pt",
+                                  return_special_tokens_mask=self.kind == "mlm")
+        if self.kind == "mlm":
+            from .masking import mask_batch
+
+            if mask_keys is None:
+                raise ValueError("a data.kind mlm batch needs mask_keys (one per row) to draw its masks from")
+            input_ids, labels = mask_batch(encoding, self.masking, self.seed, stream, mask_keys)
+            batch = {k: v for k, v in encoding.items() if k != "special_tokens_mask"}
+            return {**batch, "input_ids": input_ids, "labels": labels}
+        return self._with_labels(dict(encoding), rows)
+
+    def _with_labels(self, batch: dict, rows: list[dict]) -> dict:
+        """batch with the rows' labels (labelled kinds) and cached teacher logits, as tensors."""
         import torch
 
-        if "input_ids" in rows[0]:
-            features = [{name: r[name] for name in TOKEN_FIELDS if name in r} for r in rows]
-            batch = dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
-        else:
-            pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
-            batch = dict(self.tokenizer([r["text"] for r in rows], pairs, padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt"))
-        if self.kind != "unlabeled":
+        if self.kind not in TEXT_ONLY_KINDS:
             dtype = torch.float32 if self.kind == "regression" else torch.long
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
         if "teacher_logits" in rows[0]:  # an augmented or teacher-cached training set

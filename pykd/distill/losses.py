@@ -13,6 +13,13 @@ tokens and T the temperature:
                 pkd       (1/B) sum_b || P h_S[CLS] / ||P h_S[CLS]|| - h_T[CLS] / ||h_T[CLS]|| ||^2
     relation  sum over the chosen relations (QK, QQ, KK, VV) of pykd.attention_relation_loss,
               averaged over the mapped attention layers
+    mlm       data.kind mlm: pykd.vocab_kd_loss on the two masked-LM heads' decoder inputs h (the transformed
+              final hidden states) and decoder weights and biases, never forming the N x V logits:
+              (1/n) sum_{selected i} [weight c_T D_i + hard_weight CE_i] with D the divergence of type
+              (soft_ce, kl, reverse_kl, jsd) between softmax(z_T / T) and softmax(z_S / T), c_T = T^2 with
+              t_squared, CE the student's cross-entropy against the masked words (T = 1); rows: the masked
+              positions (positions masked, one fused pass), or every valid token for D and the masked ones
+              for CE (positions all, two passes); means over the batch's selected tokens, as DistilBERT's
     mi        -I, I = pykd.mi_lower_bound(g(h_T), k(h_S), log_q) with MLP critics g, k and a learned
               log-baseline log_q = w . h_T + c; samples are the examples (masked-mean pooled) or
               the valid tokens; averaged over the mapped hidden layers
@@ -37,12 +44,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import attention_relation_loss, mi_lower_bound
+from ..ops import attention_relation_loss, mi_lower_bound, vocab_kd_loss
 from ..ops.mi_bound import BASELINE_BOUNDS, BOUNDS
+from ..ops.vocab_kd import DIVERGENCES as VOCAB_DIVERGENCES
 from .distributed import world
 from .mapping import MAPPINGS, EarthMoverMapping, attention_pairs, hidden_pairs
+from .masking import IGNORE_INDEX
 
-PREDICTION_TYPES = ("soft_ce", "mse", "none")  # losses.prediction.type
+# The divergences only masked-LM KD takes (pykd.vocab_kd_loss's; its soft_ce is the classification term's too).
+VOCAB_ONLY_TYPES = tuple(d for d in VOCAB_DIVERGENCES if d != "soft_ce")
+PREDICTION_TYPES = ("soft_ce", "mse", *VOCAB_ONLY_TYPES, "none")  # losses.prediction.type
+MLM_POSITIONS = ("masked", "all")  # losses.prediction.positions (data.kind mlm)
 HIDDEN_TYPES = ("mse", "cosine", "pkd", "none")  # losses.hidden.type
 RELATIONS = ("qk", "qq", "kk", "vv")  # first and second tensor of a relation: q(uery), k(ey), v(alue)
 MI_BOUND_CHOICES = (*BOUNDS, "none")  # losses.mi.bound
@@ -53,12 +65,21 @@ CAPTURED_FIELDS = {"q": "query", "k": "key", "v": "value"}  # LayerCapture attri
 
 
 @dataclass
+class DecoderView:
+    """A masked-LM head's output projection as one forward used it (pykd.distill.mlm.decoder_inputs)."""
+    inputs: torch.Tensor  # (B, L, d): what the decoder was applied to (the head's transformed hidden states)
+    weight: torch.Tensor  # (V, d)
+    bias: torch.Tensor | None  # (V,)
+
+
+@dataclass
 class ForwardView:
     """What the losses read from one model's forward."""
     logits: torch.Tensor | None
     hidden_states: tuple
     layers: list  # pykd.capture LayerCapture per attention layer
     mask: torch.Tensor  # (B, L) bool
+    decoder: DecoderView | None = None  # masked-LM KD: the head's decoder inputs (its logits were never formed)
 
 
 @dataclass(frozen=True)
@@ -172,6 +193,77 @@ class PredictionTerm(nn.Module):
         if self.task_kind == "regression":
             return F.mse_loss(student.float().squeeze(-1), labels.float())
         return F.cross_entropy(student.float(), labels)
+
+
+def masked_lm_cross_entropy(decoder: DecoderView, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over the labelled positions (labels != IGNORE_INDEX) of -log softmax(h W^T + b)_label, by the
+    fused kernel (no N x V logits); 0 when no position is labelled.
+
+    Shapes: decoder.inputs (B, L, d); labels (B, L). pykd.vocab_kd_loss always takes a teacher: with kd_weight
+    0 a one-word top-k teacher is the cheapest, and it does not enter the value."""
+    inputs = decoder.inputs.reshape(-1, decoder.inputs.shape[-1])
+    rows = len(inputs)
+    dummy = torch.zeros(rows, 1, dtype=torch.float32, device=inputs.device)
+    return vocab_kd_loss(inputs, decoder.weight, decoder.bias, teacher_topk_logits=dummy,
+                         teacher_topk_indices=dummy.long(), labels=labels.reshape(-1), kd_weight=0.0,
+                         hard_label_weight=1.0, ignore_index=IGNORE_INDEX)
+
+
+class MaskedLMTerm(nn.Module):
+    """Masked-LM KD with the fused vocabulary kernel (the "mlm" line of the module docstring).
+
+    forward returns {name: value} with "mlm" the weighted term that enters the total; in evaluation (grad
+    off) also its parts unweighted: "prediction" (c_T D), "hard_label" (the student's masked-LM
+    cross-entropy) and "teacher_hard_label" (the teacher's)."""
+
+    def __init__(self, config):
+        """config: the losses.prediction section."""
+        super().__init__()
+        self.config = config
+
+    def forward(self, teacher: ForwardView, student: ForwardView, labels: torch.Tensor) -> dict:
+        config = self.config
+        kd_weight = config.weight if config.type != "none" else 0.0
+        labels = labels.reshape(-1)
+        terms = {}
+        if kd_weight and (config.positions == "masked" or not config.hard_weight):
+            # one fused pass: the divergence and the cross-entropy on the same rows
+            terms["mlm"] = self._divergence(teacher, student, self._rows(labels, student), kd_weight,
+                                            config.hard_weight if config.positions == "masked" else 0.0)
+        else:
+            total = self._divergence(teacher, student, self._rows(labels, student), kd_weight, 0.0) \
+                if kd_weight else None
+            if config.hard_weight:
+                hard = config.hard_weight * masked_lm_cross_entropy(student.decoder, labels)
+                total = hard if total is None else total + hard
+            terms["mlm"] = total
+        if not torch.is_grad_enabled():
+            if kd_weight:
+                terms["prediction"] = self._divergence(teacher, student, self._rows(labels, student), 1.0, 0.0)
+            terms["hard_label"] = masked_lm_cross_entropy(student.decoder, labels)
+            terms["teacher_hard_label"] = masked_lm_cross_entropy(teacher.decoder, labels)
+        return terms
+
+    def _rows(self, labels: torch.Tensor, student: ForwardView) -> torch.Tensor:
+        """The op's labels: the masked words (positions masked), or 0 on every valid token (positions all,
+        where the labels only select rows: the hard term is not in that pass)."""
+        if self.config.positions == "masked":
+            return labels
+        return torch.where(student.mask.reshape(-1), 0, IGNORE_INDEX)
+
+    def _divergence(self, teacher: ForwardView, student: ForwardView, labels: torch.Tensor, kd_weight: float,
+                    hard_weight: float) -> torch.Tensor:
+        config = self.config
+        h_s, h_t = (view.decoder.inputs.reshape(-1, view.decoder.inputs.shape[-1]) for view in (student, teacher))
+        return vocab_kd_loss(h_s, student.decoder.weight, student.decoder.bias, h_t.detach(),
+                             teacher.decoder.weight.detach(), _detached(teacher.decoder.bias), labels=labels,
+                             divergence=config.type, beta=config.beta, temperature=config.temperature,
+                             scale_by_t2=config.t_squared, kd_weight=kd_weight, hard_label_weight=hard_weight,
+                             ignore_index=IGNORE_INDEX)
+
+
+def _detached(x):
+    return None if x is None else x.detach()
 
 
 class HiddenTerm(nn.Module):
@@ -289,7 +381,11 @@ class DistillationObjective(nn.Module):
         """config: the `losses` section (pykd.distill.config.LossConfig); task_kind: data.kind."""
         super().__init__()
         self.config = config
-        self.prediction = PredictionTerm(config.prediction, task_kind) if task_kind != "unlabeled" else None
+        self.prediction = PredictionTerm(config.prediction, task_kind) \
+            if task_kind not in ("unlabeled", "mlm") else None
+        prediction = config.prediction
+        self.masked_lm = MaskedLMTerm(prediction) \
+            if task_kind == "mlm" and (prediction.type != "none" or prediction.hard_weight) else None
         self.hidden = HiddenTerm(config.hidden, teacher, student) if config.hidden.type != "none" else None
         self.relation = RelationTerm(config.relation, teacher, student) if config.relation.relations else None
         self.mi = MutualInformationTerm(config.mi, teacher, student) if config.mi.bound != "none" else None
@@ -297,6 +393,11 @@ class DistillationObjective(nn.Module):
     @property
     def needs_capture(self) -> bool:
         return self.relation is not None
+
+    @property
+    def needs_decoder_inputs(self) -> bool:
+        """The masked-LM term reads the heads' decoder inputs (ForwardView.decoder)."""
+        return self.masked_lm is not None
 
     def forward(self, teacher: ForwardView, student: ForwardView, labels=None, label_rows=None):
         """label_rows (N,) bool, optional: the rows whose labels enter the hard-label loss (the others are
@@ -318,6 +419,9 @@ class DistillationObjective(nn.Module):
                 # A batch without gold rows still logs the term (0, with a graph for DDP's bookkeeping).
                 hard = self.prediction.hard(logits, targets) if len(targets) else student.logits.sum() * 0.0
                 add("hard_label", hard, config.hard_weight)
+        if self.masked_lm is not None:
+            for name, value in self.masked_lm(teacher, student, labels).items():
+                add(name, value, 1.0 if name == "mlm" else 0.0)  # the weights are inside "mlm"; the rest is logged
         if self.hidden is not None:
             add("hidden", self.hidden(teacher, student), self.config.hidden.weight)
         if self.relation is not None:

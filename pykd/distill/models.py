@@ -6,6 +6,7 @@ hidden units, the first f FFN units, and so the leftmost heads when the head siz
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -40,9 +41,12 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_pretrained(name: str, task_kind: str, num_labels: int | None = None) -> nn.Module:
-    """An encoder with a sequence-classification head, or the bare encoder for unlabeled data."""
+    """An encoder with a sequence-classification head, the bare encoder for unlabeled data, or a masked LM with
+    its trained head for mlm (load_masked_lm)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
+    if task_kind == "mlm":
+        return load_masked_lm(name)
     path = resolve_model_path(name)
     try:
         if task_kind == "unlabeled":
@@ -61,6 +65,32 @@ def _unloadable(name: str, path: str, error: OSError) -> ValueError:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
     return ValueError(f"cannot load model {name!r} (resolved to {path!r}): not a local model directory and "
                       f"not reachable on the Hugging Face hub{offline} ({error})")
+
+
+def load_masked_lm(name: str, require_head: bool = True, key: str = "teacher.path") -> nn.Module:
+    """Any AutoModelForMaskedLM by packaged alias, local directory or hub name.
+
+    Args:
+        name: the model. require_head: refuse a model whose masked-LM head is not in its weights (transformers
+            would initialise it at random: every prediction it distils would be noise). key: the config key
+            that named it, for messages.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    path = resolve_model_path(name)
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="sdpa", output_loading_info=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{key} {name!r} (resolved to {path!r}) is not a loadable masked language model (a local "
+                         f"directory or a hub name of an AutoModelForMaskedLM): {error}") from error
+    missing = sorted(info["missing_keys"])
+    if require_head and missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ValueError(f"{key} {name!r} has no trained masked-LM head: {len(missing)} weights ({listed}"
+                         ") are missing from it and would be random. No package "
+                         "ships one for the packaged teacher: fit one with `pykd mlm-head --output DIR` and set "
+                         f"{key} to DIR/model, or give any AutoModelForMaskedLM")
+    return model
 
 
 def load_tokenizer(name: str):
@@ -116,3 +146,43 @@ def sliced_state(teacher: nn.Module, student: nn.Module) -> dict:
                              f"{tuple(origin.shape)}: the student may not be larger than the teacher")
         state[key] = origin[tuple(slice(0, size) for size in target.shape)].clone()
     return state
+
+
+class DecoderRecord:
+    """What decoder_inputs records: the decoder's input of the forward run inside it, and the decoder."""
+
+    def __init__(self, decoder: nn.Linear):
+        self.decoder = decoder
+        self.inputs = None
+
+    def view(self):
+        """The record as the losses read it (pykd.distill.losses.DecoderView)."""
+        from .losses import DecoderView
+
+        if self.inputs is None:
+            raise RuntimeError("the masked LM's forward did not run its output projection")
+        return DecoderView(self.inputs, self.decoder.weight, self.decoder.bias)
+
+
+@contextlib.contextmanager
+def decoder_inputs(model: nn.Module):
+    """Runs a masked LM's forward without its output projection: inside, the decoder
+    (model.get_output_embeddings(), the nn.Linear d -> V that any AutoModelForMaskedLM ends with) records its
+    input (the head's transformed final hidden states) and returns zeros expanded to (..., V), which hold no
+    memory; the model's logits are therefore meaningless, and the losses project the recorded inputs with the
+    fused kernel (pykd.vocab_kd_loss). Yields the DecoderRecord."""
+    decoder = model.get_output_embeddings()
+    if not isinstance(decoder, nn.Linear):
+        raise ValueError(f"the masked LM {type(model).__name__} has no nn.Linear output projection (its "
+                         f"get_output_embeddings() is {type(decoder).__name__}): masked-LM KD projects through it")
+    record = DecoderRecord(decoder)
+
+    def forward(inputs):
+        record.inputs = inputs
+        return inputs.new_zeros(()).expand(*inputs.shape[:-1], decoder.out_features)
+
+    decoder.forward = forward  # an instance attribute: nn.Module.__call__ runs it instead of Linear.forward
+    try:
+        yield record
+    finally:
+        del decoder.forward

@@ -19,6 +19,7 @@ task loss) are the KD engine's; pykd.nas.sandwich.SandwichStep trains a SuperLM.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from ..capture import capture
 from .augment import augmented_train_set
 from .losses import DistillationObjective, ForwardView
+from .models import decoder_inputs
 from .teacher_cache import with_teacher_logits
 
 # Batch entries that are targets, not model inputs (the last two come from an augmented or teacher-cached set).
@@ -73,7 +75,9 @@ class DistillStep(TrainingStep):
     With `mixup` (augment.mixup) a training forward doubles the batch with mixed word embeddings
     (pykd.distill.augment.WordEmbeddingMixup); the teacher's logits label the mixed rows. Rows of an
     augmented training set bring the teacher's cached logits (their soft labels) and a gold flag: only
-    gold rows enter the hard-label loss.
+    gold rows enter the hard-label loss. With a masked-LM objective (data.kind mlm) both forwards run inside
+    pykd.distill.models.decoder_inputs: the heads' logits are never formed, ForwardView.decoder carries what
+    the fused vocabulary term projects.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, objective: DistillationObjective, mixup=None):
@@ -91,11 +95,15 @@ class DistillStep(TrainingStep):
         """model's forward as the objective reads it; captured: the transformers model inside `model` when
         model is a wrapper (DDP, torch.compile), which pykd.capture records."""
         mask = inputs["attention_mask"].bool()
-        if not self.objective.needs_capture:
-            return forward_view(model(**inputs, output_hidden_states=True), None, mask)
-        with capture(model if captured is None else captured) as recorded:
+        inner = model if captured is None else captured
+        with contextlib.ExitStack() as stack:
+            recorded = stack.enter_context(capture(inner)) if self.objective.needs_capture else None
+            head = stack.enter_context(decoder_inputs(inner)) if self.objective.needs_decoder_inputs else None
             output = model(**inputs, output_hidden_states=True)
-        return forward_view(output, recorded, mask)
+        view = forward_view(output, recorded, mask)
+        if head is not None:  # masked-LM KD: the head's logits were never formed (models.decoder_inputs)
+            view.logits, view.decoder = None, head.view()
+        return view
 
     def forward(self, batch: dict):
         return self.objective(*self.views(batch))

@@ -42,6 +42,7 @@ from .checkpoint import CHECKPOINT, read_checkpoint, rng_state, seed_everything,
 from .config import RunConfig, resume_conflicts, to_dict
 from .distributed import average_gradients, max_over_ranks, world
 from .losses import DistillationObjective, ModelShape
+from .masking import Masking
 from .metrics import task_metrics
 from .model_card import ModelCardLog
 from .models import build_student, load_pretrained, load_tokenizer, resolve_model_path
@@ -79,8 +80,8 @@ class Trainer:
                  callbacks: list[TrainerCallback] | tuple = ()):
         if build_step is None and mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if mode == "finetune" and config.data.kind == "unlabeled":
-            raise ValueError("fine-tuning needs a labeled task: data.kind is 'unlabeled'")
+        if mode == "finetune" and config.data.kind in data_module.TEXT_ONLY_KINDS:
+            raise ValueError(f"fine-tuning needs a labeled task: data.kind is {config.data.kind!r}")
         self.config, self.mode = config, mode
         # A model card for the engine's own steps (distil, fine-tune); pykd.nas writes its own exports' cards.
         cards = [ModelCardLog()] if build_step is None else []
@@ -108,8 +109,9 @@ class Trainer:
         self._check_models()
         self.train_set = self.step_module.prepare_train_set(self.train_set, self)
         # After prepare_train_set: augmentation and the teacher-logit cache read (and fingerprint) the text.
-        self.train_set = data_module.pretokenize(self.train_set, self.tokenizer, config.data.max_length)
-        self.eval_set = data_module.pretokenize(self.eval_set, self.tokenizer, config.data.max_length)
+        if config.data.kind != "mlm":  # mlm batches are tokenized per batch (see data.Collator)
+            self.train_set = data_module.pretokenize(self.train_set, self.tokenizer, config.data.max_length)
+            self.eval_set = data_module.pretokenize(self.eval_set, self.tokenizer, config.data.max_length)
         self.model = self._wrap(self.step_module)
         self.optimizer = build_optimizer(self.step_module, config.train)
         self.scheduler = linear_schedule(self.optimizer, config.train)
@@ -153,7 +155,9 @@ class Trainer:
             raise ValueError(f"the eval split has {len(self.eval_set)} example(s), a {config.kind} evaluation needs "
                              f"{least_eval}: raise data.eval_fraction ({config.eval_fraction}) or "
                              f"data.max_eval_examples ({config.max_eval_examples})")
-        self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind)
+        masking = Masking.of(config.masking, self.tokenizer) if config.kind == "mlm" else None
+        self.collate = data_module.Collator(self.tokenizer, config.max_length, config.kind, masking,
+                                            self.config.train.seed)
         self.label_names = splits.label_names
         self.num_labels = 1 if config.kind == "regression" else (len(self.label_names) if self.label_names else None)
 
@@ -183,7 +187,7 @@ class Trainer:
 
     def _distill_step(self) -> DistillStep:
         kind = self.config.data.kind
-        if kind != "unlabeled" and not self.config.teacher.finetuned:
+        if kind not in data_module.TEXT_ONLY_KINDS and not self.config.teacher.finetuned:
             raise ValueError("task-specific KD needs a teacher fine-tuned on the task: run `pykd finetune` and set "
                              "teacher.finetuned to its output directory (or use data.kind unlabeled)")
         if kind == "classification":
@@ -224,27 +228,32 @@ class Trainer:
             self._order = (epoch, torch.randperm(len(self.train_set), generator=generator).tolist())
         return self._order[1]
 
-    def _micro_batch_indices(self, step: int, micro: int) -> list[int]:
-        """The training rows of micro-batch `micro` of step `step` on this rank: a function of the step,
-        so a resumed run reads the rows the uninterrupted one would."""
+    def _micro_batch_indices(self, step: int, micro: int) -> tuple[list[int], int]:
+        """The training rows of micro-batch `micro` of step `step` on this rank and the position of the first
+        in the run's sample sequence: a function of the step, so a resumed run reads the rows the
+        uninterrupted one would."""
         train = self.config.train
         per_step = train.batch_size * train.grad_accum * self.world
         start = step * per_step + (micro * self.world + self.rank) * train.batch_size
         epoch, offset = divmod(start, len(self.train_set))
         order = self._epoch_order(epoch)
-        return [order[(offset + i) % len(order)] for i in range(train.batch_size)]
+        return [order[(offset + i) % len(order)] for i in range(train.batch_size)], start
 
     def micro_batch(self, step: int, micro: int = 0) -> dict:
         """The padded tensors of micro-batch `micro` of step `step` on this rank, on the trainer's device:
         what the training loop reads at that step (it reads them through a DataLoader, see _start_batches)."""
-        batch = self.collate(data_module.rows_at(self.train_set, self._micro_batch_indices(step, micro)))
+        indices, start = self._micro_batch_indices(step, micro)
+        # mlm: a row's mask is keyed by its position in the run's sample sequence (pykd.distill.masking)
+        batch = self.collate(data_module.rows_at(self.train_set, indices), mask_keys=range(start, start + len(indices)))
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _batch_plan(self, first_step: int, last_step: int):
-        """Index lists of every micro-batch of steps first_step .. last_step - 1, in training order."""
+        """(row index, sample position) lists of every micro-batch of steps first_step .. last_step - 1,
+        in training order."""
         for step in range(first_step, last_step):
             for micro in range(self.config.train.grad_accum):
-                yield self._micro_batch_indices(step, micro)
+                indices, start = self._micro_batch_indices(step, micro)
+                yield [(index, start + k) for k, index in enumerate(indices)]
 
     def _start_batches(self, last_step: int) -> None:
         """Micro-batches from self.step on, read and padded by train.num_workers processes ahead of the
@@ -252,7 +261,7 @@ class Trainer:
         workers = self.config.train.num_workers
         loader = torch.utils.data.DataLoader(
             _Rows(self.train_set), batch_sampler=self._batch_plan(self.step, last_step),
-            collate_fn=self.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
+            collate_fn=_PlannedCollate(self.collate), num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None,
             # its own generator: an iterator draws its workers' base seed from it, and a draw from the global
             # one (dropout's) would make a resumed run differ from the uninterrupted one
@@ -411,8 +420,9 @@ class Trainer:
         logits, labels, totals, batches = [], [], {}, 0
         for start in range(0, len(self.eval_set), batch_size):
             rows = data_module.rows_at(self.eval_set, list(range(start, min(start + batch_size, len(self.eval_set)))))
-            batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
-            if kind == "unlabeled":
+            collated = self.collate(rows, mask_keys=range(start, start + len(rows)), stream="eval")
+            batch = {k: v.to(self.device) for k, v in collated.items()}
+            if kind in data_module.TEXT_ONLY_KINDS:
                 terms, loss = self.step_module(batch)
                 for name, value in {**terms, "loss": loss}.items():
                     totals[name] = totals.get(name, 0.0) + float(value)
@@ -420,7 +430,7 @@ class Trainer:
             else:
                 logits.append(model(**model_inputs(batch)).logits.float().cpu())
                 labels.append(batch["labels"].cpu())
-        if kind == "unlabeled":
+        if kind in data_module.TEXT_ONLY_KINDS:
             return {name: value / batches for name, value in totals.items()}
         return task_metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy(), kind)
 
@@ -476,7 +486,8 @@ class Trainer:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """A datasets.Dataset as DataLoader reads it with a batch sampler: a list of indices in, rows out."""
+    """A datasets.Dataset as DataLoader reads it with the batch plan: (row index, sample position) pairs in,
+    (rows, positions) out."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -484,8 +495,19 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        return data_module.rows_at(self.dataset, indices)
+    def __getitems__(self, planned: list[tuple[int, int]]) -> tuple[list[dict], list[int]]:
+        return data_module.rows_at(self.dataset, [index for index, _ in planned]), [key for _, key in planned]
 
     def __getitem__(self, index: int) -> dict:
         return self.dataset[index]
+
+
+class _PlannedCollate:
+    """The run's Collator over what _Rows returns (picklable: a worker process gets a copy)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, rows_and_keys) -> dict:
+        rows, keys = rows_and_keys
+        return self.collate(rows, mask_keys=keys)
