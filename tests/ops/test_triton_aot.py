@@ -65,7 +65,10 @@ def test_subset_spills_nothing_and_fits_the_chip(subset):
     limit = {"sm_80": 99 * 1024, "sm_90": 227 * 1024}  # sm_80 entries must also run on sm_86/sm_89
     for row in subset:
         assert row["spill_store_bytes"] == 0 and row["spill_load_bytes"] == 0 and row["cubin_stack_bytes"] == 0, row
-        assert 0 < row["registers"] <= 255 and abs(row["registers"] - row["ptxas_registers"]) <= 8, row
+        # The launch uses the cubin's count. ptxas -v (a separate compile with Triton's flags) may report a
+        # few more on sm_90, and often far fewer (the cubin's allocation is what the SM reserves: up to 64
+        # more in the report of record), so only its excess over the cubin's is bounded.
+        assert 0 < row["registers"] <= 255 and row["ptxas_registers"] <= row["registers"] + 8, row
         assert row["shared_bytes"] <= limit[row["arch"]], row
         assert row["blocks_per_sm"] >= 1, row
 
