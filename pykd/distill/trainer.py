@@ -496,10 +496,8 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, planned: list[tuple[int, int]]) -> tuple[list[dict], list[int]]:
+        # DataLoader's fetcher calls this with the whole micro-batch (no per-row __getitem__ is needed)
         return data_module.rows_at(self.dataset, [index for index, _ in planned]), [key for _, key in planned]
-
-    def __getitem__(self, index: int) -> dict:
-        return self.dataset[index]
 
 
 class _PlannedCollate:

@@ -3,7 +3,6 @@ configuration loads, with an error naming the key, the value and the range (issu
 
 The probes are generated from the config's own field metadata, so a key added without a range fails
 test_every_numeric_key_has_a_range, and one whose range is not enforced fails the probes."""
-import dataclasses
 import math
 import typing
 
@@ -11,6 +10,7 @@ import pytest
 
 from pykd.distill import config as run_config
 from pykd.distill.options import Range
+from tests.config_fields import leaf_fields
 
 
 def _numeric_type(hint):
@@ -19,15 +19,10 @@ def _numeric_type(hint):
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
-def _fields(section_cls, prefix=""):
-    """(dotted key, numeric type or None, field) of every leaf field of a config section, recursively."""
-    hints = typing.get_type_hints(section_cls)
-    for field in dataclasses.fields(section_cls):
-        hint = hints[field.name]
-        if dataclasses.is_dataclass(hint):
-            yield from _fields(hint, f"{prefix}{field.name}.")
-        else:
-            yield prefix + field.name, _numeric_type(hint), field
+def _fields(section_cls):
+    """(dotted key, numeric type or None, field) of every leaf field of a config section."""
+    for key, hint, field in leaf_fields(section_cls):
+        yield key, _numeric_type(hint), field
 
 
 NUMERIC = [(key, kind, field.metadata.get("range")) for key, kind, field in _fields(run_config.RunConfig) if kind]

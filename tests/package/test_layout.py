@@ -1,13 +1,12 @@
 """The package's rooms keep their doors: pykd's import graph has no cycle, no module takes a private name
 from another subpackage, and every option's value list is written once, by what implements it."""
 import ast
-import dataclasses
 import importlib
-import typing
 from pathlib import Path
 
 import pytest
 
+from tests.config_fields import leaf_fields
 from tests.paths import REPO
 
 PACKAGE = REPO / "pykd"
@@ -143,16 +142,12 @@ def test_the_engine_imports_no_meta_layer():
 
 # ---- option value lists ----
 
-def _choice_fields(cls, prefix=""):
+def _choice_fields(cls):
     from pykd.distill.options import choices_of
 
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        hint = hints[field.name]
-        if dataclasses.is_dataclass(hint):
-            yield from _choice_fields(hint, f"{prefix}{field.name}.")
-        elif choices_of(hint) is not None:
-            yield prefix + field.name, choices_of(hint)
+    for key, hint, _ in leaf_fields(cls):
+        if choices_of(hint) is not None:
+            yield key, choices_of(hint)
 
 
 def _implementation_tuples() -> dict[tuple, list[str]]:
