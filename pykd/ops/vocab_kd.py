@@ -562,14 +562,33 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, teacher_logits, topk_values, topk_indices, l
 
 def _cpp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
+    # The gradient outputs get no gradient of their own: without this autograd would hand the backward
+    # a zeros_like of each, one more (V, d) tensor at the backward's peak.
+    ctx.set_materialize_grads(False)
     ctx.dtypes = tuple(x.dtype if x is not None else None for x in inputs[:3])
     ctx.computed = tuple(inputs[-1])  # the gradients the forward formed (needs)
+    ctx.scaled = False
 
 
 def _cpp_backward(ctx, grad_loss, *_grads):
-    # Always scaled: skipping the product when grad_loss == 1 would read a value, which tracing cannot.
-    grads = [(grad * grad_loss).to(dtype) if ctx.needs_input_grad[k] and ctx.computed[k] else None
-             for k, (grad, dtype) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
+    # In eager mode the saved fp32 gradients are scaled in place, so the backward holds one (V, d) dW,
+    # not two (at V = 250,002, d = 768: 732 MiB). A traced backward (torch.compile, opcheck's AOT
+    # dispatch: its tensors are fake or functional subclasses) must not mutate saved tensors, which the
+    # partitioner refuses, so there the product is out of place. A second eager backward through the
+    # same graph (retain_graph) would scale them twice: it is refused. Always scaled: skipping the
+    # product when grad_loss == 1 would read a value, which tracing cannot.
+    if grad_loss is None:
+        return (None,) * 19
+    if ctx.scaled:  # before unpacking the saved tensors, whose version check would speak first
+        raise RuntimeError("vocab_kd_loss: its backward ran already for this graph (the C++ path scales the "
+                           "gradients its forward formed in place); call vocab_kd_loss again instead of "
+                           "backpropagating twice with retain_graph=True")
+    saved = ctx.saved_tensors
+    wanted = [ctx.needs_input_grad[k] and ctx.computed[k] for k in range(3)]
+    eager = all(type(x) is torch.Tensor for x in (grad_loss, *saved))
+    ctx.scaled = eager
+    scale = torch.Tensor.mul_ if eager else torch.Tensor.mul
+    grads = [scale(grad, grad_loss).to(dtype) if want else None for grad, dtype, want in zip(saved, ctx.dtypes, wanted)]
     return (*grads,) + (None,) * 16
 
 

@@ -395,3 +395,16 @@ def test_without_grad_the_value_only(backend, rng):
     assert not value.requires_grad
     ref = oracle(case)
     assert abs(float(value) - ref.value) <= bounds(case, ref)["value"]
+
+
+def test_cpp_backward_scales_in_place_and_refuses_a_second_pass(rng):
+    """The C++ path's backward returns the gradients the forward formed, scaled in place (one (V, d)
+    dW at the peak, not two), and so refuses to run twice on one graph, naming the way out."""
+    case = case_for(rng, "projected", "kl", vocab=37)
+    value = case.run("cpp")
+    (d_w,) = torch.autograd.grad(3.0 * value, case.w_s, retain_graph=True)
+    ref = oracle(case)
+    error = torch.linalg.vector_norm(d_w.double().cpu() - 3.0 * ref.grads[1])
+    assert error <= 3.0 * bounds(case, ref)["grads"][1]  # the bound scales with the incoming gradient
+    with pytest.raises(RuntimeError, match="vocab_kd_loss: its backward ran already.*retain_graph"):
+        torch.autograd.grad(value, case.w_s)
