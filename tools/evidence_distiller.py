@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from evidence_jobs import Job, Study, run_workers  # noqa: E402
+from evidence_jobs import Job, Study, claim_settings, mean_and_se, run_workers  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+ARCHIVE = RESULTS / "evidence" / "distiller"  # every finished job's result, committed
 DATASETS = ("rotten_tomatoes", "healthtweets", "wordnet_glosses", "fortunes", "reuters_grain", "chatterbot_topics")
 PIPELINE_NAMES = ("default", "prediction_only", "hidden_mse_skip", "relation_last", "mi_alpha", "augment_eda")
 AUGMENT_DATASETS = ("rotten_tomatoes", "healthtweets")
@@ -88,7 +89,8 @@ def prepare_data(root: Path, scale: dict) -> dict:
     path.write_text("".join(json.dumps({"text": texts[i], "label": int(labels[i]),
                                         "split": "test" if i in test else "train"}) + "\n"
                             for i in (int(j) for j in order)))
-    return {"rotten_tomatoes": str(path), "rows": len(texts), "test": len(test)}
+    return {"rotten_tomatoes": str(path), "rows": len(texts), "test": len(test),
+            "outputs": ["data/rotten_tomatoes.jsonl"]}
 
 
 def data_source(root: Path, dataset: str) -> str:
@@ -118,7 +120,7 @@ def finetune_teacher(root: Path, scale: dict, dataset: str) -> dict:
     values = base_values(root, scale, dataset, scale["teacher_train"], None, root / "teachers" / dataset)
     values["train"].update(steps=scale["teacher_steps"], batch_size=32, checkpoint_every=10 ** 6)
     history = Trainer(run_config.from_dict(values), "finetune").train()
-    return {"accuracy": final_eval(history)["accuracy"]}
+    return {"accuracy": final_eval(history)["accuracy"], "outputs": [f"teachers/{dataset}/model"]}
 
 
 def meta(root: Path, scale: dict, dataset: str, size: int, student: str) -> dict:
@@ -265,6 +267,151 @@ def write_table(rows: list[dict], path: Path) -> None:
     partial.replace(path)
 
 
+def seed_means(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """{(dataset, setting, pipeline): (mean student score, its standard error over seeds, seeds)}."""
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["setting"], row["pipeline"]), []).append(row["student_score"])
+    return {key: (*mean_and_se(values), len(values)) for key, values in groups.items()}
+
+
+def paired_gain(rows: list[dict], dataset: str, setting: str, treated: str, control: str) -> dict | None:
+    """Mean and standard error over seeds of score(treated) - score(control), paired by seed (same data
+    order and initialisation), or None where no seed has both."""
+    by_seed = {}
+    for row in rows:
+        if row["dataset"] == dataset and row["setting"] == setting and row["pipeline"] in (treated, control):
+            by_seed.setdefault(row["seed"], {})[row["pipeline"]] = row["student_score"]
+    differences = [s[treated] - s[control] for s in by_seed.values() if len(s) == 2]
+    if not differences:
+        return None
+    mean, se = mean_and_se(differences)
+    return {"dataset": dataset, "setting": setting, "gain": mean, "se": se, "seeds": len(differences)}
+
+
+def recommender_regrets(table: Path) -> dict:
+    """Leave-one-dataset-out regret of every recommender and the baselines (pykd.distiller.recommenders)."""
+    from pykd.distiller import autodistiller, recommenders
+
+    runs = autodistiller.read_table(str(table))
+    if len({r.dataset for r in runs}) < 2:
+        return {}
+    rows = recommenders.leave_one_dataset_out(runs)
+    names = [*recommenders.RECOMMENDERS, "random"]
+    means = recommenders.mean_regrets(rows, names)
+    summary = {"per_setting": rows, "mean_regret": {n: {"mean": m, "se": se} for n, (m, se) in means.items()},
+               "spread": mean_and_se([r["spread"] for r in rows]), "noise": mean_and_se(
+                   [r["noise"] for r in rows if r["noise"] == r["noise"]] or [float("nan")])}
+    if len({r.dataset for r in runs}) >= 3:
+        nested = recommenders.nested_selection(runs)
+        summary["nested_selection"] = {"rows": nested, "mean_regret": mean_and_se([r["selected_regret"]
+                                                                                    for r in nested])}
+    return summary
+
+
+def hpo_importances(results: dict) -> dict | None:
+    if "hpo" not in results:
+        return None
+    from distiller_findings import parse_study, stage_importances
+
+    return stage_importances(*parse_study(results["hpo"]["study"]))
+
+
+def summarise(scale_name: str, scale: dict, results: dict, table: Path) -> dict:
+    """The study's entry of evidence.json: rows, seed means, regrets, augmentation's gains, findings."""
+    from pykd.distiller.pipeline import INTERMEDIATE_PIPELINES
+
+    rows = [{"dataset": r["dataset"], "setting": r["setting"], "pipeline": r["pipeline"], "kind": "kd",
+             "seed": r["seed"], "metric": "accuracy", "value": r["student_score"], "student_score": r["student_score"],
+             "ratio": r["ratio"], "steps": scale["steps"]} for r in read_table_rows(table)]
+    means = seed_means(rows)
+    cells = sorted({(d, s) for d, s, _ in means})
+    gains = [g for d, s in cells if (g := paired_gain(rows, d, s, "augment_eda", "prediction_only"))]
+    mi_ranks = []
+    for dataset, setting in cells:
+        scores = {p: means[(dataset, setting, p)][0] for p in INTERMEDIATE_PIPELINES if (dataset, setting, p) in means}
+        if "mi_alpha" in scores and len(scores) >= 3:
+            mi_ranks.append({"dataset": dataset, "setting": setting, "of": len(scores),
+                             "rank": 1 + sum(v > scores["mi_alpha"] for v in scores.values()),
+                             "mi_alpha_minus_best_other": scores["mi_alpha"] - max(
+                                 v for p, v in scores.items() if p != "mi_alpha")})
+    teachers = {name[len("teacher-"):]: r["accuracy"] for name, r in results.items() if name.startswith("teacher-")}
+    return {"scale": scale_name, "settings": scale, "rows": rows, "teachers": teachers,
+            "summary": [{"dataset": d, "setting": s, "pipeline": p, "mean": m, "se": se, "seeds": n}
+                        for (d, s, p), (m, se, n) in sorted(means.items())],
+            "regret": recommender_regrets(table) if rows else {}, "augmentation": gains, "mi_alpha_rank": mi_ranks,
+            "hpo": hpo_importances(results),
+            "compute_s": sum(r.get("seconds", 0.0) for r in results.values())}
+
+
+def read_table_rows(table: Path) -> list[dict]:
+    with open(table, newline="") as handle:
+        return [{**row, "seed": int(row["seed"]), "student_score": float(row["student_score"]),
+                 "ratio": float(row["ratio"])} for row in csv.DictReader(handle)]
+
+
+def fmt(mean: float, se: float, signed: bool = False) -> str:
+    return (f"{mean:+.4f}" if signed else f"{mean:.4f}") + ("" if se != se else f" +- {se:.4f}")
+
+
+def markdown(summary: dict, command: str) -> str:
+    lines = ["# Evidence: Distiller and AutoDistiller (studies 3-4)", "",
+             f"Command: `{command}`. Compute so far: {summary['compute_s'] / 3600:.1f} core-hours (jobs' own wall "
+             f"times, one thread each); {len(summary['rows'])} KD runs of {summary['settings']['steps']} steps.", "",
+             "Teachers (accuracy after fine-tuning): " + ", ".join(f"{d} {a:.4f}" for d, a in
+                                                                 sorted(summary["teachers"].items())), "",
+             "## Student accuracy per pipeline (mean +- standard error over seeds)", ""]
+    pipelines = [p for p in PIPELINE_NAMES if any(r["pipeline"] == p for r in summary["summary"])]
+    lines += ["| dataset | setting | seeds | " + " | ".join(pipelines) + " |",
+              "|---|---|---|" + "---|" * len(pipelines)]
+    cells = {}
+    for r in summary["summary"]:
+        cells.setdefault((r["dataset"], r["setting"]), {})[r["pipeline"]] = r
+    for (dataset, setting), by_pipeline in sorted(cells.items()):
+        seeds = max(r["seeds"] for r in by_pipeline.values())
+        lines.append(f"| {dataset} | {setting} | {seeds} | " + " | ".join(
+            fmt(by_pipeline[p]["mean"], by_pipeline[p]["se"]) if p in by_pipeline else "" for p in pipelines) + " |")
+    regret = summary["regret"]
+    if regret:
+        lines += ["", "## AutoDistiller: leave-one-dataset-out regret (ratio to the teacher; lower is better)", "",
+                  "Per held-out (dataset, setting), regret = best pipeline's seed-mean ratio - the picked one's; "
+                  "mean +- standard error over the held-out settings.", "",
+                  "| recommender or baseline | mean regret |", "|---|---|"]
+        for name, value in regret["mean_regret"].items():
+            lines.append(f"| {name} | {fmt(value['mean'], value['se'])} |")
+        if "nested_selection" in regret:
+            nested = regret["nested_selection"]["mean_regret"]
+            lines.append(f"| learned, chosen by inner leave-one-out | {fmt(*nested)} |")
+        lines += ["", f"Oracle spread (best - worst pipeline): {fmt(*regret['spread'])}; noise (standard error of "
+                      f"best - second best): {fmt(*regret['noise'])}."]
+    if summary["augmentation"]:
+        lines += ["", "## Augmentation's gain (augment_eda - prediction_only, paired by seed)", "",
+                  "| dataset | setting | gain | seeds |", "|---|---|---|---|"]
+        for g in summary["augmentation"]:
+            lines.append(f"| {g['dataset']} | {g['setting']} | {fmt(g['gain'], g['se'], signed=True)} | {g['seeds']} |")
+    if summary["mi_alpha_rank"]:
+        lines += ["", "## MI-alpha among the intermediate losses (seed means)", "",
+                  "| dataset | setting | rank | mi_alpha - best other |", "|---|---|---|---|"]
+        for r in summary["mi_alpha_rank"]:
+            lines.append(f"| {r['dataset']} | {r['setting']} | {r['rank']} of {r['of']} | "
+                         f"{r['mi_alpha_minus_best_other']:+.4f} |")
+    if summary["hpo"]:
+        h = summary["hpo"]
+        lines += ["", f"## Stage importances (fANOVA, {h['trials']} complete trials)", "",
+                  ", ".join(f"{stage} {value:.2f}" for stage, value in h["stages"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(summary: dict, out_dir: Path, suffix: str, command: str) -> Path:
+    evidence_path = out_dir / f"evidence{suffix}.json"
+    evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
+    evidence["distiller"] = summary
+    evidence_path.write_text(json.dumps(evidence, indent=1, default=str))
+    path = out_dir / f"evidence_distiller{suffix}.md"
+    path.write_text(markdown(summary, command))
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=None)
@@ -277,13 +424,12 @@ def main(argv=None) -> int:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     root = Path(args.root or f"runs/evidence-distiller{'' if args.scale == 'full' else '-' + args.scale}").resolve()
     scale = SCALES[args.scale]
-    study = Study(root, plan(root, scale))
-    meta_path = root / "study.json"
-    settings = json.loads(json.dumps({"scale": args.scale, "settings": scale}))
-    if meta_path.exists() and json.loads(meta_path.read_text())["settings"] != settings:
-        parser.error(f"{root} holds a study with other settings; use another --root")
-    if not meta_path.exists():
-        meta_path.write_text(json.dumps({"settings": settings, "started": time.time()}))
+    archive = ARCHIVE if args.scale == "full" else None
+    try:
+        claim_settings([root] + ([archive] if archive else []), {"scale": args.scale, "settings": scale}, time.time())
+    except ValueError as error:
+        parser.error(str(error))
+    study = Study(root, plan(root, scale), archive)
     if args.worker:
         import torch
 
@@ -300,6 +446,9 @@ def main(argv=None) -> int:
     table = out_dir / ("kd_runs_evidence.csv" if args.scale == "full" else "kd_runs_evidence_smoke.csv")
     write_table(rows, table)
     print(f"[evidence] {len(rows)} runs in {table}")
+    suffix = "" if args.scale == "full" else f"_{args.scale}"
+    command = "python tools/evidence_distiller.py" + ("" if args.scale == "full" else f" --scale {args.scale}")
+    print(write_outputs(summarise(args.scale, scale, study.results(), table), out_dir, suffix, command).read_text())
     return 0
 
 

@@ -13,12 +13,22 @@ kernel when the worker dies, so a killed worker's job is simply taken again.
 
 Jobs are listed by a function of the finished results (`plan(results) -> [Job]`), so jobs that
 depend on an earlier outcome (the architecture a search picked) appear once that outcome exists.
+
+Two things keep results when the working tree does not (a fresh clone, a reset checkout):
+- an archive folder (committed to the repository) gets a copy of every result as it is written
+  (`<archive>/done/<name>.json`, the settings in `<archive>/study.json`), and a study whose root
+  lacks a result takes it from there;
+- a result may name the files later jobs read from it (`"outputs"`: paths relative to the root, a
+  fine-tuned teacher's directory). A result whose outputs are gone still counts as finished, unless
+  an unfinished job needs it: then it runs again (its outputs are rebuilt), so a restored study never
+  feeds a job a missing file, and never recomputes what nothing still needs.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,24 +47,54 @@ class Job:
 
 
 class Study:
-    def __init__(self, root: Path, plan: Callable[[dict], list[Job]]):
+    def __init__(self, root: Path, plan: Callable[[dict], list[Job]], archive: Path | None = None):
         self.root = Path(root)
         self.plan = plan
+        self.archive = None if archive is None else Path(archive)
         for folder in ("done", "locks", "logs"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        if self.archive is not None:
+            (self.archive / "done").mkdir(parents=True, exist_ok=True)
+            self._restore()
+
+    def _restore(self) -> None:
+        """Copies the archive's results that the root lacks (a fresh clone holds only the archive)."""
+        for path in sorted((self.archive / "done").glob("*.json")):
+            target = self.root / "done" / path.name
+            if not target.exists():
+                shutil.copyfile(path, target)
+
+    def _records(self) -> dict:
+        return {path.stem: json.loads(path.read_text()) for path in sorted((self.root / "done").glob("*.json"))}
+
+    def _outputs_exist(self, record: dict) -> bool:
+        return all((self.root / relative).exists() for relative in record.get("outputs", []))
 
     def results(self) -> dict:
-        """{job name: its result} of every finished job."""
-        found = {}
-        for path in sorted((self.root / "done").glob("*.json")):
-            found[path.stem] = json.loads(path.read_text())
-        return found
+        """{job name: its result} of every finished job, less those an unfinished job needs whose
+        outputs are gone (those run again)."""
+        records = self._records()
+        while True:
+            unfinished = [job for job in self.plan(records) if job.name not in records]
+            stale = {need for job in unfinished for need in job.needs
+                     if need in records and not self._outputs_exist(records[need])}
+            if not stale:
+                return records
+            for name in stale:
+                del records[name]
 
-    def _finish(self, job: Job, result: dict) -> None:
-        path = self.root / "done" / f"{job.name}.json"
+    def _write(self, path: Path, result: dict) -> None:
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         partial.write_text(json.dumps(result, indent=1, default=str))
         os.replace(partial, path)
+
+    def _finish(self, job: Job, result: dict) -> None:
+        missing = [p for p in result.get("outputs", []) if not (self.root / p).exists()]
+        if missing:
+            raise RuntimeError(f"job {job.name} finished without its outputs {missing} under {self.root}")
+        self._write(self.root / "done" / f"{job.name}.json", result)
+        if self.archive is not None:
+            self._write(self.archive / "done" / f"{job.name}.json", result)
 
     def _try_lock(self, job: Job):
         # The lock lives as long as the job runs: the caller closes the handle (the kernel does, if it dies).
@@ -85,7 +125,7 @@ class Study:
                 handle = self._try_lock(job)
                 if handle is None:
                     continue
-                if (self.root / "done" / f"{job.name}.json").exists():  # finished while we looked
+                if job.name in self.results():  # finished while we looked
                     handle.close()
                     continue
                 taken = (job, handle)
@@ -155,3 +195,22 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, (variance / n) ** 0.5
+
+
+def claim_settings(folders: list[Path], settings: dict, started: float) -> float:
+    """Writes the study's settings into each folder (root, archive) that has none; returns when the study
+    started. A folder holding another study's settings is an error naming it (use another root)."""
+    settings = json.loads(json.dumps(settings))
+    for folder in folders:
+        path = Path(folder) / "study.json"
+        if path.exists():
+            held = json.loads(path.read_text())
+            if held["settings"] != settings:
+                raise ValueError(f"{folder} holds a study with other settings ({held['settings']}); "
+                                 "use another --root")
+            started = min(started, held["started"])
+    for folder in folders:
+        path = Path(folder) / "study.json"
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings, "started": started}))
+    return started

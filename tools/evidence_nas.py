@@ -56,9 +56,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from evidence_jobs import Job, Study, mean_and_se, run_workers  # noqa: E402
+from evidence_jobs import Job, Study, claim_settings, mean_and_se, run_workers  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+ARCHIVE = RESULTS / "evidence" / "nas"  # every finished job's result, committed
 DATASETS = ("rotten_tomatoes", "wordnet_glosses")
 BUDGETS = (0.25, 0.5)
 BAND = 0.85  # the search picks among candidates with FLOPs in [BAND * budget, budget]
@@ -96,6 +97,11 @@ SCALES = {  # steps: SuperLM per sub-space, standalone control, ranking students
     "smoke": {"superlm": 3, "standalone": 3, "ranking": 2, "finetune": 3, "train": 200, "validation": 40,
               "test": 60, "eval_batches": 2, "datasets": DATASETS[:1], "budgets": BUDGETS[:1], "ranking_archs": 3},
 }
+
+
+def relative(root: Path, path) -> str:
+    """A job output's path as its result records it: relative to the study root (see evidence_jobs)."""
+    return str(Path(path).resolve().relative_to(Path(root).resolve()))
 
 
 def slug(text: str) -> str:
@@ -148,7 +154,8 @@ def prepare_data(root: Path, scale: dict) -> dict:
         corpus = corpus[:600]
     (data_dir / "corpus.txt").write_text("".join(" ".join(t.split()) + "\n" for t in corpus))
     info["corpus"] = len(corpus)
-    return info
+    files = ["corpus.txt", *(f"{name}.{part}.jsonl" for name in scale["datasets"] for part in ("finetune", "test"))]
+    return {**info, "outputs": [relative(root, data_dir / f) for f in files]}
 
 
 # ---- configs ----
@@ -198,7 +205,8 @@ def train_supernet(root: Path, scale: dict, variant: str, subspace: str) -> dict
     run = subspace_run_config(config, subspace)
     history = SuperLMTrainer(run, names.index(subspace)).train()
     losses = [r["loss"] for r in history if "loss" in r]
-    return {"dir": run.train.output_dir, "steps": run.train.steps, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"dir": run.train.output_dir, "steps": run.train.steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "outputs": [relative(root, run.train.output_dir)]}
 
 
 def held_out(root: Path, scale: dict):
@@ -241,7 +249,7 @@ def export_searched(root: Path, scale: dict, arch_text: str, output: Path) -> di
 
     if not output.exists():
         export_candidate(supernet_config(root, scale, "k3"), arch_text, output)
-    return {"dir": str(output), "arch": arch_text}
+    return {"dir": str(output), "arch": arch_text, "outputs": [relative(root, output)]}
 
 
 def export_cut(root: Path, scale: dict, arch_text: str, output: Path) -> dict:
@@ -252,7 +260,7 @@ def export_cut(root: Path, scale: dict, arch_text: str, output: Path) -> dict:
     if not output.exists():
         teacher, space, tokenizer = load_teacher_and_space(supernet_config(root, scale, "k3"))
         save_student(SuperLM.from_teacher(teacher, space).export(Architecture.parse(arch_text)), tokenizer, output)
-    return {"dir": str(output), "arch": arch_text}
+    return {"dir": str(output), "arch": arch_text, "outputs": [relative(root, output)]}
 
 
 def pretrain(root: Path, scale: dict, arch_text: str, steps: int, output: Path) -> dict:
@@ -263,7 +271,7 @@ def pretrain(root: Path, scale: dict, arch_text: str, steps: int, output: Path) 
                       "distill").train()
     losses = [r["loss"] for r in history if "loss" in r]
     return {"dir": str(output / "model"), "arch": arch_text, "steps": steps, "first_loss": losses[0],
-            "last_loss": losses[-1]}
+            "last_loss": losses[-1], "outputs": [relative(root, output / "model")]}
 
 
 def finetune(root: Path, scale: dict, dataset: str, model_dir: str, lr: float, seed: int, output: Path) -> dict:
@@ -559,14 +567,13 @@ def main(argv=None) -> int:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     root = Path(args.root or f"runs/evidence-nas{'' if args.scale == 'full' else '-' + args.scale}").resolve()
     scale = SCALES[args.scale]
-    study = Study(root, plan(root, scale))
-    meta = root / "study.json"
-    settings = json.loads(json.dumps({"scale": args.scale, "steps": scale}))
-    if meta.exists() and json.loads(meta.read_text())["settings"] != settings:
-        parser.error(f"{root} holds a study with other settings ({json.loads(meta.read_text())['settings']}); "
-                     "use another --root")
-    if not meta.exists():
-        meta.write_text(json.dumps({"settings": settings, "started": time.time()}))
+    archive = ARCHIVE if args.scale == "full" else None
+    try:
+        started = claim_settings([root] + ([archive] if archive else []), {"scale": args.scale, "steps": scale},
+                                 time.time())
+    except ValueError as error:
+        parser.error(str(error))
+    study = Study(root, plan(root, scale), archive)
     if args.worker:
         import torch
 
@@ -578,7 +585,6 @@ def main(argv=None) -> int:
                            args.workers, root)
         if code:
             return code
-    started = json.loads(meta.read_text())["started"]
     ready, waiting = study.pending()
     wall = None if ready or waiting else time.time() - started
     summary = summarise(root, args.scale, study.results(), wall)
