@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -85,6 +86,28 @@ def run_demo(output: str, overrides: list[str]) -> str:
     return path
 
 
+EVIDENCE_SANDWICH_STEPS = 2000  # what issue 15's study trains each SuperLM for (tools/evidence_nas.py)
+
+
+def student_vs_cut(nas: float, cut: float, eval_examples: int, sandwich_steps: int) -> str:
+    """The report's verdict on AutoDistil's claim at the demo's scale: does the NAS student beat the same
+    shape cut from the teacher? A difference within two standard errors of two accuracies on the eval
+    set (binomial, at most `eval_examples` rows each) is called a tie, with the likely reason."""
+    se = math.sqrt((nas * (1 - nas) + cut * (1 - cut)) / eval_examples)
+    gap = nas - cut
+    head = (f"**NAS student vs the cut student of its shape:** {nas:.4f} vs {cut:.4f} ({gap:+.4f}; standard error "
+            f"of the difference {se:.4f}, binomial on <= {eval_examples} eval examples each).")
+    if gap > 2 * se:
+        return head + " The SuperLM's weights beat the cut beyond two standard errors."
+    why = (f" The SuperLM trained {sandwich_steps} sandwich steps per sub-space. It starts as the teacher, whose "
+           "slices are the cut student, so after a short training its export starts fine-tuning from close to "
+           f"the cut's weights. The evidence study trains {EVIDENCE_SANDWICH_STEPS} steps per sub-space "
+           "(`python tools/evidence_nas.py`, README \"Evidence\").")
+    if gap < -2 * se:
+        return head + " The cut student is better beyond two standard errors." + why
+    return head + " Within two standard errors: a tie at this scale." + why
+
+
 def write_report(root: Path, config, summary: dict, arch, runs: dict, results: dict, finetune_steps: int) -> str:
     from ..distill.models import load_pretrained, load_tokenizer
     from .evaluate import load_teacher_and_space
@@ -117,6 +140,9 @@ def write_report(root: Path, config, summary: dict, arch, runs: dict, results: d
     for row in rows:
         lines.append(f"| {row['model']} | `{row['arch']}` | {row['params'] / 1e6:.2f} M | {row['flops'] / 1e9:.3f} | "
                      f"{row['latency']:.1f} | {row['accuracy']:.4f} |")
+    eval_cap = run_config.load(None, DEMO_FINETUNE).data.max_eval_examples
+    nas, cut = (results[name]["accuracy"] for name in ("NAS student", "cut student (no SuperLM training)"))
+    lines += ["", student_vs_cut(nas, cut, eval_cap, config.train.steps)]
     lines += ["", f"![Pareto front]({Path('nas/search/pareto.png')})", "",
               f"Every candidate: `{search_dir / 'candidates.csv'}`.", ""]
     (root / "report.json").write_text(json.dumps({"rows": rows, "search": summary}, indent=1, default=str))
