@@ -193,8 +193,9 @@ def hpo_study(root: Path, scale: dict) -> dict:
 # ---- the plan ----
 
 def runs_wanted(scale: dict) -> list[tuple]:
-    """(dataset, size, student, pipeline, seed) of every run, study 3 first."""
-    wanted = [(d, n, "2x384", p, s) for s in scale["seeds"] for d in scale["datasets"] for n in scale["sizes"]
+    """(dataset, size, student, pipeline, seed) of every run, study 3 first, in groups of one (seed, size)
+    over every dataset: a study stopped early has whole leave-one-dataset-out tables to show."""
+    wanted = [(d, n, "2x384", p, s) for s in scale["seeds"] for n in scale["sizes"] for d in scale["datasets"]
               for p in PIPELINE_NAMES]
     for seed in scale["seeds"]:
         for dataset in (d for d in AUGMENT_DATASETS if d in scale["datasets"]):
@@ -216,7 +217,7 @@ def plan(root: Path, scale: dict):
         listed = [Job("data", lambda: prepare_data(root, scale))]
         for dataset in scale["datasets"]:
             listed.append(Job(f"teacher-{dataset}", lambda d=dataset: finetune_teacher(root, scale, d), ["data"]))
-        metas = set()
+        metas, group = set(), len(scale["datasets"]) * len(PIPELINE_NAMES)
         for index, (dataset, size, student, pipeline, seed) in enumerate(runs_wanted(scale)):
             meta_name = f"meta-{dataset}-n{size}-{student}"
             if meta_name not in metas:
@@ -225,7 +226,7 @@ def plan(root: Path, scale: dict):
                                   [f"teacher-{dataset}"], priority=1))
             listed.append(Job(run_job_name(dataset, size, student, pipeline, seed),
                               lambda d=dataset, n=size, st=student, p=pipeline, s=seed: distil(
-                                  root, scale, d, n, st, p, s), [meta_name], priority=2 + index // 72))
+                                  root, scale, d, n, st, p, s), [meta_name], priority=2 + index // group))
         listed.append(Job("hpo", lambda: hpo_study(root, scale), ["teacher-rotten_tomatoes"], priority=4))
         return listed
 
