@@ -244,8 +244,9 @@ def table_rows(root: Path, scale: dict, results: dict) -> list[dict]:
         if name not in results:
             continue
         run, teacher = results[name], results[f"teacher-{dataset}"]["accuracy"]
-        setting = setting_name(run["train_examples"], student)
         meta_values = results[f"meta-{dataset}-n{size}-{student}"]["meta"]
+        # The training rows before augmentation (a run's train_examples counts the augmented copies too).
+        setting = setting_name(round(10 ** meta_values["log_train_size"]), student)
         rows.append({"dataset": dataset, "setting": setting, "pipeline": pipeline, "seed": seed,
                      "params": json.dumps(pipelines()[pipeline]),
                      **{k: meta_values[k] for k in autodistiller.META_FEATURES}, "metric": "accuracy",
