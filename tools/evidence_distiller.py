@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -325,7 +326,8 @@ def summarise(scale_name: str, scale: dict, results: dict, table: Path) -> dict:
 
     rows = [{"dataset": r["dataset"], "setting": r["setting"], "pipeline": r["pipeline"], "kind": "kd",
              "seed": r["seed"], "metric": "accuracy", "value": r["student_score"], "student_score": r["student_score"],
-             "ratio": r["ratio"], "steps": scale["steps"]} for r in read_table_rows(table)]
+             "ratio": r["ratio"], "eval_examples": int(r["eval_examples"]), "steps": scale["steps"]}
+            for r in read_table_rows(table)]
     means = seed_means(rows)
     cells = sorted({(d, s) for d, s, _ in means})
     gains = [g for d, s in cells if (g := paired_gain(rows, d, s, "augment_eda", "prediction_only"))]
@@ -338,11 +340,16 @@ def summarise(scale_name: str, scale: dict, results: dict, table: Path) -> dict:
                              "mi_alpha_minus_best_other": scores["mi_alpha"] - max(
                                  v for p, v in scores.items() if p != "mi_alpha")})
     teachers = {name[len("teacher-"):]: r["accuracy"] for name, r in results.items() if name.startswith("teacher-")}
+    binomial = {}  # (dataset, setting) -> the binomial standard error of one run's accuracy on its eval set
+    for dataset, setting in cells:
+        cell = [r for r in rows if (r["dataset"], r["setting"]) == (dataset, setting)]
+        accuracy = sum(r["value"] for r in cell) / len(cell)
+        binomial[f"{dataset} | {setting}"] = math.sqrt(accuracy * (1 - accuracy) / cell[0]["eval_examples"])
     return {"scale": scale_name, "settings": scale, "rows": rows, "teachers": teachers,
             "summary": [{"dataset": d, "setting": s, "pipeline": p, "mean": m, "se": se, "seeds": n}
                         for (d, s, p), (m, se, n) in sorted(means.items())],
             "regret": recommender_regrets(table) if rows else {}, "augmentation": gains, "mi_alpha_rank": mi_ranks,
-            "hpo": hpo_importances(results),
+            "hpo": hpo_importances(results), "binomial_se": binomial,
             "compute_s": sum(r.get("seconds", 0.0) for r in results.values())}
 
 
@@ -364,15 +371,18 @@ def markdown(summary: dict, command: str) -> str:
                                                                  sorted(summary["teachers"].items())), "",
              "## Student accuracy per pipeline (mean +- standard error over seeds)", ""]
     pipelines = [p for p in PIPELINE_NAMES if any(r["pipeline"] == p for r in summary["summary"])]
-    lines += ["| dataset | setting | seeds | " + " | ".join(pipelines) + " |",
-              "|---|---|---|" + "---|" * len(pipelines)]
+    lines += ["A cell with one seed has no seed standard error; the last column is the binomial standard error "
+              "of one run's accuracy on that eval set (a difference between two runs is noise below ~2.8 of it).",
+              "", "| dataset | setting | seeds | " + " | ".join(pipelines) + " | binomial SE |",
+              "|---|---|---|" + "---|" * len(pipelines) + "---|"]
     cells = {}
     for r in summary["summary"]:
         cells.setdefault((r["dataset"], r["setting"]), {})[r["pipeline"]] = r
     for (dataset, setting), by_pipeline in sorted(cells.items()):
         seeds = max(r["seeds"] for r in by_pipeline.values())
         lines.append(f"| {dataset} | {setting} | {seeds} | " + " | ".join(
-            fmt(by_pipeline[p]["mean"], by_pipeline[p]["se"]) if p in by_pipeline else "" for p in pipelines) + " |")
+            fmt(by_pipeline[p]["mean"], by_pipeline[p]["se"]) if p in by_pipeline else "" for p in pipelines) +
+            f" | {summary['binomial_se'][f'{dataset} | {setting}']:.4f} |")
     regret = summary["regret"]
     if regret:
         lines += ["", "## AutoDistiller: leave-one-dataset-out regret (ratio to the teacher; lower is better)", "",

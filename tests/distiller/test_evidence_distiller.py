@@ -18,7 +18,7 @@ PLANTED = {("a", "n=1000 student=2x384", "prediction_only"): (0.70, 0.72, 0.71),
 
 
 def planted_rows() -> list[dict]:
-    return [{"dataset": d, "setting": s, "pipeline": p, "seed": seed, "student_score": score, "ratio": score / 0.9}
+    return [{"dataset": d, "setting": s, "pipeline": p, "seed": seed, "student_score": score, "ratio": score / 0.9, "eval_examples": 400}
             for (d, s, p), scores in PLANTED.items() for seed, score in enumerate(scores)]
 
 
@@ -63,5 +63,7 @@ def test_the_summary_ranks_mi_alpha_and_reports_the_gains(tmp_path):
     (rank,) = summary["mi_alpha_rank"]  # dataset b has two intermediate pipelines only
     assert (rank["rank"], rank["of"]) == (1, 3) and rank["mi_alpha_minus_best_other"] == pytest.approx(0.72 - 0.71)
     assert [round(g["gain"], 6) for g in summary["augmentation"]] == [round(0.10 / 3, 6), round(-0.02 / 3, 6)]
+    mean_b = (0.60 + 0.61 + 0.62 + 0.60 + 0.60 + 0.61) / 6  # one run's binomial error at b's mean, 400 examples
+    assert summary["binomial_se"]["b | n=250 student=3x192"] == pytest.approx(math.sqrt(mean_b * (1 - mean_b) / 400))
     text = evidence_distiller.markdown(summary, "python tools/evidence_distiller.py")
     assert "| a | n=1000 student=2x384 | +0.0333 +- 0.0088 | 3 |" in text and "2.0 core-hours" in text
