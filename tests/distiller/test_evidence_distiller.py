@@ -18,7 +18,8 @@ PLANTED = {("a", "n=1000 student=2x384", "prediction_only"): (0.70, 0.72, 0.71),
 
 
 def planted_rows() -> list[dict]:
-    return [{"dataset": d, "setting": s, "pipeline": p, "seed": seed, "student_score": score, "ratio": score / 0.9, "eval_examples": 400}
+    return [{"dataset": d, "setting": s, "pipeline": p, "seed": seed, "student_score": score, "ratio": score / 0.9,
+             "eval_examples": 400}
             for (d, s, p), scores in PLANTED.items() for seed, score in enumerate(scores)]
 
 
